@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make tune   - start the local black-box server on the bundled model and tune SST-2 against it
+#   make test   - run the whole test suite (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: install tune test bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch==2.13.0 first and in the same resolve: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[server,gdfo,plot,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+tune: $(STAMP)
+	$(BIN)/python examples/tune_sst2_local.py --out runs/sst2-42
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/server_throughput.py
+	$(BIN)/python benchmarks/tune_sst2.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

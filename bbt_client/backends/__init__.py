@@ -1,0 +1,1 @@
+"""Endpoint backends: our server protocol, vLLM prompt embeddings, OpenAI-compatible text APIs."""

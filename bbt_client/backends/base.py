@@ -1,0 +1,125 @@
+"""What every endpoint backend offers the tuning loop: model facts, tokenization, batched scoring.
+
+The tuning loop speaks only this interface, so a backend (our server, vLLM prompt embeddings,
+an OpenAI-compatible text API) can be swapped without touching methods, budgets or checkpoints.
+Backends own transport concerns: HTTP, auth, retries, timeouts, concurrency limits. They do not
+own budgets: the caller reserves budget before a call and commits what the backend reports.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from bbt_client.protocol import ModelInfo, TokenizeResponse
+
+PromptKind = Literal["none", "shallow", "deep"]
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one request: C candidates, all scored on the same texts.
+
+    - ``none``: zero-shot, C = 1.
+    - ``shallow``: ``candidates`` (C, n, D).
+    - ``deep``: ``candidates`` (C, L, n, D); or ``base`` (L, n, D) + ``layer`` + ``candidates`` (C, n, D)
+      (candidate c = base with layer ``layer`` replaced); or ``base`` alone (C = 1).
+    """
+
+    kind: PromptKind
+    candidates: np.ndarray | None = None
+    base: np.ndarray | None = None
+    layer: int | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        return 1 if self.candidates is None else int(self.candidates.shape[0])
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        if self.kind == "none":
+            return 0
+        ref = self.base if self.base is not None else self.candidates
+        return int(ref.shape[-2])
+
+    def full(self) -> np.ndarray | None:
+        """Every candidate's complete prompt: (C, n, D) shallow or (C, L, n, D) deep; None for zero-shot."""
+        if self.kind == "none":
+            return None
+        if self.kind == "shallow" or self.base is None:
+            return self.candidates
+        if self.layer is None:
+            return self.base[None]
+        out = np.repeat(self.base[None], self.num_candidates, axis=0)
+        out[:, self.layer] = self.candidates
+        return out
+
+    @classmethod
+    def zero_shot(cls) -> "PromptBatch":
+        return cls(kind="none")
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Score ``label_words`` at the answer slot of ``template`` for every candidate × text."""
+
+    template: str
+    texts: Sequence[str]
+    label_words: Sequence[str]
+    prompts: PromptBatch
+    text_pairs: Sequence[str] | None = None
+
+    @property
+    def num_calls(self) -> int:
+        """API calls this job costs: one per candidate prompt evaluated on the text batch (as in BBT)."""
+        return self.prompts.num_candidates
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """``logits`` (C, N, K) float32, finite; ``tokens`` processed as the endpoint metered them."""
+
+    logits: np.ndarray
+    tokens: int
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """An endpoint the client can query. Use as ``async with backend: ...`` to close connections."""
+
+    #: Prompt kinds this backend can send; the job refuses methods that need others.
+    supported_prompts: frozenset[str] = frozenset({"none"})
+
+    @abc.abstractmethod
+    async def model_info(self) -> ModelInfo: ...
+
+    @abc.abstractmethod
+    async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse: ...
+
+    @abc.abstractmethod
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        """Run one batched request (or a few, if the endpoint's limits demand), retrying transient faults.
+
+        Must raise :class:`~bbt_client.errors.ProtocolError` rather than return NaN or wrongly shaped logits.
+        """
+
+    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int]) -> int:
+        """Upper-bound estimate of tokens ``job`` will be billed, for reserving budget before the call.
+
+        Default: (prompt tokens + template overhead + text tokens) per candidate per text.
+        """
+        overhead = len(job.template) // 2 + 4  # generous: template words + special tokens
+        per_text = sum(text_token_counts) + len(text_token_counts) * (overhead + job.prompts.num_prompt_tokens)
+        return per_text * job.num_calls
+
+    async def aclose(self) -> None:  # pragma: no cover - trivial default
+        return None
+
+    async def __aenter__(self) -> "Backend":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

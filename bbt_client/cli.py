@@ -1,0 +1,284 @@
+"""The ``bbt`` command: argument parsing, progress display and exit codes — nothing else.
+
+Exit codes: 0 done, 2 bad configuration or input, 3 endpoint failure, 4 run directory problem,
+130 interrupted (the last finished generation is checkpointed: continue with ``bbt tune --resume DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bbt_client import checkpoint as ckpt
+from bbt_client.config import TuneConfig, parse_config
+from bbt_client.errors import BBTError, CheckpointError, ConfigError, EndpointError
+from bbt_client.job import Progress, TuningJob, evaluate_run
+
+CONFIG_FILE = "config.json"
+log = logging.getLogger("bbt_client.cli")
+
+
+# ---------------------------------------------------------------- progress display
+
+
+class ProgressDisplay:
+    """One refreshing line on a terminal; a log line per dev evaluation otherwise; JSON lines with --json."""
+
+    def __init__(self, mode: str, stream=sys.stderr):
+        self.mode, self.stream = mode, stream
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        if self.mode == "json":
+            rec = p.record.__dict__ if p.record else None
+            print(json.dumps({"event": p.event, "generation": p.generation, "calls_used": p.calls_used,
+                              "budget_calls": p.budget_calls, "tokens_used": p.tokens_used,
+                              "best_dev_accuracy": p.best_dev_accuracy, "phase": p.phase, "record": rec,
+                              "message": p.message}), flush=True)
+            return
+        if self.mode == "quiet":
+            return
+        line = self._line(p)
+        if self.tty:
+            now = time.monotonic()
+            if p.event in ("generation",) and now - self._last < 0.2:
+                return
+            self._last = now
+            self.stream.write("\r\x1b[2K" + line + ("\n" if p.event == "end" else ""))
+            self.stream.flush()
+        elif p.event in ("start", "eval", "end"):
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    @staticmethod
+    def _line(p: Progress) -> str:
+        budget = p.budget_calls
+        if budget:
+            frac = min(1.0, p.calls_used / budget)
+            bar = "[" + "#" * int(frac * 20) + "." * (20 - int(frac * 20)) + "]"
+            calls = f"calls {p.calls_used}/{budget} {bar}"
+        else:
+            calls = f"calls {p.calls_used}"
+        dev = f"best dev acc {p.best_dev_accuracy:.3f}" if p.best_dev_accuracy is not None else "best dev acc -"
+        loss = f"loss {p.last_loss:.4f}" if p.last_loss is not None else ""
+        parts = [calls, dev, loss, p.phase, p.message]
+        return "  ".join(x for x in parts if x)
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--opt expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bbt", description="Black-box prompt tuning against a model you can only query.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tune", help="tune a prompt (or --resume a run)")
+    t.add_argument("--config", type=Path, help="JSON file with a full TuneConfig; flags override it")
+    t.add_argument("--endpoint", help="endpoint base URL, e.g. http://127.0.0.1:8080")
+    t.add_argument("--backend", choices=["server", "vllm", "openai"])
+    t.add_argument("--api-key-env", help="environment variable holding the API key (default BBT_API_KEY)")
+    t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples")
+    t.add_argument("--test-file", type=Path, help="test examples for a task file")
+    t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
+    t.add_argument("--label-words", help="comma-separated label words, one per class, in label order")
+    t.add_argument("--method", choices=["bbt", "bbtv2", "gdfo"])
+    t.add_argument("--shots", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--budget-calls", type=int)
+    t.add_argument("--budget-tokens", type=int)
+    t.add_argument("--budget-cost", type=float)
+    t.add_argument("--price-per-1k-tokens", type=float)
+    t.add_argument("--budget-seconds", type=float)
+    t.add_argument("--eval-every", type=int, help="dev evaluation every N generations")
+    t.add_argument("--test-limit", type=int, help="evaluate on at most N test examples")
+    t.add_argument("--loss", choices=["ce", "hinge"])
+    t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. --opt prompt_tokens=10 --opt popsize=20 (repeatable)")
+    t.add_argument("--out", type=Path, help="run directory (result.json, prompt.npy, checkpoint)")
+    t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="print only the final result")
+    mode.add_argument("--json", action="store_true", help="JSON lines on stdout: one per event, then the result")
+
+    e = sub.add_parser("evaluate", help="re-score a finished run's prompt on its test set")
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--endpoint", help="endpoint URL (default: the one the run used)")
+    e.add_argument("--api-key-env")
+
+    r = sub.add_parser("report", help="print a summary table of one or more runs")
+    r.add_argument("--run", type=Path, action="append", required=True)
+    r.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plot", help="write a PNG of a run's tuning curve (needs the plot extra)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="PNG path (default RUN/curve.png)")
+    return ap
+
+
+def _config_from_args(args: argparse.Namespace) -> TuneConfig:
+    data: dict[str, Any] = {}
+    if args.resume is not None:
+        path = args.resume / CONFIG_FILE
+        if not path.exists():
+            raise CheckpointError(f"{args.resume} has no {CONFIG_FILE}: is it a bbt run directory?")
+        data = json.loads(path.read_text())
+    elif args.config is not None:
+        try:
+            data = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {args.config}: {exc}") from exc
+    endpoint = dict(data.get("endpoint") or {})
+    for flag, key in (("endpoint", "url"), ("backend", "backend"), ("api_key_env", "api_key_env")):
+        if getattr(args, flag) is not None:
+            endpoint[key] = getattr(args, flag)
+    if "url" not in endpoint:
+        raise ConfigError("--endpoint is required (e.g. --endpoint http://127.0.0.1:8080)")
+    data["endpoint"] = endpoint
+    if args.resume is None:
+        task = dict(data.get("task") or {})
+        if args.task is not None:
+            if Path(args.task).suffix.lower() in (".tsv", ".jsonl", ".json", ".csv", ".txt") or Path(args.task).exists():
+                task.update(name="custom", file=args.task)
+            else:
+                task["name"] = args.task
+        for flag, key in (("test_file", "test_file"), ("template", "template"), ("shots", "shots"),
+                          ("test_limit", "test_limit")):
+            if getattr(args, flag) is not None:
+                task[key] = getattr(args, flag)
+        if args.label_words is not None:
+            task["label_words"] = [w.strip() for w in args.label_words.split(",") if w.strip()]
+        data["task"] = task
+        for flag in ("method", "seed", "eval_every", "loss"):
+            if getattr(args, flag) is not None:
+                data[flag] = getattr(args, flag)
+        opts = dict(data.get("method_options") or {})
+        opts.update(dict(_parse_option(o) for o in args.opt))
+        data["method_options"] = opts
+    elif args.opt or args.task or args.method or args.seed is not None:
+        raise ConfigError("--resume continues a run as configured: drop --task/--method/--seed/--opt "
+                          "(budgets, --endpoint and output modes may change)")
+    budget = dict(data.get("budget") or {"calls": 8000})
+    for flag, key in (("budget_calls", "calls"), ("budget_tokens", "tokens"), ("budget_cost", "cost"),
+                      ("price_per_1k_tokens", "price_per_1k_tokens"), ("budget_seconds", "wall_seconds")):
+        if getattr(args, flag) is not None:
+            budget[key] = getattr(args, flag)
+    data["budget"] = budget
+    data["out"] = str(args.resume if args.resume is not None else (args.out or data.get("out") or "")) or None
+    return parse_config(data)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args)
+    mode = "json" if args.json else "quiet" if args.quiet else "human"
+    if cfg.out is not None:
+        ckpt.ensure_writable_dir(cfg.out)
+        if args.resume is None and (cfg.out / ckpt.CHECKPOINT_FILE).exists():
+            raise ConfigError(f"{cfg.out} already holds a run: use --resume {cfg.out} or another --out")
+        ckpt.atomic_write_json(cfg.out / CONFIG_FILE, cfg.model_dump(mode="json"))
+    job = TuningJob(cfg, progress=ProgressDisplay(mode))
+    result = asyncio.run(job.run(resume=args.resume is not None))
+    summary = result.model_dump(mode="json", exclude={"config"})
+    if mode == "json":
+        print(json.dumps({"event": "result", **summary}), flush=True)
+    else:
+        print(_format_table([summary]))
+        if cfg.out is not None:
+            print(f"\nwrote {cfg.out}/result.json and {cfg.out}/prompt.npy")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from bbt_client.results import load_result
+
+    result = load_result(args.run)
+    cfg = TuneConfig.model_validate(result.config)
+    if args.endpoint or args.api_key_env:
+        ep = cfg.endpoint.model_copy(update={k: v for k, v in (("url", args.endpoint),
+                                                                 ("api_key_env", args.api_key_env)) if v})
+        cfg = cfg.model_copy(update={"endpoint": ep})
+    out = asyncio.run(evaluate_run(args.run, config=cfg))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+_COLUMNS = ["method", "task", "seed", "zero_shot_test_accuracy", "best_dev_accuracy", "test_accuracy",
+            "api_calls_used", "tokens_used", "wall_seconds", "stop_reason"]
+
+
+def _format_table(rows: Sequence[dict[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 10 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    table = [[c for c in _COLUMNS]] + [[cell(r.get(c)) for c in _COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bbt_client.results import load_result
+
+    rows = [load_result(r).model_dump(mode="json", exclude={"config"}) for r in args.run]
+    print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from bbt_client.plot import plot_run
+
+    path = plot_run(args.run, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"tune": _cmd_tune, "evaluate": _cmd_evaluate, "report": _cmd_report, "plot": _cmd_plot}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        where = getattr(args, "resume", None) or getattr(args, "out", None)
+        hint = f": continue with bbt tune --resume {where}" if where else ""
+        print(f"\ninterrupted; the last finished generation is checkpointed{hint}", file=sys.stderr)
+        return 130
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EndpointError as exc:
+        print(f"endpoint error: {exc}", file=sys.stderr)
+        return 3
+    except CheckpointError as exc:
+        print(f"run directory error: {exc}", file=sys.stderr)
+        return 4
+    except BBTError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The one validated description of a tuning job; the CLI and the Python API both build it.
+
+Secrets are never part of it: the API key is read from the environment variable named by
+``api_key_env`` at connect time, so configs, checkpoints and results can be shared safely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bbt_client.budget import BudgetLimits
+from bbt_client.errors import ConfigError
+
+Method = Literal["bbt", "bbtv2", "gdfo"]
+BackendKind = Literal["server", "vllm", "openai"]
+
+
+class EndpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1)
+    backend: BackendKind = "server"
+    #: Name of the environment variable holding the API key (the key itself is never stored).
+    api_key_env: str | None = "BBT_API_KEY"
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_concurrency: int = Field(default=4, ge=1)
+    max_retries: int = Field(default=5, ge=0)
+    #: Extra backend options (e.g. ``embeddings_from`` and ``model`` for vLLM).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_url(self) -> "EndpointConfig":
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint url must start with http:// or https://, got {self.url!r}")
+        return self
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: A built-in task name (``sst2``, ``agnews``) or ``custom`` with ``file``/``template``/``label_words``.
+    name: str = "sst2"
+    file: Path | None = None
+    test_file: Path | None = None
+    template: str | None = None
+    label_words: list[str] | None = None
+    shots: int = Field(default=16, ge=1, le=4096)
+    #: Evaluate on at most this many test examples (None = the whole test set).
+    test_limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_custom(self) -> "TaskConfig":
+        if self.file is not None and (self.template is None or not self.label_words):
+            raise ValueError("a task file needs --template and --label-words")
+        return self
+
+
+class TuneConfig(BaseModel):
+    """Everything that determines a run. Two runs with equal configs against the same model give equal results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: EndpointConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    method: Method = "bbtv2"
+    seed: int = 42
+    budget: BudgetLimits = Field(default_factory=lambda: BudgetLimits(calls=8000))
+    #: Method hyper-parameters (see ``bbt_client.methods.registry``); unknown keys are refused there.
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    loss: Literal["ce", "hinge"] = "ce"
+    #: Evaluate the best-so-far prompt on dev every this many generations (BBT: every 100 calls = 5 generations).
+    eval_every: int = Field(default=5, ge=1)
+    evaluate_zero_shot: bool = True
+    evaluate_test: bool = True
+    out: Path | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the original (budgets and output may change)."""
+        d = self.model_dump(mode="json", exclude={"out", "budget"})
+        d["endpoint"] = {"backend": self.endpoint.backend}
+        return d
+
+
+def parse_config(data: dict[str, Any]) -> TuneConfig:
+    """Validate a config dict, turning pydantic's errors into one readable :class:`ConfigError`."""
+    try:
+        return TuneConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,364 @@
+"""The async tuning loop: ask → batched request → tell → checkpoint, under hard budgets.
+
+This is the only module that combines a tuner, an endpoint, a budget and the run directory. Each
+generation is one batched request (the whole population), reserved against the budget before it is sent
+and checkpointed atomically after it is told, so a crash or Ctrl-C loses at most the generation in flight
+and ``resume`` continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bbt_client import checkpoint as ckpt
+from bbt_client.backends import make_backend
+from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
+from bbt_client.budget import Budget, BudgetUsage, Reservation
+from bbt_client.config import TuneConfig
+from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
+from bbt_client.losses import accuracy, cross_entropy, hinge
+from bbt_client.methods.base import Tuner
+from bbt_client.methods.registry import make_tuner
+from bbt_client.protocol import ModelInfo
+from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
+from bbt_client.tasks import FewShotData, load_few_shot
+
+log = logging.getLogger("bbt_client.job")
+
+ProgressCallback = Callable[["Progress"], None]
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop reports after every generation (and at start/end) to a progress display."""
+
+    event: str  # "start" | "generation" | "eval" | "end"
+    generation: int
+    calls_used: int
+    budget_calls: int | None
+    tokens_used: int
+    best_dev_accuracy: float | None
+    last_loss: float | None
+    phase: str
+    record: GenerationRecord | None = None
+    message: str = ""
+
+
+@dataclasses.dataclass
+class _State:
+    """The loop's own state, checkpointed beside the tuner's."""
+
+    generation: int = 0
+    history: list[GenerationRecord] = dataclasses.field(default_factory=list)
+    best_dev_accuracy: float | None = None
+    best_dev_loss: float | None = None
+    best_prompt: np.ndarray | None = None
+    best_generation: int | None = None
+    last_dev_generation: int | None = None
+    zero_shot_test_accuracy: float | None = None
+    zero_shot_dev_accuracy: float | None = None
+    wall_seconds: float = 0.0
+
+
+def _loss_fn(name: str):
+    return cross_entropy if name == "ce" else hinge
+
+
+def _prompt_batch(kind: str, prompt: np.ndarray | None) -> PromptBatch:
+    if prompt is None:
+        return PromptBatch.zero_shot()
+    if kind == "deep":
+        return PromptBatch(kind="deep", base=np.asarray(prompt, dtype=np.float32))
+    return PromptBatch(kind="shallow", candidates=np.asarray(prompt, dtype=np.float32)[None])
+
+
+class TuningJob:
+    """One tuning run. ``await TuningJob(config).run()`` returns the :class:`RunResult` also written to disk."""
+
+    def __init__(
+        self,
+        config: TuneConfig,
+        backend: Backend | None = None,
+        progress: ProgressCallback | None = None,
+        api_key: str | None = None,
+    ):
+        self.config = config
+        self._backend = backend
+        self._owns_backend = backend is None
+        self._progress = progress or (lambda p: None)
+        self._api_key = api_key
+        self.run_dir = Path(config.out) if config.out is not None else None
+        self._token_counts: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self, resume: bool = False) -> RunResult:
+        cfg = self.config
+        if self.run_dir is not None:
+            ckpt.ensure_writable_dir(self.run_dir)  # fail before spending anything
+        saved = self._load_resume_state() if resume else None
+        backend = self._backend or make_backend(cfg.endpoint, api_key=self._api_key)
+        try:
+            return await self._run(backend, saved)
+        finally:
+            if self._owns_backend:
+                await backend.aclose()
+
+    # ------------------------------------------------------------------ internals
+
+    def _load_resume_state(self) -> dict[str, Any]:
+        if self.run_dir is None:
+            raise ConfigError("--resume needs an output directory")
+        saved = ckpt.load_checkpoint(self.run_dir)
+        if saved["fingerprint"] != self.config.fingerprint():
+            raise ConfigError(
+                "the checkpoint in {} was made with a different configuration; resume with the same task, "
+                "method, seed and options (only budgets, endpoint URL and output may change)".format(self.run_dir)
+            )
+        return saved
+
+    async def _run(self, backend: Backend, saved: dict[str, Any] | None) -> RunResult:
+        cfg = self.config
+        t_start = time.monotonic()
+        info = await backend.model_info()
+        data = load_few_shot(cfg.task, cfg.seed)
+        tuner = make_tuner(
+            cfg.method, info, cfg.method_options, cfg.seed, task=data.task, train=data.train
+        )
+        if tuner.prompt_kind not in backend.supported_prompts:
+            raise UnsupportedError(
+                f"method {cfg.method!r} needs {tuner.prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
+                f"backend cannot send (it supports: {', '.join(sorted(backend.supported_prompts))})"
+            )
+        budget = Budget(cfg.budget)
+        st = _State()
+        if saved is not None:
+            tuner.load_state_dict(saved["tuner"])
+            budget = Budget(cfg.budget, BudgetUsage.model_validate(saved["budget"]))
+            st = saved["loop"]
+            log.info("resumed at generation %d (%d calls used)", st.generation, budget.used.calls)
+        wall_before = st.wall_seconds
+        elapsed = lambda: wall_before + (time.monotonic() - t_start)  # noqa: E731
+
+        ctx = _Context(self, backend, budget, tuner, data, info, st, elapsed)
+        stop = await ctx.loop()
+        return await ctx.finish(stop)
+
+    def _emit(self, p: Progress) -> None:
+        try:
+            self._progress(p)
+        except Exception:  # noqa: BLE001 - a broken progress display must not kill a paid run
+            log.exception("progress callback failed")
+
+
+class _Context:
+    """The pieces of one run, so the loop's steps read as short methods."""
+
+    def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner,
+                 data: FewShotData, info: ModelInfo, st: _State, elapsed: Callable[[], float]):
+        self.job, self.cfg, self.backend, self.budget = job, job.config, backend, budget
+        self.tuner, self.data, self.info, self.st, self.elapsed = tuner, data, info, st, elapsed
+        self.loss_fn = _loss_fn(self.cfg.loss)
+        self.final_calls = 1 + (1 if self.cfg.evaluate_test else 0)  # last dev check + test evaluation
+        self._gen_seconds: list[float] = []
+
+    # -------------------------------------------------------------- scoring under the budget
+
+    async def _token_counts(self, split_name: str, texts) -> list[int]:
+        cache = self.job._token_counts
+        if split_name not in cache:
+            resp = await self.backend.tokenize(texts=list(texts))
+            cache[split_name] = list(resp.text_token_counts)
+        return cache[split_name]
+
+    async def _estimate(self, split_name: str, job: ScoreJob) -> int:
+        lim = self.budget.limits
+        if lim.tokens is None and lim.cost is None:
+            return 0  # uncapped: metered usage is still recorded on commit
+        counts = await self._token_counts(split_name, job.texts)
+        return self.backend.estimate_tokens(job, counts)
+
+    async def score(self, split_name: str, prompts: PromptBatch, reserve_after: int = 0) -> np.ndarray:
+        """Score ``prompts`` on a split, reserving budget first; ``reserve_after`` calls must stay free."""
+        split = getattr(self.data, split_name)
+        job = ScoreJob(template=self.data.task.template, texts=split.texts, text_pairs=split.text_pairs,
+                       label_words=self.data.task.label_words, prompts=prompts)
+        tokens = await self._estimate(split_name, job)
+        cap = self.budget.blocking_cap(job.num_calls + reserve_after, tokens)
+        if cap is not None:
+            raise BudgetExhausted(cap, f"not enough {cap} budget left for the next step")
+        r: Reservation = self.budget.reserve(job.num_calls, tokens)
+        remaining = None
+        if self.budget.limits.wall_seconds is not None:
+            remaining = max(0.0, self.budget.limits.wall_seconds - self.elapsed())
+        try:
+            result = await asyncio.wait_for(self.backend.score(job), timeout=remaining)
+        except asyncio.TimeoutError:
+            self.budget.commit(r)  # the endpoint may have done the work: count it
+            raise BudgetExhausted("time", "wall-time cap reached while a request was in flight") from None
+        except BaseException:
+            self.budget.release(r)
+            raise
+        self.budget.commit(r, tokens=result.tokens if result.tokens else None)
+        return result.logits
+
+    async def evaluate(self, split_name: str, prompt: np.ndarray | None, reserve_after: int = 0) -> tuple[float, float]:
+        logits = await self.score(split_name, _prompt_batch(self.tuner.prompt_kind if prompt is not None else "none",
+                                                             prompt), reserve_after)
+        labels = getattr(self.data, split_name).labels
+        return float(accuracy(logits, labels)[0]), float(self.loss_fn(logits, labels)[0])
+
+    # -------------------------------------------------------------- the loop
+
+    def _progress(self, event: str, record: GenerationRecord | None = None, message: str = "") -> None:
+        self.job._emit(Progress(
+            event=event, generation=self.st.generation, calls_used=self.budget.used.calls,
+            budget_calls=self.budget.limits.calls, tokens_used=self.budget.used.tokens,
+            best_dev_accuracy=self.st.best_dev_accuracy,
+            last_loss=record.best_loss if record else None, phase=self.tuner.phase, record=record, message=message))
+
+    async def loop(self) -> str:
+        """Run generations until a cap stops the job; returns the stop reason."""
+        cfg, st = self.cfg, self.st
+        self._progress("start")
+        try:
+            if st.generation == 0 and cfg.evaluate_zero_shot and st.zero_shot_test_accuracy is None:
+                st.zero_shot_test_accuracy, _ = await self.evaluate("test", None, reserve_after=self.final_calls)
+                self._checkpoint()
+            while True:
+                dev_due = (st.generation + 1) % cfg.eval_every == 0
+                self.budget.check_time(self.elapsed(), needed=self._expected_generation_seconds())
+                await self._generation(reserve_after=self.final_calls + (1 if dev_due else 0))
+                if dev_due:
+                    await self._dev_check(reserve_after=self.final_calls)
+                self._checkpoint()
+        except BudgetExhausted as exc:
+            log.info("stopping: %s", exc)
+            self._progress("end", message=f"stopped by {exc.cap} cap: {exc}")
+            return exc.cap
+
+    def _expected_generation_seconds(self) -> float:
+        recent = self._gen_seconds[-5:]
+        return float(np.mean(recent)) if recent else 0.0
+
+    async def _generation(self, reserve_after: int) -> None:
+        t0 = time.monotonic()
+        batch = self.tuner.ask()
+        logits = await self.score("train", batch, reserve_after)
+        labels = self.data.train.labels
+        losses = self.loss_fn(logits, labels)
+        accs = accuracy(logits, labels)
+        self.tuner.tell(losses, logits)
+        self.st.generation += 1
+        self._gen_seconds.append(time.monotonic() - t0)
+        rec = GenerationRecord(
+            generation=self.st.generation, calls=self.budget.used.calls, tokens=self.budget.used.tokens,
+            phase=self.tuner.phase, best_loss=float(losses.min()), mean_loss=float(losses.mean()),
+            best_train_accuracy=float(accs.max()), wall_seconds=self.elapsed(), metrics=self.tuner.extra_metrics())
+        self.st.history.append(rec)
+        self._progress("generation", rec)
+
+    async def _dev_check(self, reserve_after: int) -> None:
+        st = self.st
+        prompt = self.tuner.best_prompt()
+        acc, loss = await self.evaluate("dev", prompt, reserve_after)
+        st.last_dev_generation = st.generation
+        st.history[-1].dev_accuracy, st.history[-1].dev_loss = acc, loss
+        better = st.best_dev_accuracy is None or acc > st.best_dev_accuracy or (
+            acc == st.best_dev_accuracy and loss < (st.best_dev_loss or np.inf))
+        if better:
+            st.best_dev_accuracy, st.best_dev_loss = acc, loss
+            st.best_prompt, st.best_generation = np.array(prompt, dtype=np.float32), st.generation
+        self._progress("eval", st.history[-1])
+
+    def _checkpoint(self) -> None:
+        self.st.wall_seconds = self.elapsed()
+        if self.job.run_dir is None:
+            return
+        ckpt.save_checkpoint(self.job.run_dir, {
+            "fingerprint": self.cfg.fingerprint(),
+            "tuner": self.tuner.state_dict(),
+            "budget": self.budget.used.model_dump(),
+            "loop": self.st,
+        })
+        write_history(self.job.run_dir, self.st.history)
+
+    async def finish(self, stop_reason: str) -> RunResult:
+        """Final dev check of the last best prompt (if unchecked) and the test evaluation of the dev-best."""
+        st, cfg = self.st, self.cfg
+        if st.generation > 0 and st.last_dev_generation != st.generation:
+            try:
+                await self._dev_check(reserve_after=1 if cfg.evaluate_test else 0)
+            except BudgetExhausted as exc:
+                log.warning("skipped the final dev check: %s", exc)
+        test_acc = None
+        prompt = st.best_prompt if st.best_prompt is not None else (
+            self.tuner.best_prompt() if st.generation > 0 else None)
+        if cfg.evaluate_test and prompt is not None:
+            try:
+                test_acc, _ = await self.evaluate("test", prompt)
+            except BudgetExhausted as exc:
+                log.warning("skipped the test evaluation: %s", exc)
+        self._checkpoint()
+        result = self._result(stop_reason, prompt, test_acc)
+        if self.job.run_dir is not None:
+            if prompt is not None:
+                result.prompt_sha256 = write_prompt(self.job.run_dir, prompt)
+            ckpt.atomic_write_json(self.job.run_dir / RESULT_FILE, result.model_dump(mode="json"))
+        return result
+
+    def _result(self, stop_reason: str, prompt: np.ndarray | None, test_acc: float | None) -> RunResult:
+        cfg, st, used = self.cfg, self.st, self.budget.used
+        return RunResult(
+            method=cfg.method, task=self.data.task.name, seed=cfg.seed, shots=cfg.task.shots,
+            model=self.info.name, prompt_kind=self.tuner.prompt_kind,
+            budget_calls=cfg.budget.calls, api_calls_used=used.calls, tokens_used=used.tokens,
+            cost_used=used.cost if cfg.budget.price_per_1k_tokens is not None else None,
+            generations=st.generation, stop_reason=stop_reason,
+            best_dev_accuracy=st.best_dev_accuracy, best_generation=st.best_generation,
+            test_accuracy=test_acc, zero_shot_test_accuracy=st.zero_shot_test_accuracy,
+            test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
+            prompt_shape=list(prompt.shape) if prompt is not None else None,
+            metrics=st.history[-1].metrics if st.history else {},
+            config=cfg.model_dump(mode="json"),
+        )
+
+
+async def tune(config: TuneConfig, *, resume: bool = False, backend: Backend | None = None,
+               progress: ProgressCallback | None = None) -> RunResult:
+    """Run (or resume) a tuning job: the Python twin of ``bbt tune``."""
+    return await TuningJob(config, backend=backend, progress=progress).run(resume=resume)
+
+
+async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config: TuneConfig | None = None) -> dict:
+    """Re-score a finished run's tuned prompt on its test set: reproduces ``test_accuracy`` of result.json."""
+    from bbt_client.results import load_result, read_prompt
+
+    run_dir = Path(run_dir)
+    result = load_result(run_dir)
+    cfg = config or TuneConfig.model_validate(result.config)
+    prompt = read_prompt(run_dir)
+    data = load_few_shot(cfg.task, cfg.seed)
+    owns = backend is None
+    backend = backend or make_backend(cfg.endpoint)
+    try:
+        job = ScoreJob(template=data.task.template, texts=data.test.texts, text_pairs=data.test.text_pairs,
+                       label_words=data.task.label_words, prompts=_prompt_batch(result.prompt_kind, prompt))
+        scored = await backend.score(job)
+    finally:
+        if owns:
+            await backend.aclose()
+    acc = float(accuracy(scored.logits, data.test.labels)[0])
+    return {"run": str(run_dir), "test_accuracy": acc, "recorded_test_accuracy": result.test_accuracy,
+            "matches": result.test_accuracy is not None and abs(acc - result.test_accuracy) < 1e-9,
+            "test_examples": len(data.test.labels)}
+
+
+__all__ = ["TuningJob", "Progress", "tune", "evaluate_run", "CheckpointError"]

@@ -1,0 +1,1 @@
+"""Tuning methods as ask–tell tuners: BBT, BBTv2, GDFO."""

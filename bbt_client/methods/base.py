@@ -1,0 +1,70 @@
+"""The ask–tell contract every tuning method implements. Pure: no I/O, no clocks, no global state.
+
+A tuner proposes a whole generation (one :class:`PromptBatch`), the caller evaluates it however it likes
+(one batched request), and tells back one finite loss per candidate, in order. Because the tuner never
+calls the objective, budgets, retries, checkpoints and progress stay in the job loop, and a user can
+drive the loop themselves.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+from bbt_client.backends.base import PromptBatch, PromptKind
+
+
+class Tuner(abc.ABC):
+    """Base class of BBT, BBTv2 and GDFO tuners."""
+
+    #: Registered method name (``bbt``, ``bbtv2``, ``gdfo``).
+    method: str = ""
+    #: The prompt kind this tuner's proposals use; backends that cannot send it are refused up front.
+    prompt_kind: PromptKind = "shallow"
+
+    @property
+    @abc.abstractmethod
+    def popsize(self) -> int:
+        """Candidates per generation: the API calls one ``ask`` costs."""
+
+    @abc.abstractmethod
+    def ask(self) -> PromptBatch:
+        """Propose the next generation. Calling ``ask`` twice without ``tell`` is an error."""
+
+    @abc.abstractmethod
+    def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
+        """Report (C,) finite losses for the last ``ask``; ``logits`` (C, N, K) for methods that learn from them.
+
+        Raises ValueError for a wrong length, NaN/inf, or a ``tell`` without a pending ``ask``.
+        """
+
+    @abc.abstractmethod
+    def best_prompt(self) -> np.ndarray:
+        """The lowest-training-loss prompt seen so far: (n, D) shallow or (L, n, D) deep."""
+
+    def last_candidate_prompts(self) -> np.ndarray:
+        """Full prompts of the generation last told, (C, n, D) or (C, L, n, D), for dev evaluation."""
+        raise NotImplementedError
+
+    @property
+    def phase(self) -> str:
+        """Human-readable position in the method's schedule (e.g. ``layer 3/6``) for progress and plots."""
+        return ""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically, picklable (numpy arrays, bytes, ints).
+
+        Must include the optimiser state and any RNG state the tuner uses; projections are rebuilt
+        from their seeds, not stored.
+        """
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, on a tuner built with the same config and model info."""
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Method-specific figures for progress lines and result.json (GDFO's distillation loss, ...)."""
+        return {}

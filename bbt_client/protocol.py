@@ -1,0 +1,267 @@
+"""Wire protocol v1 between the client and a bbt inference server.
+
+Both sides import this module and nothing else of each other, so the contract lives in one place.
+Prompt and logit tensors travel as base64 of little-endian raw bytes with an explicit shape and dtype:
+JSON number lists would be ~4x larger and slow to parse for a (20, 50, 1024) population.
+
+Routes (all JSON, documented with examples in docs/protocol.md):
+
+- ``GET  /v1/health``    -> :class:`Health` (never needs the API key)
+- ``GET  /v1/model``     -> :class:`ModelInfo`
+- ``POST /v1/tokenize``  :class:`TokenizeRequest` -> :class:`TokenizeResponse`
+- ``POST /v1/score``     :class:`ScoreRequest` -> :class:`ScoreResponse`
+
+Errors are ``4xx``/``5xx`` with an :class:`ErrorResponse` body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = "1"
+
+#: Placeholders a template may contain. ``{text}`` (alias ``{text_a}``) and ``{mask}`` are required.
+TEXT_SLOT = "{text}"
+TEXT_A_SLOT = "{text_a}"
+TEXT_B_SLOT = "{text_b}"
+MASK_SLOT = "{mask}"
+
+DType = Literal["float32", "float16"]
+_NP_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tensor(_Model):
+    """A dense array: ``data`` is base64 of the little-endian bytes, row-major, of ``shape``."""
+
+    dtype: DType = "float32"
+    shape: list[Annotated[int, Field(ge=0)]] = Field(max_length=8)
+    data: str
+
+    @model_validator(mode="after")
+    def _check_size(self) -> "Tensor":
+        expected = int(np.prod(self.shape, dtype=np.int64)) * _NP_DTYPES[self.dtype].itemsize
+        # base64 length without decoding: 4 chars per 3 bytes, padded.
+        if len(self.data) != 4 * ((expected + 2) // 3):
+            raise ValueError(
+                f"tensor data holds {len(self.data)} base64 chars but shape {self.shape} "
+                f"of {self.dtype} needs {expected} bytes"
+            )
+        return self
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, dtype: DType = "float32") -> "Tensor":
+        arr = np.ascontiguousarray(np.asarray(array), dtype=_NP_DTYPES[dtype])
+        return cls(dtype=dtype, shape=list(arr.shape), data=base64.b64encode(arr.tobytes()).decode("ascii"))
+
+    def to_array(self) -> np.ndarray:
+        """Decode to a float32 array (float16 is widened). Raises ValueError on bad base64."""
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"tensor data is not valid base64: {exc}") from None
+        arr = np.frombuffer(raw, dtype=_NP_DTYPES[self.dtype]).reshape(self.shape)
+        return arr.astype(np.float32)
+
+
+def tensor_digest(array: np.ndarray) -> str:
+    """Content address of a prompt tensor: sha256 over shape and float32 little-endian bytes."""
+    arr = np.ascontiguousarray(np.asarray(array), dtype="<f4")
+    h = hashlib.sha256(repr(tuple(arr.shape)).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class TensorRef(_Model):
+    """A tensor the server may already hold, named by :func:`tensor_digest`.
+
+    Sent without ``tensor`` when the client believes the server cached it; the server answers
+    409 ``unknown_tensor`` if not, and the client resends it with ``tensor`` set.
+    """
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tensor: Tensor | None = None
+
+
+# ---------------------------------------------------------------- model info
+
+
+class ModelInfo(_Model):
+    """What a client needs to build projections and verbalizers for this model."""
+
+    protocol: str = PROTOCOL_VERSION
+    name: str
+    kind: Literal["masked", "causal"]
+    architecture: str
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    max_seq_len: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    #: std of the word-embedding matrix: the scale of a shallow prompt (BBT) / layer-0 deep prompt.
+    embedding_std: float
+    #: std of each layer's input hidden states on reference text, length ``num_layers``;
+    #: entry 0 is the embedding output. BBTv2's designed projection scales layer l by it.
+    hidden_std: list[float]
+    #: Limits the server enforces, so a client can size requests without trial and error.
+    max_prompt_tokens: int
+    max_candidates: int
+    max_texts: int
+    max_body_bytes: int
+    #: Relative cost hint: tokens processed per request are reported in usage either way.
+    device: str
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "ModelInfo":
+        if len(self.hidden_std) != self.num_layers:
+            raise ValueError("hidden_std must have one entry per layer")
+        return self
+
+
+class Health(_Model):
+    status: Literal["ok"] = "ok"
+    protocol: str = PROTOCOL_VERSION
+    model: str
+
+
+# ---------------------------------------------------------------- tokenize
+
+
+class TokenizeRequest(_Model):
+    words: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default_factory=list, max_length=1000)
+    texts: list[Annotated[str, Field(max_length=100_000)]] = Field(default_factory=list, max_length=10_000)
+
+
+class WordTokens(_Model):
+    word: str
+    #: Token ids of the word as it appears at the answer slot (a leading space for BPE models).
+    ids: list[int]
+
+    @property
+    def single_token(self) -> bool:
+        return len(self.ids) == 1
+
+
+class TokenizeResponse(_Model):
+    words: list[WordTokens]
+    #: Tokens each text occupies when encoded alone, without special tokens.
+    text_token_counts: list[int]
+
+
+# ---------------------------------------------------------------- score
+
+
+class NoPrompt(_Model):
+    """Zero-shot: the template alone, no prompt tokens."""
+
+    kind: Literal["none"] = "none"
+
+
+class ShallowPrompt(_Model):
+    """BBT: ``candidates`` (C, n, D) replace the input word embeddings of n prompt slots."""
+
+    kind: Literal["shallow"] = "shallow"
+    candidates: Tensor
+
+
+class DeepPrompt(_Model):
+    """BBTv2: prompts at every layer; index 0 is the input embeddings, l >= 1 replace layer l's input.
+
+    Two forms:
+    - ``candidates`` (C, L, n, D) and no ``base``: every layer of every candidate is sent;
+    - ``base`` (L, n, D), ``layer`` l and ``candidates`` (C, n, D): candidate c is ``base`` with layer l
+      replaced by ``candidates[c]``. This is what BBTv2 asks in each step, and lets the server reuse the
+      lower layers' activations and skip receiving the unchanged layers again (see :class:`TensorRef`).
+    - ``base`` alone: one candidate, the base itself.
+    """
+
+    kind: Literal["deep"] = "deep"
+    base: TensorRef | None = None
+    layer: int | None = Field(default=None, ge=0)
+    candidates: Tensor | None = None
+
+    @model_validator(mode="after")
+    def _check_form(self) -> "DeepPrompt":
+        if self.base is None:
+            if self.candidates is None or self.layer is not None:
+                raise ValueError("a deep prompt without base needs candidates (C, L, n, D) and no layer")
+        elif (self.layer is None) != (self.candidates is None):
+            raise ValueError("a deep prompt with base needs both layer and candidates (C, n, D), or neither")
+        return self
+
+
+PromptSpec = Annotated[Union[NoPrompt, ShallowPrompt, DeepPrompt], Field(discriminator="kind")]
+
+
+class ScoreRequest(_Model):
+    """Score label words at the answer slot for every (candidate prompt, text) pair.
+
+    The sequence is ``[special] [n prompt slots] template-with-text [special]``; for a masked LM the
+    answer slot is the mask token at ``{mask}``; for a causal LM ``{mask}`` must end the template and the
+    answer slot is the next token.
+    """
+
+    template: str = Field(min_length=1, max_length=2000)
+    texts: list[Annotated[str, Field(max_length=100_000)]] = Field(min_length=1)
+    text_pairs: list[Annotated[str, Field(max_length=100_000)]] | None = None
+    label_words: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=2, max_length=1000)
+    prompt: PromptSpec = Field(default_factory=NoPrompt)
+    #: Echoed back; lets a client match responses and logs to requests.
+    request_id: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _check_template(self) -> "ScoreRequest":
+        has_text = TEXT_SLOT in self.template or TEXT_A_SLOT in self.template
+        if not has_text or MASK_SLOT not in self.template:
+            raise ValueError("template must contain {text} (or {text_a}) and {mask}")
+        if self.template.count(MASK_SLOT) != 1:
+            raise ValueError("template must contain exactly one {mask}")
+        if (TEXT_B_SLOT in self.template) != (self.text_pairs is not None):
+            raise ValueError("text_pairs must be given exactly when the template has {text_b}")
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
+            raise ValueError("text_pairs must be as long as texts")
+        if len(set(self.label_words)) != len(self.label_words):
+            raise ValueError("label_words must be distinct")
+        return self
+
+
+class Usage(_Model):
+    """Metering for one request: what a hosted endpoint would bill."""
+
+    candidates: int
+    sequences: int
+    forward_passes: int
+    tokens_processed: int
+
+
+class ScoreResponse(_Model):
+    #: (C, N, K) float32: label-word logits per candidate, text and label word (order of label_words).
+    logits: Tensor
+    usage: Usage
+    model: str
+    request_id: str | None = None
+
+
+class ErrorDetail(_Model):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Model):
+    error: ErrorDetail
+
+
+#: Error codes a client may act on.
+ERROR_UNKNOWN_TENSOR = "unknown_tensor"
+ERROR_UNAUTHORIZED = "unauthorized"
+ERROR_BAD_REQUEST = "bad_request"
+ERROR_TOO_LARGE = "too_large"
+ERROR_OVERLOADED = "overloaded"

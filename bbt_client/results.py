@@ -1,0 +1,107 @@
+"""What a run leaves in its directory, and how to read it back.
+
+- ``result.json``   :class:`RunResult`: the figures a user reports, and the config that reproduces them.
+- ``prompt.npy``    the tuned prompt, float32 (n, D) shallow or (L, n, D) deep; its sha256 is in result.json.
+- ``history.jsonl`` one :class:`GenerationRecord` per generation, for plots and reports.
+- ``checkpoint.pkl`` optimiser and loop state for ``--resume`` (see :mod:`bbt_client.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bbt_client.checkpoint import atomic_write_bytes
+from bbt_client.errors import CheckpointError
+
+RESULT_FILE = "result.json"
+PROMPT_FILE = "prompt.npy"
+HISTORY_FILE = "history.jsonl"
+
+
+@dataclasses.dataclass
+class GenerationRecord:
+    generation: int
+    calls: int
+    tokens: int
+    phase: str
+    best_loss: float
+    mean_loss: float
+    best_train_accuracy: float
+    wall_seconds: float
+    dev_accuracy: float | None = None
+    dev_loss: float | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class RunResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    method: str
+    task: str
+    seed: int
+    shots: int
+    model: str
+    prompt_kind: str
+    budget_calls: int | None
+    api_calls_used: int
+    tokens_used: int
+    cost_used: float | None = None
+    generations: int
+    #: The cap that ended tuning: ``calls``, ``tokens``, ``cost`` or ``time``.
+    stop_reason: str
+    best_dev_accuracy: float | None
+    best_generation: int | None
+    test_accuracy: float | None
+    zero_shot_test_accuracy: float | None
+    test_examples: int
+    wall_seconds: float
+    prompt_shape: list[int] | None
+    prompt_sha256: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    config: dict[str, Any]
+
+
+def write_prompt(run_dir: Path, prompt: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(prompt, dtype=np.float32), allow_pickle=False)
+    data = buf.getvalue()
+    atomic_write_bytes(Path(run_dir) / PROMPT_FILE, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_prompt(run_dir: Path) -> np.ndarray:
+    path = Path(run_dir) / PROMPT_FILE
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the tuned prompt {path}: {exc}") from exc
+
+
+def write_history(run_dir: Path, history: list[GenerationRecord]) -> None:
+    lines = "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in history)
+    atomic_write_bytes(Path(run_dir) / HISTORY_FILE, lines.encode())
+
+
+def read_history(run_dir: Path) -> list[GenerationRecord]:
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [GenerationRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_result(run_dir: Path) -> RunResult:
+    path = Path(run_dir) / RESULT_FILE
+    try:
+        return RunResult.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no {RESULT_FILE} in {run_dir}: the run has not finished (resume it first)") from None
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} is not a bbt-client result: {exc.errors()[0]['msg']}") from None
