@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make tune   - start the local black-box server on the bundled model and tune SST-2 against it
+#   make tune   - start the local black-box server on the bundled model and tune AG News against it
 #   make test   - run the whole test suite (what CI runs)
 PY ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 tune: $(STAMP)
-	$(BIN)/python examples/tune_sst2_local.py --out runs/sst2-42
+	$(BIN)/python examples/tune_local.py --task agnews --out runs/agnews-42
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/server_throughput.py
 	$(BIN)/python benchmarks/tune_sst2.py
+	$(BIN)/python benchmarks/tune_sst2.py --task agnews
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

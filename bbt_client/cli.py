@@ -86,6 +86,15 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _parse_label_words(text: str) -> list[str] | dict[str, str]:
+    items = [w.strip() for w in text.split(",") if w.strip()]
+    if not any("=" in w for w in items):
+        return items
+    if not all("=" in w for w in items):
+        raise ConfigError(f"--label-words mixes LABEL=WORD and plain words: {text!r}")
+    return {k.strip(): v.strip() for k, v in (w.split("=", 1) for w in items)}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bbt", description="Black-box prompt tuning against a model you can only query.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,7 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples")
     t.add_argument("--test-file", type=Path, help="test examples for a task file")
     t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
-    t.add_argument("--label-words", help="comma-separated label words, one per class, in label order")
+    t.add_argument("--label-words", help='label words in class order ("bad,great"), or per label value '
+                   '("negative=bad,positive=great")')
     t.add_argument("--method", choices=["bbt", "bbtv2", "gdfo"])
     t.add_argument("--shots", type=int)
     t.add_argument("--seed", type=int)
@@ -165,7 +175,7 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
             if getattr(args, flag) is not None:
                 task[key] = getattr(args, flag)
         if args.label_words is not None:
-            task["label_words"] = [w.strip() for w in args.label_words.split(",") if w.strip()]
+            task["label_words"] = _parse_label_words(args.label_words)
         data["task"] = task
         for flag in ("method", "seed", "eval_every", "loss"):
             if getattr(args, flag) is not None:

@@ -46,7 +46,8 @@ class TaskConfig(BaseModel):
     file: Path | None = None
     test_file: Path | None = None
     template: str | None = None
-    label_words: list[str] | None = None
+    #: One word per class in class order, or ``{label value: word}`` for a task file with named labels.
+    label_words: list[str] | dict[str, str] | None = None
     shots: int = Field(default=16, ge=1, le=4096)
     #: Evaluate on at most this many test examples (None = the whole test set).
     test_limit: int | None = Field(default=None, ge=1)

@@ -28,7 +28,7 @@ from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_tuner
 from bbt_client.protocol import ModelInfo
 from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
-from bbt_client.tasks import FewShotData, load_few_shot
+from bbt_client.tasks import TaskData, load_task_data
 
 log = logging.getLogger("bbt_client.job")
 
@@ -128,7 +128,7 @@ class TuningJob:
         cfg = self.config
         t_start = time.monotonic()
         info = await backend.model_info()
-        data = load_few_shot(cfg.task, cfg.seed)
+        data = load_task_data(cfg.task, cfg.seed)
         tuner = make_tuner(
             cfg.method, info, cfg.method_options, cfg.seed, task=data.task, train=data.train
         )
@@ -162,7 +162,7 @@ class _Context:
     """The pieces of one run, so the loop's steps read as short methods."""
 
     def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner,
-                 data: FewShotData, info: ModelInfo, st: _State, elapsed: Callable[[], float]):
+                 data: TaskData, info: ModelInfo, st: _State, elapsed: Callable[[], float]):
         self.job, self.cfg, self.backend, self.budget = job, job.config, backend, budget
         self.tuner, self.data, self.info, self.st, self.elapsed = tuner, data, info, st, elapsed
         self.loss_fn = _loss_fn(self.cfg.loss)
@@ -345,7 +345,7 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
     result = load_result(run_dir)
     cfg = config or TuneConfig.model_validate(result.config)
     prompt = read_prompt(run_dir)
-    data = load_few_shot(cfg.task, cfg.seed)
+    data = load_task_data(cfg.task, cfg.seed)
     owns = backend is None
     backend = backend or make_backend(cfg.endpoint)
     try:

@@ -1,0 +1,256 @@
+"""Backend for any OpenAI-compatible text endpoint (OpenAI, Azure-style proxies, vLLM/TGI without embeddings).
+
+Such an endpoint takes only text, so no continuous prompt can be sent: ``supported_prompts = {"none"}``
+and BBT/BBTv2/GDFO are refused with :class:`~bbt_client.errors.UnsupportedError`. What works is
+zero-shot evaluation of a discrete template: each text is rendered up to ``{mask}`` and the label words are
+scored as the next token with ``max_tokens=1``, ``logprobs`` and ``logit_bias`` (+``label_bias`` on the label
+tokens, so all of them appear in the top logprobs; an equal shift keeps their differences, which is what
+accuracy and cross-entropy use). A label still missing from the top-k gets the floor
+``lowest returned logprob - missing_margin`` (counted in ``ScoreResult.extra``).
+
+``api="completions"`` (default) batches ``prompts_per_request`` texts per request (``prompt`` is a list);
+``api="chat"`` sends one request per text (Chat takes one conversation), concurrently.
+Label token ids for ``logit_bias`` come from tiktoken for OpenAI model names; for other models pass
+``label_token_ids`` ({word: id}) or the bias is skipped (then missing labels are likelier).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from bbt_client import tokens as tok
+from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.backends.causal_template import check_causal_template, label_text, prefix_before_mask
+from bbt_client.backends.http import HttpEndpoint, RetryPolicy
+from bbt_client.backends.vllm import CompletionResponse, split_v1
+from bbt_client.errors import ConfigError, ProtocolError, UnsupportedError
+from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
+
+APIS = ("completions", "chat")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatTopLogprob(_Lenient):
+    token: str
+    logprob: float
+
+
+class ChatTokenLogprob(_Lenient):
+    token: str
+    logprob: float
+    top_logprobs: list[ChatTopLogprob] = []
+
+
+class ChatLogprobs(_Lenient):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatChoice(_Lenient):
+    index: int = 0
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatUsage(_Lenient):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int | None = None
+
+
+class ChatResponse(_Lenient):
+    choices: list[ChatChoice]
+    usage: ChatUsage | None = None
+
+
+def _match_labels(top: dict[str, float], words: Sequence[str], margin: float) -> tuple[np.ndarray, int]:
+    """(K,) log-probs of the label words from {token text: logprob}; tokens match with or without the
+    leading space (case-sensitive); the higher of the two counts."""
+    if not top:
+        raise ProtocolError("the endpoint returned no top logprobs; does it support logprobs for this model?")
+    norm: dict[str, float] = {}
+    for token, lp in top.items():
+        key = token.strip()
+        if math.isfinite(lp) and (key not in norm or lp > norm[key]):
+            norm[key] = lp
+    floor = (min(norm.values()) if norm else -100.0) - margin
+    out = np.empty(len(words), np.float32)
+    missing = 0
+    for k, w in enumerate(words):
+        v = norm.get(w.strip())
+        if v is None:
+            v, missing = floor, missing + 1
+        out[k] = v
+    return out, missing
+
+
+class OpenAITextBackend(Backend):
+    """Zero-shot template scoring on an OpenAI-compatible endpoint via next-token logprobs."""
+
+    supported_prompts = frozenset({"none"})
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api: str = "completions",
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        timeout: float = 120.0,
+        max_concurrency: int = 4,
+        max_retries: int = 5,
+        retry: RetryPolicy | None = None,
+        top_logprobs: int = 5,
+        label_bias: float = 100.0,
+        label_token_ids: dict[str, int] | None = None,
+        missing_margin: float = 1.0,
+        prompts_per_request: int = 20,
+        http: HttpEndpoint | None = None,
+    ):
+        if not model:
+            raise ConfigError("the openai backend needs the model name: options.model (e.g. gpt-4o-mini)")
+        if api not in APIS:
+            raise ConfigError(f"api must be one of {', '.join(APIS)}, got {api!r}")
+        if prompts_per_request < 1 or top_logprobs < 1:
+            raise ConfigError("prompts_per_request and top_logprobs must be at least 1")
+        self.model, self.api = model, api
+        self.top_logprobs = int(top_logprobs)
+        self.label_bias = float(label_bias)
+        self.missing_margin = float(missing_margin)
+        self.prompts_per_request = int(prompts_per_request)
+        self._label_token_ids = dict(label_token_ids or {})
+        self._count, self.token_counter = tok.counter_for_model(model)
+        enc_name = tok.encoding_name_for_model(model)
+        self._encoding = None
+        if enc_name is not None:
+            try:
+                self._encoding = tok.get_encoding(enc_name)
+            except RuntimeError:
+                self._encoding = None
+        self.http = http or HttpEndpoint(
+            split_v1(base_url), api_key=api_key, api_key_env=api_key_env, timeout_s=timeout,
+            max_concurrency=max_concurrency, retry=retry or RetryPolicy(max_retries=max_retries))
+
+    def __repr__(self) -> str:
+        return f"OpenAITextBackend({self.http!r}, model={self.model!r}, api={self.api!r})"
+
+    @property
+    def attempts(self) -> int:
+        """HTTP attempts made, retries included (budgets count logical calls, not these)."""
+        return self.http.attempts
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def model_info(self) -> ModelInfo:
+        """Text APIs reveal no internals; the sizes here are placeholders that no method may rely on."""
+        return ModelInfo(name=self.model, kind="causal", architecture="unknown (text-only API)", hidden_size=1,
+                         num_layers=1, max_seq_len=8192, vocab_size=self._encoding.n_vocab if self._encoding else 1,
+                         embedding_std=0.0, hidden_std=[0.0], max_prompt_tokens=0, max_candidates=1,
+                         max_texts=100_000, max_body_bytes=2**31 - 1, device="remote openai-compatible")
+
+    async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
+        ids = self._label_ids(words) if words else None
+        return TokenizeResponse(words=[WordTokens(word=w, ids=[ids[w]] if ids and w in ids else []) for w in words],
+                                text_token_counts=self._count(list(texts)))
+
+    def _label_ids(self, words: Sequence[str]) -> dict[str, int] | None:
+        """Token id per label word for logit_bias, or None when they cannot be known."""
+        if all(w in self._label_token_ids for w in words):
+            return {w: int(self._label_token_ids[w]) for w in words}
+        if self._encoding is None:
+            return None
+        out = {}
+        for w in words:
+            ids = self._encoding.encode_ordinary(label_text(w))
+            if len(ids) != 1:
+                raise ConfigError(f"label word {w!r} is {len(ids)} tokens for {self.model}; next-token scoring "
+                                  "needs single-token label words")
+            out[w] = ids[0]
+        return out
+
+    def _prefixes(self, job: ScoreJob) -> list[str]:
+        pairs = job.text_pairs or [None] * len(job.texts)
+        return [prefix_before_mask(job.template, t, b) for t, b in zip(job.texts, pairs)]
+
+    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int] = ()) -> int:
+        """Prompt tokens by tiktoken (exact for OpenAI models) or UTF-8 bytes (upper bound), + chat framing
+        and one generated token per text."""
+        counts = self._count(self._prefixes(job))
+        per_text = 1 + (tok.CHAT_TOKENS_PER_MESSAGE + tok.CHAT_TOKENS_PER_REPLY if self.api == "chat" else 0)
+        return (sum(counts) + per_text * len(counts)) * job.num_calls
+
+    def _refuse(self, kind: str) -> None:
+        raise UnsupportedError(
+            f"an OpenAI-compatible text endpoint accepts only text, so {kind} (continuous) prompts cannot be sent "
+            "and bbt/bbtv2/gdfo cannot tune through it. What works here: zero-shot evaluation of a discrete "
+            "template (`bbt eval` without a tuned prompt). For continuous prompts use a vLLM server with "
+            "--enable-prompt-embeds (backend 'vllm', method bbt) or the bbt server (backend 'server').")
+
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        if job.prompts.kind != "none":
+            self._refuse(job.prompts.kind)
+        check_causal_template(job.template)
+        label_ids = self._label_ids(job.label_words)
+        prefixes = self._prefixes(job)
+        bias = {str(i): self.label_bias for i in label_ids.values()} if label_ids else None
+        if self.api == "completions":
+            groups = [prefixes[i:i + self.prompts_per_request] for i in range(0, len(prefixes), self.prompts_per_request)]
+            parts = await asyncio.gather(*(self._completions(g, job.label_words, bias) for g in groups))
+        else:
+            parts = await asyncio.gather(*(self._chat(p, job.label_words, bias) for p in prefixes))
+        logits = np.concatenate([p[0] for p in parts], axis=0)[None]
+        return ScoreResult(logits=logits, tokens=sum(p[1] for p in parts),
+                           extra={"requests": len(parts), "missing_label_logprobs": sum(p[2] for p in parts),
+                                  "logit_bias": bias is not None})
+
+    def completions_body(self, prompts: Sequence[str], k: int, bias: dict[str, float] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "prompt": list(prompts), "max_tokens": 1, "temperature": 0,
+                                "logprobs": max(self.top_logprobs, k if bias else 1)}
+        if bias:
+            body["logit_bias"] = bias
+        return body
+
+    def chat_body(self, prompt: str, k: int, bias: dict[str, float] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                                "max_tokens": 1, "temperature": 0, "logprobs": True,
+                                "top_logprobs": min(20, max(self.top_logprobs, k if bias else 1))}
+        if bias:
+            body["logit_bias"] = bias
+        return body
+
+    async def _completions(self, prompts, words, bias) -> tuple[np.ndarray, int, int]:
+        body = self.completions_body(prompts, len(words), bias)
+        resp: CompletionResponse = await self.http.request("POST", "/v1/completions", json_body=body,
+                                                           model=CompletionResponse)
+        if sorted(c.index for c in resp.choices) != list(range(len(prompts))):
+            raise ProtocolError(f"/v1/completions returned choices {[c.index for c in resp.choices]} "
+                                f"for {len(prompts)} prompts")
+        out = np.empty((len(prompts), len(words)), np.float32)
+        missing = 0
+        for c in resp.choices:
+            top = c.logprobs.top_logprobs[0] if c.logprobs and c.logprobs.top_logprobs else None
+            out[c.index], m = _match_labels(top or {}, words, self.missing_margin)
+            missing += m
+        u = resp.usage
+        return out, int((u.total_tokens or u.prompt_tokens + u.completion_tokens) if u else 0), missing
+
+    async def _chat(self, prompt, words, bias) -> tuple[np.ndarray, int, int]:
+        resp: ChatResponse = await self.http.request("POST", "/v1/chat/completions",
+                                                     json_body=self.chat_body(prompt, len(words), bias),
+                                                     model=ChatResponse)
+        if not resp.choices or not resp.choices[0].logprobs or not resp.choices[0].logprobs.content:
+            raise ProtocolError("/v1/chat/completions returned no logprobs content; the model or endpoint may "
+                                "not support logprobs")
+        first = resp.choices[0].logprobs.content[0]
+        top = {t.token: t.logprob for t in first.top_logprobs} or {first.token: first.logprob}
+        out, missing = _match_labels(top, words, self.missing_margin)
+        u = resp.usage
+        return out[None], int((u.total_tokens or u.prompt_tokens + u.completion_tokens) if u else 0), missing

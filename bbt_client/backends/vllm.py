@@ -1,0 +1,296 @@
+"""Backend for a vLLM OpenAI-compatible server started with ``--enable-prompt-embeds`` (vLLM >= 0.9.0).
+
+BBT (shallow prompt) on a causal LM: for each candidate c and text t the client builds the input
+embeddings ``[BOS] prompt_c (n, D) ++ E[tokens(template prefix with t)]`` itself (it holds the model's
+tokenizer and input-embedding matrix E, see :mod:`bbt_client.backends.local_embeddings`) and sends them as
+``prompt_embeds``: a list with one base64 string per sequence, each the bytes of ``torch.save`` of a
+(seq_len, D) tensor (float32, float16 or bfloat16), on ``POST /v1/completions`` with ``max_tokens=1``.
+
+Label scores are the log-probabilities of each label word's (single) token as the next token, read from
+``logprobs`` with ``return_tokens_as_token_ids`` so tokens are matched by id, not by decoded text:
+
+- ``restrict_labels=True`` (default) also sends vLLM's ``allowed_token_ids`` = the label tokens. When the
+  server runs with ``--logprobs-mode processed_logprobs`` the returned logprobs are then exactly the
+  label tokens' log-softmax over the label set: differences of their logits, which is all the loss needs.
+  With vLLM's default ``raw_logprobs`` the returned top-k come from the unrestricted distribution.
+- A label token missing from the returned top-k gets ``lowest returned logprob - missing_margin``: its true
+  value is below the lowest one shown, so this is an approximation (counted in ``ScoreResult.extra``).
+
+Batching: vLLM's Completions API accepts a list of prompt embeddings in one request (one choice per
+sequence, matched by ``index``); C × N sequences are sent ``prompts_per_request`` at a time, with requests
+running concurrently up to the endpoint's concurrency limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.backends.causal_template import check_causal_template, label_text, prefix_before_mask
+from bbt_client.backends.http import HttpEndpoint, RetryPolicy
+from bbt_client.backends.local_embeddings import LocalEmbeddings
+from bbt_client.errors import ConfigError, ProtocolError, UnsupportedError
+from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
+
+EMBEDS_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class CompletionLogprobs(_Lenient):
+    tokens: list[str] | None = None
+    token_logprobs: list[float | None] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
+
+
+class CompletionChoice(_Lenient):
+    index: int
+    text: str | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionUsage(_Lenient):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int | None = None
+
+
+class CompletionResponse(_Lenient):
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+    model: str | None = None
+
+
+def split_v1(url: str) -> str:
+    """Accept ``http://host:8000`` or ``http://host:8000/v1``; return the part before ``/v1``."""
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def encode_prompt_embeds(seq: np.ndarray, dtype: str = "float32") -> str:
+    """base64 of ``torch.save`` of a fresh (seq_len, D) tensor: vLLM's ``prompt_embeds`` element format.
+
+    A fresh tensor matters: ``torch.save`` of a view would write the whole underlying storage.
+    """
+    import torch
+
+    t = torch.from_numpy(np.array(seq, dtype=np.float32, copy=True)).to(getattr(torch, dtype)).contiguous()
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def label_logprobs(top: dict[str, float] | None, label_ids: Sequence[int], margin: float) -> tuple[np.ndarray, int]:
+    """(K,) label log-probs from one ``top_logprobs`` dict keyed ``token_id:<id>``; missing ones get the floor."""
+    if not top:
+        raise ProtocolError("the endpoint returned no top_logprobs; is logprobs supported on this server?")
+    by_id: dict[int, float] = {}
+    for key, value in top.items():
+        if not key.startswith("token_id:"):
+            raise ProtocolError(f"top_logprobs key {key!r} is not 'token_id:<id>'; the server ignored "
+                                "return_tokens_as_token_ids (vLLM >= 0.9 supports it)")
+        by_id[int(key.split(":", 1)[1])] = float(value)
+    finite = [v for v in by_id.values() if math.isfinite(v)]
+    floor = (min(finite) if finite else -100.0) - margin
+    out = np.empty(len(label_ids), dtype=np.float32)
+    missing = 0
+    for k, tid in enumerate(label_ids):
+        v = by_id.get(tid)
+        if v is None or not math.isfinite(v):
+            v, missing = floor, missing + 1
+        out[k] = v
+    return out, missing
+
+
+class VLLMBackend(Backend):
+    """BBT against vLLM prompt embeddings. ``embeddings_from``: HF model folder or .safetensors with E."""
+
+    supported_prompts = frozenset({"none", "shallow"})
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        embeddings_from: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        timeout: float = 120.0,
+        max_concurrency: int = 4,
+        max_retries: int = 5,
+        retry: RetryPolicy | None = None,
+        restrict_labels: bool = True,
+        top_logprobs: int = 20,
+        missing_margin: float = 1.0,
+        prompts_per_request: int = 64,
+        embeds_dtype: str = "bfloat16",
+        add_bos: bool | None = None,
+        embedding_key: str | None = None,
+        tokenizer_from: str | None = None,
+        max_seq_len: int | None = None,
+        embeddings: LocalEmbeddings | None = None,
+        http: HttpEndpoint | None = None,
+    ):
+        if embeddings is None:
+            if not embeddings_from:
+                raise ConfigError("the vllm backend needs --embeddings-from DIR: the served model's Hugging Face "
+                                  "folder (tokenizer + safetensors) so the client can embed text itself")
+            embeddings = LocalEmbeddings(embeddings_from, embedding_key=embedding_key, tokenizer_from=tokenizer_from)
+        if embeds_dtype not in EMBEDS_DTYPES:
+            raise ConfigError(f"embeds_dtype must be one of {', '.join(EMBEDS_DTYPES)}")
+        if prompts_per_request < 1 or top_logprobs < 1:
+            raise ConfigError("prompts_per_request and top_logprobs must be at least 1")
+        self.emb = embeddings
+        self.model = model or embeddings.folder.name
+        self.restrict_labels = restrict_labels
+        self.top_logprobs = int(top_logprobs)
+        self.missing_margin = float(missing_margin)
+        self.prompts_per_request = int(prompts_per_request)
+        self.embeds_dtype = embeds_dtype
+        self.add_bos = embeddings.tokenizer.adds_bos if add_bos is None else bool(add_bos)
+        if self.add_bos and embeddings.tokenizer.bos_id is None:
+            raise ConfigError("add_bos is set but the tokenizer defines no bos_token")
+        self._max_seq_len = max_seq_len
+        self.http = http or HttpEndpoint(
+            split_v1(base_url), api_key=api_key, api_key_env=api_key_env, timeout_s=timeout,
+            max_concurrency=max_concurrency, retry=retry or RetryPolicy(max_retries=max_retries))
+        self._info: ModelInfo | None = None
+
+    def __repr__(self) -> str:
+        return f"VLLMBackend({self.http!r}, model={self.model!r})"
+
+    @property
+    def attempts(self) -> int:
+        """HTTP attempts made, retries included (budgets count logical calls, not these)."""
+        return self.http.attempts
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # ------------------------------------------------------------------ facts from the local copy
+
+    async def model_info(self) -> ModelInfo:
+        if self._info is None:
+            cfg = self.emb.config
+            std = float(self.emb.matrix.std())
+            layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1)
+            self._info = ModelInfo(
+                name=self.model, kind="causal",
+                architecture=(cfg.get("architectures") or ["unknown"])[0],
+                hidden_size=self.emb.hidden_size, num_layers=layers,
+                max_seq_len=int(self._max_seq_len or cfg.get("max_position_embeddings") or cfg.get("n_positions")
+                                or 4096),
+                vocab_size=self.emb.vocab_size, embedding_std=std,
+                hidden_std=[std] * layers,  # unknown remotely; only entry 0 matters for shallow prompts
+                max_prompt_tokens=512, max_candidates=10_000, max_texts=100_000,
+                max_body_bytes=2**31 - 1, device="remote vllm",
+            )
+        return self._info
+
+    def _label_ids(self, words: Sequence[str]) -> list[int]:
+        ids = []
+        for w in words:
+            toks = self.emb.tokenizer.encode(label_text(w))
+            if len(toks) != 1:
+                raise ConfigError(f"label word {w!r} is {len(toks)} tokens for this model's tokenizer; a causal "
+                                  "endpoint scores one next token, so pick single-token label words")
+            ids.append(toks[0])
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"label words {list(words)} map to repeated tokens {ids}")
+        return ids
+
+    async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
+        tok = self.emb.tokenizer
+        return TokenizeResponse(
+            words=[WordTokens(word=w, ids=tok.encode(label_text(w))) for w in words],
+            text_token_counts=[len(tok.encode(t)) for t in texts],
+        )
+
+    def _prefix_ids(self, job: ScoreJob) -> list[list[int]]:
+        pairs = job.text_pairs or [None] * len(job.texts)
+        bos = [self.emb.tokenizer.bos_id] if self.add_bos else []
+        return [bos + self.emb.tokenizer.encode(prefix_before_mask(job.template, t, b))
+                for t, b in zip(job.texts, pairs)]
+
+    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int] = ()) -> int:
+        """Exact for this client's own tokenization: prompt rows + prefix tokens per sequence, + 1 generated."""
+        n = job.prompts.num_prompt_tokens
+        per_candidate = sum(len(ids) + n + 1 for ids in self._prefix_ids(job))
+        return per_candidate * job.num_calls
+
+    # ------------------------------------------------------------------ scoring
+
+    def _sequences(self, job: ScoreJob) -> list[np.ndarray]:
+        """C*N input-embedding sequences (seq_len, D), candidate-major."""
+        p = job.prompts
+        if p.kind == "deep":
+            raise UnsupportedError(
+                "vLLM prompt embeddings replace only the input layer, so deep prompts (BBTv2) cannot be sent; "
+                "use method bbt (shallow prompt) with this backend, or the 'server' backend for bbtv2")
+        texts_emb = [self.emb.embed(ids) for ids in self._prefix_ids(job)]
+        if p.kind == "none":
+            return texts_emb
+        cands = np.asarray(p.candidates, dtype=np.float32)
+        if cands.ndim != 3 or cands.shape[-1] != self.emb.hidden_size:
+            raise ConfigError(f"shallow candidates must be (C, n, {self.emb.hidden_size}), got {cands.shape}")
+        out = []
+        bos = 1 if self.add_bos else 0
+        for c in cands:
+            for e in texts_emb:
+                out.append(np.concatenate([e[:bos], c, e[bos:]], axis=0))  # BOS stays first
+        return out
+
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        check_causal_template(job.template)
+        if job.prompts.kind not in self.supported_prompts:
+            self._sequences(job)  # raises the explanatory UnsupportedError
+        label_ids = self._label_ids(job.label_words)
+        seqs = self._sequences(job)
+        C, N, K = job.prompts.num_candidates, len(job.texts), len(label_ids)
+        chunks = [(i, min(len(seqs), i + self.prompts_per_request)) for i in range(0, len(seqs), self.prompts_per_request)]
+        results = await asyncio.gather(*(self._complete(seqs[a:b], label_ids) for a, b in chunks))
+        flat = np.concatenate([r[0] for r in results], axis=0)
+        tokens = sum(r[1] for r in results)
+        missing = sum(r[2] for r in results)
+        return ScoreResult(logits=flat.reshape(C, N, K), tokens=tokens,
+                           extra={"requests": len(chunks), "missing_label_logprobs": missing})
+
+    def request_body(self, seqs: Sequence[np.ndarray], label_ids: Sequence[int]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt_embeds": [encode_prompt_embeds(s, self.embeds_dtype) for s in seqs],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": len(label_ids) if self.restrict_labels else max(self.top_logprobs, 1),
+            "return_tokens_as_token_ids": True,
+        }
+        if self.restrict_labels:
+            body["allowed_token_ids"] = list(label_ids)
+        return body
+
+    async def _complete(self, seqs: Sequence[np.ndarray], label_ids: Sequence[int]) -> tuple[np.ndarray, int, int]:
+        body = self.request_body(seqs, label_ids)
+        resp: CompletionResponse = await self.http.request("POST", "/v1/completions", json_body=body,
+                                                           model=CompletionResponse)
+        if sorted(c.index for c in resp.choices) != list(range(len(seqs))):
+            raise ProtocolError(f"/v1/completions returned choices {[c.index for c in resp.choices]} for "
+                                f"{len(seqs)} prompt embeddings")
+        out = np.empty((len(seqs), len(label_ids)), dtype=np.float32)
+        missing = 0
+        for choice in resp.choices:
+            lp = choice.logprobs
+            top = lp.top_logprobs[0] if lp and lp.top_logprobs else None
+            out[choice.index], m = label_logprobs(top, label_ids, self.missing_margin)
+            missing += m
+        usage = resp.usage
+        tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
+        return out, int(tokens), missing

@@ -1,0 +1,253 @@
+"""BBT (Sun et al., ICML 2022): CMA-ES on z ∈ R^d, shallow prompt p = A z + p0 (n, D).
+
+Pure ask/tell: every :meth:`BBTTuner.ask` is one generation of ``popsize`` candidate prompts, scored
+by the caller in one batched request; :meth:`BBTTuner.tell` gets their losses back (lower is better).
+Deterministic for a given (model info, config, seed), and resumable bit-identically through
+:meth:`state_dict` / :meth:`load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from bbt_client.backends.base import PromptBatch
+from bbt_client.errors import ConfigError
+from bbt_client.methods.base import Tuner
+from bbt_client.optim import CMAES
+from bbt_client.projection import Projection, derive_seed, designed_std
+from bbt_client.protocol import ModelInfo
+
+# Sub-stream indices for derive_seed: one independent RNG stream per purpose.
+STREAM_PROJECTION = 0
+STREAM_CMA = 1
+STREAM_INIT_PROMPT = 2
+
+STATE_VERSION = 1
+
+
+class PromptSearchConfig(BaseModel):
+    """Settings shared by BBT and BBTv2. Defaults follow the papers' reference code.
+
+    Scaling down for CPU: the papers use ``prompt_tokens=50`` with RoBERTa-large (D=1024); each prompt
+    token lengthens every sequence scored, so on the small CPU default model (MiniLM, D=384, ~70
+    sequences/s) pass e.g. ``prompt_tokens=10`` (and/or a smaller ``intrinsic_dim``) in the job config:
+    cost per call scales with (n + text length), CMA-ES cost with d².
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: d: dimension CMA-ES searches (500 in both papers).
+    intrinsic_dim: int = Field(500, ge=2, le=10_000)
+    #: n: prompt tokens (50 in the papers; see class docstring to scale down).
+    prompt_tokens: int = Field(50, ge=1, le=1024)
+    #: Candidates per generation = API calls per generation (20 in the papers).
+    popsize: int = Field(20, ge=2, le=1000)
+    #: CMA-ES initial step size σ0 (1.0 in the later code; BBT's first code used 0.5 with bound 5).
+    sigma0: float = Field(1.0, gt=0)
+    #: α in σ_A = α·σ̂/(√d·σ0) for the "normal" projection (1.0 in the code).
+    alpha: float = Field(1.0, gt=0)
+    #: Box constraint |z_i| <= bound for CMA-ES; 0 = unbounded (the later code's default).
+    bound: float = Field(0.0, ge=0)
+    #: Training loss the job computes from label-word logits: "ce" (papers' default) or "hinge".
+    loss: Literal["ce", "hinge"] = "ce"
+    hinge_margin: float = Field(2.0, gt=0)
+    #: p0: the prompt at z = 0. "normal": seeded N(0, σ̂²) per entry, a stand-in for the reference
+    #: code's embeddings of random vocabulary words (the protocol replaces, not adds, so p0 lives on
+    #: the client and we cannot read the model's embedding matrix); "zeros": p0 = 0.
+    init_prompt: Literal["normal", "zeros"] = "normal"
+
+
+class BBTConfig(PromptSearchConfig):
+    """BBT settings. ``projection``: "normal" = designed N(0, (α·σ̂_emb/(√d·σ0))²) (later code, default);
+    "uniform" = U(-1/√d, 1/√d) (torch Linear init, BBT's first code)."""
+
+    projection: Literal["normal", "uniform"] = "normal"
+
+
+def _check_tokens(config: PromptSearchConfig, model_info: ModelInfo) -> None:
+    if config.prompt_tokens > model_info.max_prompt_tokens:
+        raise ConfigError(
+            f"prompt_tokens={config.prompt_tokens} exceeds the endpoint's max_prompt_tokens="
+            f"{model_info.max_prompt_tokens}; lower prompt_tokens in the method config"
+        )
+
+
+def _check_losses(losses: np.ndarray, expected: int) -> np.ndarray:
+    f = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if f.shape[0] != expected:
+        raise ValueError(f"expected {expected} losses (one per candidate), got {f.shape[0]}")
+    if not np.all(np.isfinite(f)):
+        raise ValueError(f"losses must be finite; NaN/inf at positions {np.flatnonzero(~np.isfinite(f)).tolist()}")
+    return f
+
+
+def init_prompt(kind: str, seed: int, shape: tuple[int, int], std: float) -> np.ndarray:
+    """p0 (n, D) float32: zeros, or seeded N(0, std²)."""
+    if kind == "zeros":
+        return np.zeros(shape, np.float32)
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+
+class BBTTuner(Tuner):
+    """BBT: one CMA-ES over z (d,), proposing shallow prompts A z + p0, (C, n, D) float32."""
+
+    method = "bbt"
+    prompt_kind = "shallow"
+
+    def __init__(self, model_info: ModelInfo, config: BBTConfig | dict | None = None, seed: int = 42):
+        if config is None:
+            config = BBTConfig()
+        elif isinstance(config, dict):
+            config = BBTConfig(**config)
+        if seed < 0:
+            raise ConfigError(f"seed must be non-negative, got {seed}")
+        _check_tokens(config, model_info)
+        self.config = config
+        self.model_info = model_info
+        self.seed = int(seed)
+        d, n, D = config.intrinsic_dim, config.prompt_tokens, model_info.hidden_size
+        std = designed_std(model_info.embedding_std, d, config.sigma0, config.alpha)
+        self.projection = Projection(
+            seed=derive_seed(self.seed, STREAM_PROJECTION),
+            intrinsic_dim=d,
+            prompt_tokens=n,
+            hidden_size=D,
+            distribution=config.projection,
+            std=std,
+        )
+        self.p0 = init_prompt(config.init_prompt, derive_seed(self.seed, STREAM_INIT_PROMPT), (n, D), model_info.embedding_std)
+        self._es = CMAES(
+            d,
+            popsize=config.popsize,
+            sigma0=config.sigma0,
+            seed=derive_seed(self.seed, STREAM_CMA) % (2**31 - 2) + 1,
+            bounds=(-config.bound, config.bound) if config.bound > 0 else None,
+        )
+        self._pending_z: np.ndarray | None = None
+        self._pending_prompts: np.ndarray | None = None
+        self._last_prompts: np.ndarray | None = None
+        self._best_prompt: np.ndarray | None = None
+        self._last_z: np.ndarray | None = None
+        self._last_losses: np.ndarray | None = None
+        self._best_z: np.ndarray | None = None
+        self._best_loss = float("inf")
+        self._generation = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def prompts(self, z: np.ndarray) -> np.ndarray:
+        """A z + p0: (d,) -> (n, D) or (C, d) -> (C, n, D), float32."""
+        return self.projection(z) + self.p0
+
+    @property
+    def popsize(self) -> int:
+        return self._es.popsize
+
+    @property
+    def generation(self) -> int:
+        """Generations told so far."""
+        return self._generation
+
+    @property
+    def best_loss(self) -> float:
+        """Lowest training loss told so far (inf before the first tell)."""
+        return self._best_loss
+
+    @property
+    def phase(self) -> str:
+        return f"generation {self._generation + 1}"
+
+    # ------------------------------------------------------------------ ask / tell
+
+    def ask(self) -> PromptBatch:
+        if self._pending_z is not None:
+            raise RuntimeError("ask() called twice without tell(): report the pending generation's losses first")
+        z = self._es.ask()
+        self._pending_z = z
+        self._pending_prompts = self.prompts(z)
+        return PromptBatch(kind="shallow", candidates=self._pending_prompts.copy())
+
+    def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
+        if self._pending_z is None:
+            raise ValueError("tell() without a pending ask(): call ask() first")
+        f = _check_losses(losses, self._pending_z.shape[0])
+        self._es.tell(f)
+        i = int(np.argmin(f))
+        if f[i] < self._best_loss:
+            self._best_loss = float(f[i])
+            self._best_z = self._pending_z[i].copy()
+            self._best_prompt = self._pending_prompts[i].copy()
+        self._last_z, self._last_losses = self._pending_z, f
+        self._last_prompts = self._pending_prompts
+        self._pending_z = self._pending_prompts = None
+        self._generation += 1
+
+    # ------------------------------------------------------------------ results
+
+    def best_prompt(self) -> np.ndarray:
+        """(n, D) prompt with the lowest training loss told so far (exactly the array that was scored);
+        p0 (z = 0) before any tell."""
+        if self._best_prompt is None:
+            return self.p0.copy()
+        return self._best_prompt.copy()
+
+    def mean_prompt(self) -> np.ndarray:
+        """(n, D) prompt at CMA-ES's current mean: its own recommendation, often better on dev."""
+        return self.prompts(self._es.mean)
+
+    def last_candidate_prompts(self) -> np.ndarray:
+        if self._last_prompts is None:
+            raise RuntimeError("no generation has been told yet")
+        return self._last_prompts.copy()
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"cma_sigma": self._es.sigma}
+
+    # ------------------------------------------------------------------ persistence
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            "config": self.config.model_dump(),
+            "hidden_size": self.model_info.hidden_size,
+            "embedding_std": self.model_info.embedding_std,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "identity": self._identity(),
+            "es": self._es.state_bytes(),
+            "pending_z": self._pending_z,
+            "pending_prompts": self._pending_prompts,
+            "last_prompts": self._last_prompts,
+            "best_prompt": self._best_prompt,
+            "last_z": self._last_z,
+            "last_losses": self._last_losses,
+            "best_z": self._best_z,
+            "best_loss": self._best_loss,
+            "generation": self._generation,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {STATE_VERSION})")
+        if state.get("identity") != self._identity():
+            raise ConfigError(
+                "checkpoint was made with a different method, seed, config or model; resume with the same job config"
+            )
+        self._es = CMAES.from_bytes(state["es"])
+        self._pending_z = state["pending_z"]
+        self._pending_prompts = state["pending_prompts"]
+        self._last_prompts = state["last_prompts"]
+        self._best_prompt = state["best_prompt"]
+        self._last_z = state["last_z"]
+        self._last_losses = state["last_losses"]
+        self._best_z = state["best_z"]
+        self._best_loss = float(state["best_loss"])
+        self._generation = int(state["generation"])

@@ -1,0 +1,258 @@
+"""BBTv2 (Sun et al., EMNLP 2022): deep prompts (L, n, D), one z_l ∈ R^d and one CMA-ES per layer,
+optimised by divide and conquer.
+
+Schedule (as the reference ``deepbbt.py``): layers are visited in order 0, 1, ..., L-1, then again,
+round after round; each visit runs ``generations_per_layer`` CMA-ES generations (1 in the code) of
+layer l's optimiser while every other layer is held at its current prompt. The tuner does not own a
+budget: the job's single call budget is shared by all layers simply by running this round-robin until
+it is spent (the code runs ``budget // (popsize · L)`` rounds, e.g. 8000 // (20 · 24) = 16 for
+RoBERTa-large).
+
+"Current best" of a layer: after each generation of layer l, its held prompt becomes
+``A_l · x_best + p0_l`` where ``x_best`` is the best z that layer's CMA-ES has ever been told (pycma's
+``result.xbest``, as in the code; note its loss was measured with the other layers as they were
+then). ``keep="mean"`` holds the CMA-ES mean instead. Before a layer is first optimised it holds p0_l.
+``best_prompt()`` is different: the full (L, n, D) prompt with the lowest training loss ever told.
+
+Projections (designed normal): layer 0 replaces word embeddings, so σ̂ = ``embedding_std`` (the code
+uses the embedding matrix's std); layer l ≥ 1 replaces layer l's input, σ̂ = ``hidden_std[l]`` (the
+code measures hidden states on the training batch, clipped at 3σ five times, server-side here).
+σ_A,l = α·σ̂_l / (√d·σ0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from bbt_client.backends.base import PromptBatch
+from bbt_client.errors import ConfigError
+from bbt_client.methods.base import Tuner
+from bbt_client.methods.bbt import (
+    STREAM_CMA,
+    STREAM_INIT_PROMPT,
+    STREAM_PROJECTION,
+    PromptSearchConfig,
+    _check_losses,
+    _check_tokens,
+    init_prompt,
+)
+from bbt_client.optim import CMAES
+from bbt_client.projection import Projection, derive_seed, designed_std
+from bbt_client.protocol import ModelInfo
+
+STATE_VERSION = 1
+
+
+class BBTv2Config(PromptSearchConfig):
+    """BBTv2 settings (see :class:`PromptSearchConfig` for the shared ones and how to scale n down).
+
+    The reference README suggests ``sigma0=0.2, alpha=0.2`` for some tasks (AG News); the code's
+    defaults, used here, are 1.0 and 1.0.
+    """
+
+    #: CMA-ES generations per layer visit before moving to the next layer (1 in the code).
+    generations_per_layer: int = Field(1, ge=1)
+    #: What a layer holds while others are optimised: "best" (its best-ever z, the code) or "mean".
+    keep: Literal["best", "mean"] = "best"
+    #: Keep every layer's projection matrix in memory up to this many MiB; beyond it only the layer
+    #: being optimised is kept (others are regenerated from their seeds when visited: ~0.3 s each).
+    projection_cache_mib: int = Field(1024, ge=0)
+
+
+class BBTv2Tuner(Tuner):
+    """BBTv2: asks ``PromptBatch(kind="deep", base=(L,n,D) current prompts, layer=l, candidates=(C,n,D))``."""
+
+    method = "bbtv2"
+    prompt_kind = "deep"
+
+    def __init__(self, model_info: ModelInfo, config: BBTv2Config | dict | None = None, seed: int = 42):
+        if config is None:
+            config = BBTv2Config()
+        elif isinstance(config, dict):
+            config = BBTv2Config(**config)
+        if seed < 0:
+            raise ConfigError(f"seed must be non-negative, got {seed}")
+        _check_tokens(config, model_info)
+        self.config = config
+        self.model_info = model_info
+        self.seed = int(seed)
+        d, n, D, L = config.intrinsic_dim, config.prompt_tokens, model_info.hidden_size, model_info.num_layers
+        self.num_layers = L
+        #: σ̂ per layer: what each layer's prompt replaces.
+        self.target_std = [float(model_info.embedding_std)] + [float(s) for s in model_info.hidden_std[1:]]
+        self.projections = [
+            Projection(
+                seed=derive_seed(self.seed, STREAM_PROJECTION, layer),
+                intrinsic_dim=d,
+                prompt_tokens=n,
+                hidden_size=D,
+                distribution="normal",
+                std=designed_std(self.target_std[layer], d, config.sigma0, config.alpha),
+            )
+            for layer in range(L)
+        ]
+        self._cache_all = sum(p.nbytes for p in self.projections) <= config.projection_cache_mib * 2**20
+        self.p0 = np.stack(
+            [
+                init_prompt(config.init_prompt, derive_seed(self.seed, STREAM_INIT_PROMPT, layer), (n, D), self.target_std[layer])
+                for layer in range(L)
+            ]
+        )
+        self._optimisers = [
+            CMAES(
+                d,
+                popsize=config.popsize,
+                sigma0=config.sigma0,
+                seed=derive_seed(self.seed, STREAM_CMA, layer) % (2**31 - 2) + 1,
+                bounds=(-config.bound, config.bound) if config.bound > 0 else None,
+            )
+            for layer in range(L)
+        ]
+        self._base = self.p0.copy()  # (L, n, D): each layer's held prompt
+        self._layer = 0
+        self._visit_generations = 0  # generations done in the current layer visit
+        self._round = 0
+        self._generation = 0
+        self._pending: tuple[np.ndarray, np.ndarray] | None = None  # (z (C,d), candidates (C,n,D))
+        self._last: tuple[np.ndarray, int, np.ndarray] | None = None  # (base, layer, candidates)
+        self._best_prompt: np.ndarray | None = None
+        self._best_loss = float("inf")
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def popsize(self) -> int:
+        return self.config.popsize
+
+    @property
+    def layer(self) -> int:
+        """The layer the next (or pending) generation optimises."""
+        return self._layer
+
+    @property
+    def round(self) -> int:
+        """Completed passes over all layers."""
+        return self._round
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def best_loss(self) -> float:
+        return self._best_loss
+
+    @property
+    def phase(self) -> str:
+        return f"layer {self._layer + 1}/{self.num_layers}, round {self._round + 1}"
+
+    def current_prompt(self) -> np.ndarray:
+        """(L, n, D) the prompts every layer currently holds (the ``base`` of the next ask)."""
+        return self._base.copy()
+
+    def _project(self, layer: int, z: np.ndarray) -> np.ndarray:
+        return self.projections[layer](z) + self.p0[layer]
+
+    # ------------------------------------------------------------------ ask / tell
+
+    def ask(self) -> PromptBatch:
+        if self._pending is not None:
+            raise RuntimeError("ask() called twice without tell(): report the pending generation's losses first")
+        z = self._optimisers[self._layer].ask()
+        candidates = self._project(self._layer, z)
+        self._pending = (z, candidates)
+        return PromptBatch(kind="deep", base=self._base.copy(), layer=self._layer, candidates=candidates.copy())
+
+    def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
+        if self._pending is None:
+            raise ValueError("tell() without a pending ask(): call ask() first")
+        z, candidates = self._pending
+        f = _check_losses(losses, z.shape[0])
+        layer = self._layer
+        es = self._optimisers[layer]
+        es.tell(f)
+        i = int(np.argmin(f))
+        if f[i] < self._best_loss:
+            self._best_loss = float(f[i])
+            best = self._base.copy()
+            best[layer] = candidates[i]
+            self._best_prompt = best
+        self._last = (self._base.copy(), layer, candidates)
+        held = es.best_x if self.config.keep == "best" else es.mean
+        self._base[layer] = self._project(layer, held)
+        self._pending = None
+        self._generation += 1
+        self._visit_generations += 1
+        if self._visit_generations >= self.config.generations_per_layer:
+            self._visit_generations = 0
+            if not self._cache_all:
+                self.projections[layer].release()
+            self._layer = (layer + 1) % self.num_layers
+            if self._layer == 0:
+                self._round += 1
+
+    # ------------------------------------------------------------------ results
+
+    def best_prompt(self) -> np.ndarray:
+        """(L, n, D) full deep prompt with the lowest training loss told so far; the initial held
+        prompts before any tell."""
+        return (self._base if self._best_prompt is None else self._best_prompt).copy()
+
+    def last_candidate_prompts(self) -> np.ndarray:
+        """(C, L, n, D) full prompts of the generation last told."""
+        if self._last is None:
+            raise RuntimeError("no generation has been told yet")
+        base, layer, candidates = self._last
+        return PromptBatch(kind="deep", base=base, layer=layer, candidates=candidates).full()
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"layer": float(self._layer), "cma_sigma": self._optimisers[self._layer].sigma}
+
+    # ------------------------------------------------------------------ persistence
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            "config": self.config.model_dump(exclude={"projection_cache_mib"}),
+            "hidden_size": self.model_info.hidden_size,
+            "num_layers": self.model_info.num_layers,
+            "target_std": self.target_std,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "identity": self._identity(),
+            "optimisers": [es.state_bytes() for es in self._optimisers],
+            "base": self._base.copy(),
+            "layer": self._layer,
+            "visit_generations": self._visit_generations,
+            "round": self._round,
+            "generation": self._generation,
+            "pending": self._pending,
+            "last": self._last,
+            "best_prompt": self._best_prompt,
+            "best_loss": self._best_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {STATE_VERSION})")
+        if state.get("identity") != self._identity():
+            raise ConfigError(
+                "checkpoint was made with a different method, seed, config or model; resume with the same job config"
+            )
+        self._optimisers = [CMAES.from_bytes(b) for b in state["optimisers"]]
+        self._base = np.array(state["base"], dtype=np.float32)
+        self._layer = int(state["layer"])
+        self._visit_generations = int(state["visit_generations"])
+        self._round = int(state["round"])
+        self._generation = int(state["generation"])
+        self._pending = state["pending"]
+        self._last = state["last"]
+        self._best_prompt = state["best_prompt"]
+        self._best_loss = float(state["best_loss"])

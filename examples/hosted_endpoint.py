@@ -1,0 +1,152 @@
+"""Tune against a hosted model: a vLLM server with prompt embeddings, or an OpenAI-compatible text API.
+
+Configured through environment variables, so no secret lands in a shell history or a config file:
+
+    BBT_ENDPOINT         base URL, e.g. http://gpu-box:8000 (required)
+    BBT_BACKEND          vllm (default) or openai
+    BBT_API_KEY          the key, sent as "Authorization: Bearer ..." (optional for a private vLLM)
+    BBT_MODEL            the model name the endpoint serves (required for openai; vllm: folder name)
+    BBT_EMBEDDINGS_FROM  vllm only: a local copy of the model's tokenizer + input-embedding weights
+                         (HF folder); the client builds prompt embeddings itself (see docs/backends.md)
+
+    # vLLM >= 0.9 on the GPU box (prompt embeddings, processed logprobs so label restriction is exact):
+    #   vllm serve meta-llama/Llama-3.2-1B --enable-prompt-embeds --logprobs-mode processed_logprobs
+    export BBT_ENDPOINT=http://gpu-box:8000 BBT_EMBEDDINGS_FROM=/models/Llama-3.2-1B BBT_MODEL=meta-llama/Llama-3.2-1B
+    python examples/hosted_endpoint.py --dry-run          # check the set-up; sends no scoring request
+    python examples/hosted_endpoint.py --budget-calls 400 --out runs/vllm-sst2
+
+    # An OpenAI-compatible text API cannot take a continuous prompt: this evaluates the template zero-shot.
+    BBT_BACKEND=openai BBT_ENDPOINT=https://api.openai.com BBT_MODEL=gpt-3.5-turbo-instruct \\
+        BBT_API_KEY=sk-... python examples/hosted_endpoint.py --test-limit 100
+
+vLLM gets BBT (shallow prompt, what ``prompt_embeds`` can carry); BBTv2's deep prompts need our server.
+A causal LM scores the *next* token, so the template must end with ``{mask}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from bbt_client.backends import make_backend
+from bbt_client.backends.base import PromptBatch, ScoreJob
+from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
+from bbt_client.errors import BBTError, ConfigError
+from bbt_client.job import tune
+from bbt_client.losses import accuracy
+from bbt_client.tasks import load_task_data
+
+#: SST-2 as a next-token question for a causal LM (the built-in template ends with " ." instead).
+CAUSAL_TEMPLATE = "{text} It was {mask}"
+
+
+def endpoint_from_env(env: os._Environ | dict[str, str] = os.environ) -> EndpointConfig:
+    """The endpoint the environment describes; a ConfigError naming the missing variable otherwise."""
+    url = env.get("BBT_ENDPOINT")
+    if not url:
+        raise ConfigError("set BBT_ENDPOINT to the endpoint's base URL, e.g. export BBT_ENDPOINT=http://gpu-box:8000")
+    backend = env.get("BBT_BACKEND", "vllm")
+    options: dict[str, str] = {}
+    if env.get("BBT_MODEL"):
+        options["model"] = env["BBT_MODEL"]
+    if backend == "vllm":
+        if not env.get("BBT_EMBEDDINGS_FROM"):
+            raise ConfigError("the vllm backend needs BBT_EMBEDDINGS_FROM: a local folder with the served model's "
+                              "tokenizer and embedding weights (the client builds prompt embeddings itself)")
+        options["embeddings_from"] = env["BBT_EMBEDDINGS_FROM"]
+    elif backend == "openai":
+        if "model" not in options:
+            raise ConfigError("the openai backend needs BBT_MODEL, the model name the API serves")
+    else:
+        raise ConfigError(f"BBT_BACKEND must be vllm or openai, got {backend!r}")
+    return EndpointConfig(url=url, backend=backend, api_key_env="BBT_API_KEY", options=options)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="sst2", choices=["sst2", "agnews"])
+    ap.add_argument("--template", default=CAUSAL_TEMPLATE, help="must end with {mask} for a causal LM")
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--budget-calls", type=int, default=400)
+    ap.add_argument("--popsize", type=int, default=20)
+    ap.add_argument("--prompt-tokens", type=int, default=5)
+    ap.add_argument("--test-limit", type=int, default=200, help="test examples to evaluate (each one costs tokens)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate the set-up and print the cost of one generation; send no scoring request")
+    return ap.parse_args(argv)
+
+
+async def dry_run(cfg: TuneConfig) -> dict:
+    """Everything up to the first paid call: config, local tokenizer/embeddings, token cost of a generation."""
+    data = load_task_data(cfg.task, cfg.seed)
+    backend = make_backend(cfg.endpoint)
+    try:
+        info = await backend.model_info()
+        kinds = sorted(backend.supported_prompts)
+        plan = {"backend": cfg.endpoint.backend, "model": info.name, "hidden_size": info.hidden_size,
+                "supported_prompts": kinds, "train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
+        if "shallow" in backend.supported_prompts:
+            import numpy as np
+
+            n, popsize = cfg.method_options["prompt_tokens"], cfg.method_options["popsize"]
+            prompts = PromptBatch(kind="shallow", candidates=np.zeros((popsize, n, info.hidden_size), np.float32))
+            job = ScoreJob(template=data.task.template, texts=data.train.texts, label_words=data.task.label_words,
+                           prompts=prompts)
+            counts = (await backend.tokenize(texts=list(data.train.texts))).text_token_counts
+            plan["tokens_per_generation"] = backend.estimate_tokens(job, counts)
+            plan["calls_per_generation"] = job.num_calls
+    finally:
+        await backend.aclose()
+    return plan
+
+
+async def zero_shot_only(cfg: TuneConfig) -> float:
+    """Text-only APIs: score the template without a prompt on the test examples; returns accuracy."""
+    data = load_task_data(cfg.task, cfg.seed)
+    backend = make_backend(cfg.endpoint)
+    try:
+        job = ScoreJob(template=data.task.template, texts=data.test.texts, label_words=data.task.label_words,
+                       prompts=PromptBatch.zero_shot())
+        logits = (await backend.score(job)).logits
+    finally:
+        await backend.aclose()
+    return float(accuracy(logits, data.test.labels)[0])
+
+
+def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        endpoint = endpoint_from_env(os.environ if env is None else env)
+        cfg = TuneConfig(
+            endpoint=endpoint, method="bbt", seed=args.seed, budget={"calls": args.budget_calls}, out=args.out,
+            task=TaskConfig(name=args.task, template=args.template, shots=args.shots, test_limit=args.test_limit),
+            method_options={"prompt_tokens": args.prompt_tokens, "popsize": args.popsize},
+        )
+        if args.dry_run:
+            plan = asyncio.run(dry_run(cfg))
+            for key, value in plan.items():
+                print(f"{key:22s} {value}")
+            print("dry run: configuration is valid; no scoring request was sent")
+            return 0
+        if endpoint.backend == "openai":
+            acc = asyncio.run(zero_shot_only(cfg))
+            print(f"zero-shot test accuracy {acc:.3f} on {args.test_limit} examples "
+                  "(a text-only API cannot take a tuned continuous prompt)")
+            return 0
+        result = asyncio.run(tune(cfg))
+    except BBTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"bbt on {result.task} via {endpoint.backend} ({result.model}): zero-shot {result.zero_shot_test_accuracy:.3f}"
+          f" -> tuned {result.test_accuracy:.3f}; {result.api_calls_used} API calls, {result.tokens_used} tokens, "
+          f"{result.wall_seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``python -m server_stub --model PATH|default --port 8080``: serve a local LM as a bbt black box.
+
+Ctrl-C / SIGTERM: stop accepting, finish in-flight requests, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from server_stub.app import ServerOptions, serve
+
+
+def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    d = ServerOptions()
+    p = argparse.ArgumentParser(prog="python -m server_stub", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=d.model, help="local HF checkpoint directory, or 'default' (bundled MiniLM)")
+    p.add_argument("--host", default=d.host, help="bind address (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:i]")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps; prefer --api-key-env)")
+    key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="tokens (incl. padding) per model micro-batch")
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-candidates", type=int, default=d.max_candidates)
+    p.add_argument("--max-texts", type=int, default=d.max_texts)
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 503 overloaded")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = a.api_key
+    if a.api_key_env:
+        api_key = os.environ.get(a.api_key_env)
+        if not api_key:
+            p.error(f"--api-key-env {a.api_key_env}: that environment variable is empty or unset")
+    for name in ("max_body_bytes", "max_batch_tokens", "max_prompt_tokens", "max_candidates", "max_texts", "max_queue"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return ServerOptions(
+        model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, api_key=api_key,
+        max_body_bytes=a.max_body_bytes, max_batch_tokens=a.max_batch_tokens,
+        max_prompt_tokens=a.max_prompt_tokens, max_candidates=a.max_candidates, max_texts=a.max_texts,
+        max_queue=a.max_queue, threads=a.threads,
+    )
+
+
+async def _main(opts: ServerOptions) -> None:
+    if opts.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("server_stub").warning(
+            "listening on %s: reachable from other machines%s", opts.host,
+            "" if opts.api_key else " WITHOUT an API key (set --api-key-env)")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(opts, stop, on_ready=lambda port: print(f"ready http://{opts.host}:{port}", flush=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    try:
+        asyncio.run(_main(opts))
+    except (OSError, ValueError) as exc:  # missing model dir, port in use, bad device
+        logging.getLogger("server_stub").error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Assemble model, worker, service and HTTP server from one options object, and run until told to stop.
+
+Shared by the CLI (``python -m server_stub``) and :func:`server_stub.testing.run_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from server_stub.batching import ModelWorker
+from server_stub.http import HttpLimits
+from server_stub.model import PromptedLM, default_model_dir
+from server_stub.service import ScoringService, ServiceLimits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class ServerOptions:
+    """Everything the CLI can set. Sizes in bytes/tokens, times in seconds."""
+
+    model: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "auto"
+    dtype: str = "float32"
+    api_key: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    max_batch_tokens: int = 8192
+    max_prompt_tokens: int = 64
+    max_candidates: int = 256
+    max_texts: int = 4096
+    max_queue: int = 64
+    cache_bytes: int = 256 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    threads: int | None = None
+    shutdown_grace: float = 30.0
+
+
+def load_model(opts: ServerOptions) -> PromptedLM:
+    if opts.model == "default":
+        path, name = default_model_dir(), DEFAULT_MODEL_NAME
+    else:
+        path, name = Path(opts.model).expanduser(), None
+    return PromptedLM(path, device=opts.device, dtype=opts.dtype, max_prompt_tokens=opts.max_prompt_tokens, name=name)
+
+
+async def serve(
+    opts: ServerOptions,
+    stop: asyncio.Event,
+    on_ready: Callable[[int], None] | None = None,
+    lm: PromptedLM | None = None,
+) -> None:
+    """Load (unless ``lm`` is given), listen, call ``on_ready(port)``, serve until ``stop`` is set, drain."""
+    if lm is None:
+        lm = await asyncio.get_running_loop().run_in_executor(None, load_model, opts)
+    worker = ModelWorker(max_queue=opts.max_queue, num_threads=opts.threads)  # torch threads are process-wide
+    limits = ServiceLimits(
+        max_prompt_tokens=min(opts.max_prompt_tokens, lm.max_prompt_tokens),
+        max_candidates=opts.max_candidates,
+        max_texts=opts.max_texts,
+        max_batch_tokens=opts.max_batch_tokens,
+        cache_bytes=opts.cache_bytes,
+    )
+    service = ScoringService(lm, worker, limits, max_body_bytes=opts.max_body_bytes)
+    http_limits = HttpLimits(
+        max_header_bytes=opts.max_header_bytes,
+        max_body_bytes=opts.max_body_bytes,
+        header_timeout=opts.header_timeout,
+        body_timeout=opts.body_timeout,
+        idle_timeout=opts.idle_timeout,
+    )
+    server = service.http_server(opts.api_key, http_limits)
+    port = await server.start(opts.host, opts.port)
+    log.info("serving %s (%s, %d layers, D=%d) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
+             lm.hidden_size, opts.host, port, lm.device, " with API key" if opts.api_key else "")
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: finishing in-flight requests")
+        await server.shutdown(opts.shutdown_grace)
+        await asyncio.get_running_loop().run_in_executor(None, worker.close)
+        log.info("stopped")

@@ -1,0 +1,182 @@
+"""The four protocol routes on top of a :class:`PromptedLM`: decode, resolve cached tensors, score, meter.
+
+All model work (including base64 decoding and the tensor cache) runs on the single model worker
+thread, so the cache needs no lock and the event loop only parses JSON and moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from bbt_client.protocol import (
+    DeepPrompt,
+    Health,
+    ModelInfo,
+    NoPrompt,
+    ScoreRequest,
+    ScoreResponse,
+    ShallowPrompt,
+    Tensor,
+    TensorRef,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+    WordTokens,
+    tensor_digest,
+)
+from server_stub.batching import ModelWorker
+from server_stub.errors import InvalidInput, UnknownTensor
+from server_stub.http import Handler, HttpLimits, HttpServer, Request
+from server_stub.model import PromptedLM, Prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceLimits:
+    """Per-request limits advertised in ModelInfo; ``cache_bytes`` bounds the TensorRef cache."""
+
+    max_prompt_tokens: int = 64
+    max_candidates: int = 256
+    max_texts: int = 4096
+    max_batch_tokens: int = 8192
+    cache_bytes: int = 256 * 1024 * 1024
+
+
+class TensorCache:
+    """LRU of float32 arrays by sha256 (:func:`tensor_digest`), bounded by total bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, digest: str) -> np.ndarray | None:
+        arr = self._items.get(digest)
+        if arr is not None:
+            self._items.move_to_end(digest)
+        return arr
+
+    def put(self, digest: str, arr: np.ndarray) -> None:
+        if digest in self._items or arr.nbytes > self.max_bytes:
+            return
+        self._items[digest] = arr
+        self._bytes += arr.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ScoringService:
+    """Route handlers; build the HTTP server with :meth:`http_server`."""
+
+    def __init__(self, lm: PromptedLM, worker: ModelWorker, limits: ServiceLimits | None = None,
+                 max_body_bytes: int = HttpLimits.max_body_bytes):
+        self.lm = lm
+        self.worker = worker
+        self.limits = limits or ServiceLimits(max_prompt_tokens=lm.max_prompt_tokens)
+        self.max_body_bytes = max_body_bytes
+        self.cache = TensorCache(self.limits.cache_bytes)
+        self.info = ModelInfo(
+            name=lm.name,
+            kind=lm.kind,
+            architecture=lm.architecture,
+            hidden_size=lm.hidden_size,
+            num_layers=lm.num_layers,
+            max_seq_len=lm.max_seq_len,
+            vocab_size=lm.vocab_size,
+            embedding_std=lm.embedding_std,
+            hidden_std=lm.hidden_std,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_candidates=self.limits.max_candidates,
+            max_texts=self.limits.max_texts,
+            max_body_bytes=max_body_bytes,
+            device=str(lm.device),
+        )
+
+    def http_server(self, api_key: str | None, limits: HttpLimits) -> HttpServer:
+        routes: dict[str, dict[str, Handler]] = {
+            "/v1/health": {"GET": self.health},
+            "/v1/model": {"GET": self.model_info},
+            "/v1/tokenize": {"POST": self.tokenize},
+            "/v1/score": {"POST": self.score},
+        }
+        return HttpServer(routes, api_key=api_key, public_paths=frozenset({"/v1/health"}), limits=limits)
+
+    # ------------------------------------------------------------------ routes
+
+    async def health(self, _req: Request) -> tuple[int, Health]:
+        return 200, Health(model=self.lm.name)
+
+    async def model_info(self, _req: Request) -> tuple[int, ModelInfo]:
+        return 200, self.info
+
+    async def tokenize(self, req: Request) -> tuple[int, TokenizeResponse]:
+        body = req.json(TokenizeRequest)
+        return 200, await self.worker.submit(self._tokenize, body)
+
+    async def score(self, req: Request) -> tuple[int, ScoreResponse]:
+        body = req.json(ScoreRequest)
+        if len(body.texts) > self.limits.max_texts:
+            raise InvalidInput(f"{len(body.texts)} texts in one request; this server accepts at most "
+                               f"{self.limits.max_texts}: split the batch")
+        return 200, await self.worker.submit(self._score, body)
+
+    # ------------------------------------------------------------------ worker-thread work
+
+    def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        words = [WordTokens(word=w, ids=self.lm.word_ids(w)) for w in body.words]
+        counts = [len(ids) for ids in self.lm.text_ids(body.texts)] if body.texts else []
+        return TokenizeResponse(words=words, text_token_counts=counts)
+
+    def _score(self, body: ScoreRequest) -> ScoreResponse:
+        prompts = self._decode_prompt(body.prompt)
+        out = self.lm.score(
+            body.template, body.texts, body.label_words, prompts,
+            text_pairs=body.text_pairs,
+            max_batch_tokens=self.limits.max_batch_tokens,
+            max_candidates=self.limits.max_candidates,
+        )
+        usage = Usage(candidates=prompts.num_candidates, sequences=out.sequences,
+                      forward_passes=out.forward_passes, tokens_processed=out.tokens_processed)
+        return ScoreResponse(logits=Tensor.from_array(out.logits), usage=usage, model=self.lm.name,
+                             request_id=body.request_id)
+
+    def _decode_prompt(self, spec: NoPrompt | ShallowPrompt | DeepPrompt) -> Prompts:
+        if isinstance(spec, NoPrompt):
+            return Prompts()
+        if isinstance(spec, ShallowPrompt):
+            return Prompts("shallow", candidates=_decode(spec.candidates, "candidates"))
+        base = self._resolve(spec.base) if spec.base is not None else None
+        cands = _decode(spec.candidates, "candidates") if spec.candidates is not None else None
+        return Prompts("deep", candidates=cands, base=base, layer=spec.layer)
+
+    def _resolve(self, ref: TensorRef) -> np.ndarray:
+        if ref.tensor is None:
+            arr = self.cache.get(ref.sha256)
+            if arr is None:
+                raise UnknownTensor(f"tensor {ref.sha256[:12]}… is not cached on this server; resend it with 'tensor'")
+            return arr
+        arr = _decode(ref.tensor, "base")
+        digest = tensor_digest(arr)
+        if digest != ref.sha256:
+            raise InvalidInput(f"base tensor digest is {digest[:12]}…, not the {ref.sha256[:12]}… the request names; "
+                               "compute it with bbt_client.protocol.tensor_digest on the float32 array")
+        if not np.isfinite(arr).all():
+            raise InvalidInput("prompt base contains NaN or infinite values")
+        self.cache.put(digest, arr)
+        return arr
+
+
+def _decode(t: Tensor, label: str) -> np.ndarray:
+    try:
+        return t.to_array()
+    except ValueError as exc:
+        raise InvalidInput(f"{label}: {exc}") from None

