@@ -33,7 +33,7 @@ from pathlib import Path
 
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import PromptBatch, ScoreJob
-from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
+from bbt_client.config import EndpointConfig, TuneConfig, parse_config
 from bbt_client.errors import BBTError, ConfigError
 from bbt_client.job import tune
 from bbt_client.losses import accuracy
@@ -62,7 +62,8 @@ def endpoint_from_env(env: os._Environ | dict[str, str] = os.environ) -> Endpoin
             raise ConfigError("the openai backend needs BBT_MODEL, the model name the API serves")
     else:
         raise ConfigError(f"BBT_BACKEND must be vllm or openai, got {backend!r}")
-    return EndpointConfig(url=url, backend=backend, api_key_env="BBT_API_KEY", options=options)
+    return parse_config({"endpoint": {"url": url, "backend": backend, "api_key_env": "BBT_API_KEY",
+                                      "options": options}}).endpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,15 +119,16 @@ async def zero_shot_only(cfg: TuneConfig) -> float:
     return float(accuracy(logits, data.test.labels)[0])
 
 
-def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        endpoint = endpoint_from_env(os.environ if env is None else env)
-        cfg = TuneConfig(
-            endpoint=endpoint, method="bbt", seed=args.seed, budget={"calls": args.budget_calls}, out=args.out,
-            task=TaskConfig(name=args.task, template=args.template, shots=args.shots, test_limit=args.test_limit),
-            method_options={"prompt_tokens": args.prompt_tokens, "popsize": args.popsize},
-        )
+        endpoint = endpoint_from_env(os.environ)  # the backend reads BBT_API_KEY from os.environ too
+        cfg = parse_config({
+            "endpoint": endpoint.model_dump(), "method": "bbt", "seed": args.seed,
+            "budget": {"calls": args.budget_calls}, "out": args.out,
+            "task": {"name": args.task, "template": args.template, "shots": args.shots, "test_limit": args.test_limit},
+            "method_options": {"prompt_tokens": args.prompt_tokens, "popsize": args.popsize},
+        })
         if args.dry_run:
             plan = asyncio.run(dry_run(cfg))
             for key, value in plan.items():

@@ -21,8 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
-from bbt_client.errors import BBTError
+from bbt_client.checkpoint import CHECKPOINT_FILE
+from bbt_client.config import TuneConfig, parse_config
+from bbt_client.errors import BBTError, ConfigError
 from bbt_client.job import Progress, tune
 from bbt_client.results import RunResult
 
@@ -68,16 +69,16 @@ def build_config(args: argparse.Namespace, url: str) -> TuneConfig:
     options = {**METHOD_OPTIONS, "prompt_tokens": args.prompt_tokens}
     if args.popsize is not None:
         options["popsize"] = args.popsize
-    return TuneConfig(
-        endpoint=EndpointConfig(url=url, backend="server", timeout_s=600),
-        task=TaskConfig(name=args.task, shots=args.shots,
-                        test_limit=args.test_limit if args.test_limit is not None else defaults["test_limit"]),
-        method=args.method,
-        seed=args.seed,
-        budget={"calls": args.budget_calls or defaults["budget_calls"]},
-        method_options=options,
-        out=args.out,
-    )
+    return parse_config({
+        "endpoint": {"url": url, "backend": "server", "timeout_s": 600},
+        "task": {"name": args.task, "shots": args.shots,
+                 "test_limit": args.test_limit if args.test_limit is not None else defaults["test_limit"]},
+        "method": args.method,
+        "seed": args.seed,
+        "budget": {"calls": args.budget_calls or defaults["budget_calls"]},
+        "method_options": options,
+        "out": args.out,
+    })
 
 
 def print_progress(p: Progress) -> None:
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.out is not None and (args.out / CHECKPOINT_FILE).exists():
+            raise ConfigError(f"{args.out} already holds a run: pick another --out "
+                              f"(or continue it with bbt tune --resume {args.out})")
         with server(args) as url:
             cfg = build_config(args, url)
             if not args.quiet:

@@ -18,6 +18,7 @@ from bbt_client.results import load_result, read_history
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # ~30 s: starts a real server process on the default model; still run by default
 def test_make_tune_path_smoke(tmp_path):
     """The `make tune` command line, shrunk: spawns the default-model server, tunes, prints, stops it."""
     out = tmp_path / "agnews"

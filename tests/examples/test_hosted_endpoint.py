@@ -1,0 +1,136 @@
+"""examples/hosted_endpoint.py against a respx fake of vLLM (Completions + ``prompt_embeds``), offline.
+
+What this covers: environment-variable handling, --dry-run (no scoring request), and a full BBT run
+whose requests follow vLLM's documented format (base64 torch tensors, ``allowed_token_ids``, bearer key)
+with answers that depend on the prompt. What it does not: a real vLLM engine, or an OpenAI text API run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import respx
+
+torch = pytest.importorskip("torch")
+from safetensors.numpy import save_file  # noqa: E402
+
+from bbt_client.results import load_result  # noqa: E402
+
+URL = "http://vllm.test"
+D = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, default_model_dir):
+    """A 'local copy' of a causal model: MiniLM's tokenizer and a random (V, 16) embedding matrix."""
+    d = tmp_path_factory.mktemp("tiny_causal")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((default_model_dir / name).read_bytes())
+    (d / "config.json").write_text(json.dumps({"architectures": ["TinyForCausalLM"], "num_hidden_layers": 2,
+                                               "max_position_embeddings": 512}))
+    rng = np.random.default_rng(0)
+    save_file({"model.embed_tokens.weight": rng.normal(size=(30522, D)).astype(np.float32)},
+              str(d / "model.safetensors"))
+    return d
+
+
+def fake_vllm(seen: list):
+    """Label logprobs = log-softmax over the allowed tokens of (mean input row) · W: they move with the prompt."""
+    W = np.random.default_rng(1).normal(size=(D, 2))
+
+    def handle(request):
+        body = json.loads(request.content)
+        seen.append((request.headers.get("authorization"), body))
+        ids = body["allowed_token_ids"]
+        choices = []
+        for i, b64 in enumerate(body["prompt_embeds"]):
+            t = torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).float().numpy()
+            s = t.mean(axis=0) @ W[:, : len(ids)]
+            lp = s - np.log(np.exp(s).sum())
+            top = {f"token_id:{tid}": float(v) for tid, v in zip(ids, lp)}
+            choices.append({"index": i, "text": "x", "finish_reason": "length",
+                            "logprobs": {"tokens": ["x"], "token_logprobs": [max(top.values())],
+                                         "top_logprobs": [top], "text_offset": [0]}})
+        n = len(body["prompt_embeds"])
+        return httpx.Response(200, json={"id": "c", "object": "text_completion", "model": body["model"],
+                                         "choices": choices, "usage": {"prompt_tokens": 10 * n,
+                                                                       "completion_tokens": n,
+                                                                       "total_tokens": 11 * n}})
+
+    return handle
+
+
+VARS = ("BBT_ENDPOINT", "BBT_BACKEND", "BBT_API_KEY", "BBT_MODEL", "BBT_EMBEDDINGS_FROM")
+
+
+def set_env(monkeypatch, values: dict[str, str]) -> None:
+    """The example reads os.environ (and so does the backend, for the key): set exactly these variables."""
+    for name in VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def run(monkeypatch, mod, argv: list[str], values: dict[str, str]) -> int:
+    set_env(monkeypatch, values)
+    return mod.main(argv)
+
+
+def env(model_dir) -> dict[str, str]:
+    return {"BBT_ENDPOINT": URL, "BBT_EMBEDDINGS_FROM": str(model_dir), "BBT_MODEL": "tiny",
+            "BBT_API_KEY": "test-key"}
+
+
+def test_missing_endpoint_variable(example, capsys, monkeypatch):
+    assert run(monkeypatch, example("hosted_endpoint"), [], {}) == 2
+    assert "set BBT_ENDPOINT" in capsys.readouterr().err
+
+
+def test_vllm_needs_local_embeddings(example, capsys, monkeypatch):
+    assert run(monkeypatch, example("hosted_endpoint"), [], {"BBT_ENDPOINT": URL}) == 2
+    assert "BBT_EMBEDDINGS_FROM" in capsys.readouterr().err
+
+
+def test_openai_needs_model_and_bad_backend_refused(example, capsys, monkeypatch):
+    mod = example("hosted_endpoint")
+    assert run(monkeypatch, mod, [], {"BBT_ENDPOINT": URL, "BBT_BACKEND": "openai"}) == 2
+    assert "BBT_MODEL" in capsys.readouterr().err
+    assert run(monkeypatch, mod, [], {"BBT_ENDPOINT": URL, "BBT_BACKEND": "tgi"}) == 2
+    assert "BBT_BACKEND must be vllm or openai" in capsys.readouterr().err
+
+
+def test_dry_run_sends_nothing(example, model_dir, capsys, monkeypatch):
+    mod = example("hosted_endpoint")
+    with respx.mock(assert_all_called=False) as mock:
+        route = mock.post(f"{URL}/v1/completions")
+        rc = run(monkeypatch, mod, ["--dry-run", "--shots", "2", "--popsize", "4"], env(model_dir))
+    assert rc == 0 and not route.called
+    text = capsys.readouterr().out
+    assert "supported_prompts" in text and "['none', 'shallow']" in text
+    assert "calls_per_generation   4" in text and "tokens_per_generation" in text
+
+
+def test_tunes_against_fake_vllm(example, model_dir, tmp_path, capsys, monkeypatch):
+    mod = example("hosted_endpoint")
+    seen: list = []
+    with respx.mock as mock:
+        mock.post(f"{URL}/v1/completions").mock(side_effect=fake_vllm(seen))
+        rc = run(monkeypatch, mod, ["--shots", "2", "--popsize", "4", "--budget-calls", "24", "--test-limit", "6",
+                       "--out", str(tmp_path / "run")], env(model_dir))
+    assert rc == 0, capsys.readouterr().err
+    result = load_result(tmp_path / "run")
+    assert result.method == "bbt" and result.model == "tiny" and result.prompt_shape == [5, D]
+    assert 0 < result.api_calls_used <= 24 and result.tokens_used > 0
+    assert all(auth == "Bearer test-key" for auth, _ in seen)
+    shapes = set()
+    for _, body in seen:
+        assert body["max_tokens"] == 1 and body["model"] == "tiny"
+        for b64 in body["prompt_embeds"]:
+            shapes.add(torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).shape[1])
+    assert shapes == {D}
+    assert "via vllm (tiny)" in capsys.readouterr().out

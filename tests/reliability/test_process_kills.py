@@ -1,0 +1,104 @@
+"""Processes die mid-job: the server (SIGKILL, then restarted) and the client (SIGKILL, then ``--resume``).
+
+The yardstick is an uninterrupted run of the same seed: same calls spent, same prompt, same accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from bbt_client.backends.http import RetryPolicy
+from bbt_client.backends.server import ServerBackend
+from bbt_client.job import TuningJob
+from tests.reliability.helpers import REPO, child_env, cli, tiny_config, tune_args
+
+#: Patient enough to outlast a server restart (~2-5 s on a busy CPU), fast enough to notice it quickly.
+PATIENT = RetryPolicy(max_retries=40, backoff_initial_s=0.05, backoff_max_s=0.5, jitter_s=0.05)
+
+_SAME = ("api_calls_used", "generations", "best_dev_accuracy", "test_accuracy", "zero_shot_test_accuracy",
+         "best_generation", "stop_reason", "prompt_sha256")
+
+
+def _same_outcome(a: dict, b: dict) -> None:
+    assert {k: a[k] for k in _SAME} == {k: b[k] for k in _SAME}
+
+
+async def _run(cfg, url: str, progress=None):
+    backend = ServerBackend(url, retry=PATIENT, timeout=30)
+    try:
+        result = await TuningJob(cfg, backend=backend, progress=progress).run()
+    finally:
+        await backend.aclose()
+    return result, backend
+
+
+async def test_server_killed_mid_job_then_restarted_job_finishes_without_double_counting(server_process, tmp_path):
+    sp = server_process()
+    reference, ref_backend = await _run(tiny_config(sp.url, tmp_path / "ref"), sp.url)
+
+    restarted = threading.Event()
+    trigger = threading.Event()
+
+    def killer() -> None:
+        trigger.wait(60)
+        time.sleep(0.01)  # the next generation's request is on the wire or about to be
+        sp.kill()
+        time.sleep(0.5)   # a real outage: connection refused for a while
+        sp.start()
+        restarted.set()
+
+    def progress(p) -> None:
+        if p.event == "generation" and p.generation == 3:
+            trigger.set()
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result, backend = await _run(tiny_config(sp.url, tmp_path / "killed"), sp.url, progress)
+    t.join(60)
+    assert restarted.is_set() and sp.starts == 2
+    # Retries happened (attempts > logical requests), yet the budget counts each logical call once.
+    assert backend.http.attempts > backend.http.requests
+    _same_outcome(result.model_dump(), reference.model_dump())
+    assert result.api_calls_used <= 40
+    assert (tmp_path / "killed" / "prompt.npy").read_bytes() == (tmp_path / "ref" / "prompt.npy").read_bytes()
+
+
+def test_client_sigkilled_mid_run_resumes_to_the_uninterrupted_result(tiny_server, tmp_path):
+    ref = cli(*tune_args(tiny_server, tmp_path / "ref", calls=60))
+    assert ref.returncode == 0, ref.stderr
+    reference = json.loads(ref.stdout.strip().splitlines()[-1])
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "bbt_client.cli", *tune_args(tiny_server, run, calls=60)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=child_env(), cwd=REPO)
+    try:
+        killed_at = None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event.get("event") == "generation" and event["generation"] >= 4:
+                proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: like an OOM kill or a power cut
+                killed_at = event["generation"]
+                break
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL
+    assert not (run / "result.json").exists()
+
+    resumed = cli("tune", "--resume", str(run), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = [json.loads(x) for x in resumed.stdout.strip().splitlines()]
+    start = lines[0]
+    assert start["event"] == "start" and start["generation"] >= killed_at - 1  # lost at most the one in flight
+    final = lines[-1]
+    _same_outcome(final, reference)
+    np.testing.assert_array_equal(np.load(run / "prompt.npy"), np.load(tmp_path / "ref" / "prompt.npy"))

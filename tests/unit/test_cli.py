@@ -1,0 +1,111 @@
+"""The ``bbt`` command: report table, --json output, plot, and exit code 2 with a clear message on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bbt_client import cli
+from bbt_client.checkpoint import atomic_write_json
+from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history
+
+
+def write_run(run_dir, method="bbt", test_accuracy=0.625):
+    run_dir.mkdir(parents=True)
+    result = RunResult(method=method, task="sst2", seed=13, shots=16, model="toy", prompt_kind="shallow",
+                       budget_calls=100, api_calls_used=97, tokens_used=1234, generations=4, stop_reason="calls",
+                       best_dev_accuracy=0.59375, best_generation=3, test_accuracy=test_accuracy,
+                       zero_shot_test_accuracy=0.5, test_examples=872, wall_seconds=12.5, prompt_shape=[5, 8],
+                       config={})
+    atomic_write_json(run_dir / RESULT_FILE, result.model_dump(mode="json"))
+    write_history(run_dir, [GenerationRecord(generation=g, calls=20 * g, tokens=0, phase="", best_loss=1.0 / g,
+                                             mean_loss=2.0 / g, best_train_accuracy=0.5, wall_seconds=g,
+                                             dev_accuracy=0.5 if g % 2 == 0 else None) for g in range(1, 5)])
+    return result
+
+
+def test_report_prints_one_row_per_run(tmp_path, capsys):
+    write_run(tmp_path / "a", "bbt", 0.625)
+    write_run(tmp_path / "b", "bbtv2", 0.75)
+    assert cli.main(["report", "--run", str(tmp_path / "a"), "--run", str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    header = lines[0].split()
+    assert header[:6] == ["method", "task", "seed", "zero_shot_test_accuracy", "best_dev_accuracy", "test_accuracy"]
+    rows = [dict(zip(header, line.split())) for line in lines[1:]]
+    assert [r["method"] for r in rows] == ["bbt", "bbtv2"]
+    assert [r["test_accuracy"] for r in rows] == ["0.6250", "0.7500"]
+    assert rows[0]["api_calls_used"] == "97" and rows[0]["wall_seconds"] == "12.5"
+
+
+def test_report_json(tmp_path, capsys):
+    expected = write_run(tmp_path / "a")
+    assert cli.main(["report", "--json", "--run", str(tmp_path / "a")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [expected.model_dump(mode="json", exclude={"config"})]
+
+
+def test_report_on_a_directory_without_result_exits_4(tmp_path, capsys):
+    assert cli.main(["report", "--run", str(tmp_path)]) == 4
+    assert "no result.json" in capsys.readouterr().err
+
+
+def test_plot_command_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_run(tmp_path / "a")
+    out = tmp_path / "curve.png"
+    assert cli.main(["plot", "--run", str(tmp_path / "a"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and f"wrote {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["tune", "--task", "sst2"], "--endpoint is required"),
+    (["tune", "--endpoint", "127.0.0.1:8080"], "must start with http://"),
+    (["tune", "--endpoint", "http://x", "--opt", "popsize"], "--opt expects KEY=VALUE"),
+    (["tune", "--endpoint", "http://x", "--label-words", "negative=bad,great"], "mixes LABEL=WORD"),
+    (["tune", "--endpoint", "http://x", "--task", "data.tsv"], "needs --template and --label-words"),
+    (["tune", "--endpoint", "http://x", "--shots", "0"], "shots"),
+])
+def test_bad_configuration_exits_2_with_a_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["tune", "--method", "sgd"], "invalid choice: 'sgd'"),
+    (["tune", "--quiet", "--json"], "not allowed with argument"),
+    (["tune", "--budget-calls", "many"], "invalid int value"),
+    (["report"], "--run"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_usage(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: bbt" in err and message in err
+
+
+def test_tune_json_lines_then_result(tiny_server, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["tune", "--endpoint", tiny_server, "--task", "sst2", "--method", "bbt", "--shots", "2",
+                   "--budget-calls", "20", "--opt", "popsize=4", "--opt", "prompt_tokens=3", "--eval-every", "2",
+                   "--test-limit", "4", "--json", "--out", str(out)])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # every line is JSON
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "result" and "generation" in kinds and "eval" in kinds
+    result = events[-1]
+    assert result["method"] == "bbt" and result["api_calls_used"] <= 20
+    assert result["test_accuracy"] == json.loads((out / "result.json").read_text())["test_accuracy"]
+
+
+def test_tune_quiet_prints_only_the_table(tiny_server, tmp_path, capsys):
+    rc = cli.main(["tune", "--endpoint", tiny_server, "--task", "sst2", "--method", "bbt", "--shots", "2",
+                   "--budget-calls", "12", "--opt", "popsize=4", "--test-limit", "4", "--quiet"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].split()[0] == "method" and len(captured.out.strip().splitlines()) == 2
+    assert captured.err == ""
