@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 tune: $(STAMP)
-	$(BIN)/python examples/tune_local.py --task agnews --out runs/agnews-42
+	$(BIN)/python examples/tune_local.py --task agnews --out runs/agnews-42-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

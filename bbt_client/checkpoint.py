@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bbt_client.errors import CheckpointError
+from bbt_client.errors import CheckpointError, ConfigError
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pkl"
@@ -58,6 +58,13 @@ def ensure_writable_dir(path: Path) -> Path:
     atomic_write_bytes(path / ".write-test", b"ok")
     (path / ".write-test").unlink(missing_ok=True)
     return path
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run must never overwrite another run's checkpoint or results."""
+    if any((Path(run_dir) / f).exists() for f in (CHECKPOINT_FILE, "result.json")):
+        raise ConfigError(f"{run_dir} already holds a run: pick another output directory, or "
+                          f"continue that run with `bbt tune --resume {run_dir}`")
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:

@@ -105,6 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--endpoint", help="endpoint base URL, e.g. http://127.0.0.1:8080")
     t.add_argument("--backend", choices=["server", "vllm", "openai"])
     t.add_argument("--api-key-env", help="environment variable holding the API key (default BBT_API_KEY)")
+    t.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. --backend-opt embeddings_from=/models/llama --backend-opt "
+                        "model=meta-llama/Llama-3.2-1B for vllm (repeatable; see docs/backends.md)")
     t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples")
     t.add_argument("--test-file", type=Path, help="test examples for a task file")
     t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
@@ -160,6 +163,8 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
     for flag, key in (("endpoint", "url"), ("backend", "backend"), ("api_key_env", "api_key_env")):
         if getattr(args, flag) is not None:
             endpoint[key] = getattr(args, flag)
+    if args.backend_opt:
+        endpoint["options"] = {**(endpoint.get("options") or {}), **dict(_parse_option(o) for o in args.backend_opt)}
     if "url" not in endpoint:
         raise ConfigError("--endpoint is required (e.g. --endpoint http://127.0.0.1:8080)")
     data["endpoint"] = endpoint
@@ -204,8 +209,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     mode = "json" if args.json else "quiet" if args.quiet else "human"
     if cfg.out is not None:
         ckpt.ensure_writable_dir(cfg.out)
-        if args.resume is None and (cfg.out / ckpt.CHECKPOINT_FILE).exists():
-            raise ConfigError(f"{cfg.out} already holds a run: use --resume {cfg.out} or another --out")
+        if args.resume is None:
+            ckpt.refuse_existing_run(cfg.out)
         ckpt.atomic_write_json(cfg.out / CONFIG_FILE, cfg.model_dump(mode="json"))
     job = TuningJob(cfg, progress=ProgressDisplay(mode))
     result = asyncio.run(job.run(resume=args.resume is not None))

@@ -103,6 +103,8 @@ class TuningJob:
         cfg = self.config
         if self.run_dir is not None:
             ckpt.ensure_writable_dir(self.run_dir)  # fail before spending anything
+            if not resume:
+                ckpt.refuse_existing_run(self.run_dir)
         saved = self._load_resume_state() if resume else None
         backend = self._backend or make_backend(cfg.endpoint, api_key=self._api_key)
         try:

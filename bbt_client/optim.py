@@ -126,6 +126,16 @@ class CMAES:
         """Current distribution mean (dim,) (pycma's ``mean``; the solution CMA-ES itself recommends)."""
         return np.array(self._es.mean, dtype=np.float64)
 
+    def move_mean(self, toward: np.ndarray, weight: float) -> None:
+        """Pull the search mean toward a point found elsewhere (GDFO's gradient step): m += w (x - m)."""
+        self._es.mean = self._es.mean + float(weight) * (np.asarray(toward, dtype=np.float64) - self._es.mean)
+
+    def inject(self, x: np.ndarray) -> None:
+        """Make ``x`` one of the next ask's candidates (pycma places it among the first rows)."""
+        if self._pending is not None:
+            raise RuntimeError("inject() between ask() and tell()")
+        self._es.inject([np.asarray(x, dtype=np.float64)], force=True)
+
     @property
     def sigma(self) -> float:
         return float(self._es.sigma)

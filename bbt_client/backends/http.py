@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
+from bbt_client.backends.base import Backend
 from bbt_client.errors import (
     AuthenticationError,
     ConfigError,
@@ -309,3 +310,45 @@ class HttpEndpoint:
             raise ProtocolError(
                 f"{url} answered JSON that is not a valid {model.__name__} ({first}); "
                 "is this endpoint running the expected protocol version?") from None
+
+
+class HttpBackend(Backend):
+    """A :class:`Backend` that reaches its endpoint through one :class:`HttpEndpoint` (``self.http``):
+    shares building it from the usual constructor arguments, the traffic counter, closing and ``repr``
+    (which shows the endpoint without its key, plus :meth:`_repr_fields`)."""
+
+    http: HttpEndpoint
+
+    def _connect(
+        self,
+        base_url: str,
+        *,
+        http: HttpEndpoint | None,
+        api_key: str | None,
+        api_key_env: str | None,
+        timeout: float,
+        max_concurrency: int,
+        max_retries: int,
+        retry: RetryPolicy | None,
+    ) -> None:
+        """Use ``http`` if given (tests inject one), else build an endpoint for ``base_url``."""
+        self.http = http or HttpEndpoint(
+            base_url, api_key=api_key, api_key_env=api_key_env, timeout_s=timeout,
+            max_concurrency=max_concurrency, retry=retry or RetryPolicy(max_retries=max_retries),
+        )
+
+    def _repr_fields(self) -> str:
+        """Extra ``name=value`` text for ``repr`` after the endpoint; empty by default."""
+        return ""
+
+    def __repr__(self) -> str:
+        extra = self._repr_fields()
+        return f"{type(self).__name__}({self.http!r}{', ' + extra if extra else ''})"
+
+    @property
+    def attempts(self) -> int:
+        """HTTP attempts made, retries included (budgets count logical calls, not these)."""
+        return self.http.attempts
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

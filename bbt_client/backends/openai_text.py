@@ -21,52 +21,26 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
-
 from bbt_client import tokens as tok
-from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.backends.base import ScoreJob, ScoreResult
 from bbt_client.backends.causal_template import check_causal_template, label_text, prefix_before_mask
-from bbt_client.backends.http import HttpEndpoint, RetryPolicy
-from bbt_client.backends.vllm import CompletionResponse, split_v1
+from bbt_client.backends.http import HttpBackend, HttpEndpoint, RetryPolicy
+from bbt_client.backends.openai_wire import (  # noqa: F401 - Chat* models stay importable from here
+    ChatChoice,
+    ChatLogprobs,
+    ChatResponse,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    ChatUsage,
+    CompletionResponse,
+    first_top_logprobs,
+    split_v1,
+    usage_tokens,
+)
 from bbt_client.errors import ConfigError, ProtocolError, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 
 APIS = ("completions", "chat")
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ChatTopLogprob(_Lenient):
-    token: str
-    logprob: float
-
-
-class ChatTokenLogprob(_Lenient):
-    token: str
-    logprob: float
-    top_logprobs: list[ChatTopLogprob] = []
-
-
-class ChatLogprobs(_Lenient):
-    content: list[ChatTokenLogprob] | None = None
-
-
-class ChatChoice(_Lenient):
-    index: int = 0
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatUsage(_Lenient):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int | None = None
-
-
-class ChatResponse(_Lenient):
-    choices: list[ChatChoice]
-    usage: ChatUsage | None = None
 
 
 def _match_labels(top: dict[str, float], words: Sequence[str], margin: float) -> tuple[np.ndarray, int]:
@@ -90,7 +64,7 @@ def _match_labels(top: dict[str, float], words: Sequence[str], margin: float) ->
     return out, missing
 
 
-class OpenAITextBackend(Backend):
+class OpenAITextBackend(HttpBackend):
     """Zero-shot template scoring on an OpenAI-compatible endpoint via next-token logprobs."""
 
     supported_prompts = frozenset({"none"})
@@ -134,20 +108,11 @@ class OpenAITextBackend(Backend):
                 self._encoding = tok.get_encoding(enc_name)
             except RuntimeError:
                 self._encoding = None
-        self.http = http or HttpEndpoint(
-            split_v1(base_url), api_key=api_key, api_key_env=api_key_env, timeout_s=timeout,
-            max_concurrency=max_concurrency, retry=retry or RetryPolicy(max_retries=max_retries))
+        self._connect(split_v1(base_url), http=http, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
+                      max_concurrency=max_concurrency, max_retries=max_retries, retry=retry)
 
-    def __repr__(self) -> str:
-        return f"OpenAITextBackend({self.http!r}, model={self.model!r}, api={self.api!r})"
-
-    @property
-    def attempts(self) -> int:
-        """HTTP attempts made, retries included (budgets count logical calls, not these)."""
-        return self.http.attempts
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def _repr_fields(self) -> str:
+        return f"model={self.model!r}, api={self.api!r}"
 
     async def model_info(self) -> ModelInfo:
         """Text APIs reveal no internals; the sizes here are placeholders that no method may rely on."""
@@ -230,17 +195,12 @@ class OpenAITextBackend(Backend):
         body = self.completions_body(prompts, len(words), bias)
         resp: CompletionResponse = await self.http.request("POST", "/v1/completions", json_body=body,
                                                            model=CompletionResponse)
-        if sorted(c.index for c in resp.choices) != list(range(len(prompts))):
-            raise ProtocolError(f"/v1/completions returned choices {[c.index for c in resp.choices]} "
-                                f"for {len(prompts)} prompts")
         out = np.empty((len(prompts), len(words)), np.float32)
         missing = 0
-        for c in resp.choices:
-            top = c.logprobs.top_logprobs[0] if c.logprobs and c.logprobs.top_logprobs else None
-            out[c.index], m = _match_labels(top or {}, words, self.missing_margin)
+        for i, top in enumerate(first_top_logprobs(resp, len(prompts), "prompts")):
+            out[i], m = _match_labels(top or {}, words, self.missing_margin)
             missing += m
-        u = resp.usage
-        return out, int((u.total_tokens or u.prompt_tokens + u.completion_tokens) if u else 0), missing
+        return out, usage_tokens(resp.usage), missing
 
     async def _chat(self, prompt, words, bias) -> tuple[np.ndarray, int, int]:
         resp: ChatResponse = await self.http.request("POST", "/v1/chat/completions",
@@ -252,5 +212,4 @@ class OpenAITextBackend(Backend):
         first = resp.choices[0].logprobs.content[0]
         top = {t.token: t.logprob for t in first.top_logprobs} or {first.token: first.logprob}
         out, missing = _match_labels(top, words, self.missing_margin)
-        u = resp.usage
-        return out[None], int((u.total_tokens or u.prompt_tokens + u.completion_tokens) if u else 0), missing
+        return out[None], usage_tokens(resp.usage), missing

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
-from bbt_client.backends.http import HttpEndpoint, RetryPolicy
+from bbt_client.backends.base import ScoreJob, ScoreResult
+from bbt_client.backends.http import HttpBackend, HttpEndpoint, RetryPolicy
 from bbt_client.errors import ProtocolError, RequestRejected, UnsupportedError
 from bbt_client.protocol import (
     ERROR_UNKNOWN_TENSOR,
@@ -64,7 +64,7 @@ def template_token_bound(template: str) -> int:
     return len(rest) + 1 + _SPECIAL_TOKENS
 
 
-class ServerBackend(Backend):
+class ServerBackend(HttpBackend):
     """Speaks protocol v1 to a bbt inference server. ``attempts``/``requests`` count HTTP traffic."""
 
     supported_prompts = frozenset({"none", "shallow", "deep"})
@@ -82,10 +82,8 @@ class ServerBackend(Backend):
         prompt_dtype: str = "float32",
         http: HttpEndpoint | None = None,
     ):
-        self.http = http or HttpEndpoint(
-            base_url, api_key=api_key, api_key_env=api_key_env, timeout_s=timeout,
-            max_concurrency=max_concurrency, retry=retry or RetryPolicy(max_retries=max_retries),
-        )
+        self._connect(base_url, http=http, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
+                      max_concurrency=max_concurrency, max_retries=max_retries, retry=retry)
         if prompt_dtype not in ("float32", "float16"):
             raise ValueError("prompt_dtype must be float32 or float16")
         self.prompt_dtype = prompt_dtype
@@ -94,16 +92,6 @@ class ServerBackend(Backend):
         self._tokenize_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], TokenizeResponse] = {}
         #: Extra requests caused by 409 unknown_tensor (for reports and tests).
         self.tensor_resends = 0
-
-    def __repr__(self) -> str:
-        return f"ServerBackend({self.http!r})"
-
-    @property
-    def attempts(self) -> int:
-        return self.http.attempts
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
     # ------------------------------------------------------------------ model facts and tokens
 

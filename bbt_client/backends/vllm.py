@@ -30,50 +30,20 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
-
-from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.backends.base import ScoreJob, ScoreResult
 from bbt_client.backends.causal_template import check_causal_template, label_text, prefix_before_mask
-from bbt_client.backends.http import HttpEndpoint, RetryPolicy
+from bbt_client.backends.http import HttpBackend, HttpEndpoint, RetryPolicy
 from bbt_client.backends.local_embeddings import LocalEmbeddings
+from bbt_client.backends.openai_wire import (
+    CompletionResponse,
+    first_top_logprobs,
+    split_v1,
+    usage_tokens,
+)
 from bbt_client.errors import ConfigError, ProtocolError, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 
 EMBEDS_DTYPES = ("float32", "float16", "bfloat16")
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class CompletionLogprobs(_Lenient):
-    tokens: list[str] | None = None
-    token_logprobs: list[float | None] | None = None
-    top_logprobs: list[dict[str, float] | None] | None = None
-
-
-class CompletionChoice(_Lenient):
-    index: int
-    text: str | None = None
-    logprobs: CompletionLogprobs | None = None
-
-
-class CompletionUsage(_Lenient):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int | None = None
-
-
-class CompletionResponse(_Lenient):
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None = None
-    model: str | None = None
-
-
-def split_v1(url: str) -> str:
-    """Accept ``http://host:8000`` or ``http://host:8000/v1``; return the part before ``/v1``."""
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
 
 
 def encode_prompt_embeds(seq: np.ndarray, dtype: str = "float32") -> str:
@@ -111,7 +81,7 @@ def label_logprobs(top: dict[str, float] | None, label_ids: Sequence[int], margi
     return out, missing
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(HttpBackend):
     """BBT against vLLM prompt embeddings. ``embeddings_from``: HF model folder or .safetensors with E."""
 
     supported_prompts = frozenset({"none", "shallow"})
@@ -160,21 +130,12 @@ class VLLMBackend(Backend):
         if self.add_bos and embeddings.tokenizer.bos_id is None:
             raise ConfigError("add_bos is set but the tokenizer defines no bos_token")
         self._max_seq_len = max_seq_len
-        self.http = http or HttpEndpoint(
-            split_v1(base_url), api_key=api_key, api_key_env=api_key_env, timeout_s=timeout,
-            max_concurrency=max_concurrency, retry=retry or RetryPolicy(max_retries=max_retries))
+        self._connect(split_v1(base_url), http=http, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
+                      max_concurrency=max_concurrency, max_retries=max_retries, retry=retry)
         self._info: ModelInfo | None = None
 
-    def __repr__(self) -> str:
-        return f"VLLMBackend({self.http!r}, model={self.model!r})"
-
-    @property
-    def attempts(self) -> int:
-        """HTTP attempts made, retries included (budgets count logical calls, not these)."""
-        return self.http.attempts
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def _repr_fields(self) -> str:
+        return f"model={self.model!r}"
 
     # ------------------------------------------------------------------ facts from the local copy
 
@@ -281,16 +242,9 @@ class VLLMBackend(Backend):
         body = self.request_body(seqs, label_ids)
         resp: CompletionResponse = await self.http.request("POST", "/v1/completions", json_body=body,
                                                            model=CompletionResponse)
-        if sorted(c.index for c in resp.choices) != list(range(len(seqs))):
-            raise ProtocolError(f"/v1/completions returned choices {[c.index for c in resp.choices]} for "
-                                f"{len(seqs)} prompt embeddings")
         out = np.empty((len(seqs), len(label_ids)), dtype=np.float32)
         missing = 0
-        for choice in resp.choices:
-            lp = choice.logprobs
-            top = lp.top_logprobs[0] if lp and lp.top_logprobs else None
-            out[choice.index], m = label_logprobs(top, label_ids, self.missing_margin)
+        for i, top in enumerate(first_top_logprobs(resp, len(seqs), "prompt embeddings")):
+            out[i], m = label_logprobs(top, label_ids, self.missing_margin)
             missing += m
-        usage = resp.usage
-        tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
-        return out, int(tokens), missing
+        return out, usage_tokens(resp.usage), missing

@@ -8,7 +8,7 @@ Deterministic for a given (model info, config, seed), and resumable bit-identica
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,9 +51,6 @@ class PromptSearchConfig(BaseModel):
     alpha: float = Field(1.0, gt=0)
     #: Box constraint |z_i| <= bound for CMA-ES; 0 = unbounded (the later code's default).
     bound: float = Field(0.0, ge=0)
-    #: Training loss the job computes from label-word logits: "ce" (papers' default) or "hinge".
-    loss: Literal["ce", "hinge"] = "ce"
-    hinge_margin: float = Field(2.0, gt=0)
     #: p0: the prompt at z = 0. "normal": seeded N(0, σ̂²) per entry, a stand-in for the reference
     #: code's embeddings of random vocabulary words (the protocol replaces, not adds, so p0 lives on
     #: the client and we cannot read the model's embedding matrix); "zeros": p0 = 0.
@@ -67,11 +64,51 @@ class BBTConfig(PromptSearchConfig):
     projection: Literal["normal", "uniform"] = "normal"
 
 
+ConfigT = TypeVar("ConfigT", bound=PromptSearchConfig)
+
+
 def _check_tokens(config: PromptSearchConfig, model_info: ModelInfo) -> None:
     if config.prompt_tokens > model_info.max_prompt_tokens:
         raise ConfigError(
             f"prompt_tokens={config.prompt_tokens} exceeds the endpoint's max_prompt_tokens="
             f"{model_info.max_prompt_tokens}; lower prompt_tokens in the method config"
+        )
+
+
+def _resolve_config(
+    config_cls: type[ConfigT], config: ConfigT | dict | None, model_info: ModelInfo, seed: int
+) -> ConfigT:
+    """The tuner's validated config: defaults for ``None``, parsed from a dict, then checked against
+    the seed and the endpoint's ``max_prompt_tokens`` (shared by every prompt-search tuner)."""
+    if config is None:
+        config = config_cls()
+    elif isinstance(config, dict):
+        config = config_cls(**config)
+    if seed < 0:
+        raise ConfigError(f"seed must be non-negative, got {seed}")
+    _check_tokens(config, model_info)
+    return config
+
+
+def _make_cmaes(config: PromptSearchConfig, seed: int) -> CMAES:
+    """A CMA-ES over z (d,) from the shared settings; ``seed`` is a derive_seed value (any size),
+    folded into pycma's accepted range [1, 2**31 - 2]."""
+    return CMAES(
+        config.intrinsic_dim,
+        popsize=config.popsize,
+        sigma0=config.sigma0,
+        seed=seed % (2**31 - 2) + 1,
+        bounds=(-config.bound, config.bound) if config.bound > 0 else None,
+    )
+
+
+def _check_state(state: dict[str, Any], version: int, identity: dict[str, Any]) -> None:
+    """Refuse a tuner state of another version or made by another method/seed/config/model."""
+    if state.get("version") != version:
+        raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {version})")
+    if state.get("identity") != identity:
+        raise ConfigError(
+            "checkpoint was made with a different method, seed, config or model; resume with the same job config"
         )
 
 
@@ -99,13 +136,7 @@ class BBTTuner(Tuner):
     prompt_kind = "shallow"
 
     def __init__(self, model_info: ModelInfo, config: BBTConfig | dict | None = None, seed: int = 42):
-        if config is None:
-            config = BBTConfig()
-        elif isinstance(config, dict):
-            config = BBTConfig(**config)
-        if seed < 0:
-            raise ConfigError(f"seed must be non-negative, got {seed}")
-        _check_tokens(config, model_info)
+        config = _resolve_config(BBTConfig, config, model_info, seed)
         self.config = config
         self.model_info = model_info
         self.seed = int(seed)
@@ -120,13 +151,7 @@ class BBTTuner(Tuner):
             std=std,
         )
         self.p0 = init_prompt(config.init_prompt, derive_seed(self.seed, STREAM_INIT_PROMPT), (n, D), model_info.embedding_std)
-        self._es = CMAES(
-            d,
-            popsize=config.popsize,
-            sigma0=config.sigma0,
-            seed=derive_seed(self.seed, STREAM_CMA) % (2**31 - 2) + 1,
-            bounds=(-config.bound, config.bound) if config.bound > 0 else None,
-        )
+        self._es = _make_cmaes(config, derive_seed(self.seed, STREAM_CMA))
         self._pending_z: np.ndarray | None = None
         self._pending_prompts: np.ndarray | None = None
         self._last_prompts: np.ndarray | None = None
@@ -235,12 +260,7 @@ class BBTTuner(Tuner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {STATE_VERSION})")
-        if state.get("identity") != self._identity():
-            raise ConfigError(
-                "checkpoint was made with a different method, seed, config or model; resume with the same job config"
-            )
+        _check_state(state, STATE_VERSION, self._identity())
         self._es = CMAES.from_bytes(state["es"])
         self._pending_z = state["pending_z"]
         self._pending_prompts = state["pending_prompts"]

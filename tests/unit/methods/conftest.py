@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,31 @@ class LinearToyModel:
 @pytest.fixture
 def toy_model():
     return LinearToyModel
+
+
+def run_straight_and_resumed(make, step, generations: int = 6, split: int = 3):
+    """Run a tuner ``generations`` generations straight, and a second one ``split`` generations, then
+    through a pickled ``state_dict`` into a third (fresh, global NumPy RNG reseeded) for the rest.
+
+    ``make()`` builds a tuner, ``step(tuner)`` runs one generation and returns what was asked. Checks
+    that both end with the same best and last prompts; returns (straight asks, head + resumed asks)
+    for the caller to compare.
+    """
+    straight = make()
+    full = [step(straight) for _ in range(generations)]
+    first = make()
+    head = [step(first) for _ in range(split)]
+    blob = pickle.dumps(first.state_dict())
+    np.random.seed(1)  # resuming must not depend on the global RNG
+    resumed = make()
+    resumed.load_state_dict(pickle.loads(blob))
+    tail = [step(resumed) for _ in range(generations - split)]
+    assert np.array_equal(straight.best_prompt(), resumed.best_prompt())
+    assert np.array_equal(straight.last_candidate_prompts(), resumed.last_candidate_prompts())
+    return full, head + tail
+
+
+@pytest.fixture
+def straight_and_resumed():
+    """:func:`run_straight_and_resumed`, for resume tests of any tuner."""
+    return run_straight_and_resumed

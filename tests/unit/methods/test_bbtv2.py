@@ -1,5 +1,3 @@
-import pickle
-
 import numpy as np
 import pytest
 
@@ -56,7 +54,7 @@ def test_decreases_cross_entropy_on_linear_toy_model(model_info, toy_model):
 
 
 @pytest.mark.parametrize("cache_mib", [1024, 0])
-def test_resume_bit_identical(model_info, cache_mib):
+def test_resume_bit_identical(model_info, cache_mib, straight_and_resumed):
     target = np.random.default_rng(5).normal(size=(3, 4, 16)).astype(np.float32)
     cfg = {**SMALL, "projection_cache_mib": cache_mib}
 
@@ -66,20 +64,11 @@ def test_resume_bit_identical(model_info, cache_mib):
         tuner.tell(((full - target[None]) ** 2).reshape(len(full), -1).mean(axis=1))
         return b
 
-    straight = BBTv2Tuner(model_info, cfg, seed=8)
-    full = [gen(straight) for _ in range(6)]
-    first = BBTv2Tuner(model_info, cfg, seed=8)
-    head = [gen(first) for _ in range(3)]
-    blob = pickle.dumps(first.state_dict())
-    np.random.seed(1)
-    resumed = BBTv2Tuner(model_info, cfg, seed=8)
-    resumed.load_state_dict(pickle.loads(blob))
-    tail = [gen(resumed) for _ in range(3)]
-    for x, y in zip(full, head + tail):
+    full, resumed = straight_and_resumed(lambda: BBTv2Tuner(model_info, cfg, seed=8), gen)
+    assert len(full) == len(resumed) == 6
+    for x, y in zip(full, resumed):
         assert x.layer == y.layer
         assert np.array_equal(x.base, y.base) and np.array_equal(x.candidates, y.candidates)
-    assert np.array_equal(straight.best_prompt(), resumed.best_prompt())
-    assert np.array_equal(straight.last_candidate_prompts(), resumed.last_candidate_prompts())
 
 
 def test_tell_validation_best_and_last(model_info):
