@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/server_throughput.py
 	$(BIN)/python benchmarks/tune_sst2.py
 	$(BIN)/python benchmarks/tune_sst2.py --task agnews
+	$(BIN)/python benchmarks/whitebox_ceiling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -138,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--api-key-env")
 
     r = sub.add_parser("report", help="print a summary table of one or more runs")
-    r.add_argument("--run", type=Path, action="append", required=True)
+    r.add_argument("--run", type=Path, nargs="+", action="extend", required=True, help="run directories")
     r.add_argument("--json", action="store_true")
 
     p = sub.add_parser("plot", help="write a PNG of a run's tuning curve (needs the plot extra)")

@@ -1,7 +1,7 @@
 """BBT vs BBTv2 vs GDFO on one few-shot split, same budget, against the local server on the default model.
 
-    python benchmarks/tune_sst2.py                      # SST-2, 16-shot, seed 42 (~20 min on 2 CPU cores)
-    python benchmarks/tune_sst2.py --task agnews --budget-calls 400 --test-limit 1000
+    python benchmarks/tune_sst2.py                  # SST-2, 16-shot, seed 42, 1200 calls each (~20 min on 2 CPU cores)
+    python benchmarks/tune_sst2.py --task agnews    # AG News: 400 calls each, 1,000 test examples (~25 min)
 
 Starts ``python -m server_stub --model default`` in a subprocess (so the client-side student of GDFO
 and the server do not share one interpreter), runs each method as a normal tuning job (same code path
@@ -31,7 +31,8 @@ METHOD_OPTIONS: dict[str, dict] = {
     "bbtv2": {"prompt_tokens": 5},
     "gdfo": {"prompt_tokens": 5},
 }
-DEFAULT_BUDGET_CALLS = 600
+#: Per task: (API calls per method, test examples) sized so the three methods take ~20-25 min on 2 CPU cores.
+TASK_DEFAULTS = {"sst2": (1200, None), "agnews": (400, 1000)}
 
 
 async def _run_all(args: argparse.Namespace, url: str) -> dict:
@@ -70,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--budget-calls", type=int, default=DEFAULT_BUDGET_CALLS)
+    ap.add_argument("--budget-calls", type=int, help="per method (default: by task, see TASK_DEFAULTS)")
     ap.add_argument("--methods", default="bbt,bbtv2,gdfo")
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--test-limit", type=int, help="test examples (default: by task)")
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
+    calls, limit = TASK_DEFAULTS.get(args.task, (400, 1000))
+    args.budget_calls = args.budget_calls or calls
+    args.test_limit = args.test_limit or limit
     extra = ["--threads", str(args.threads)] if args.threads else []
     t0 = time.perf_counter()
     with spawn_server("default", *extra) as url:

@@ -42,7 +42,7 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     enc_train = student.encode(data.task.template, data.train.texts, prompt_tokens)
     test_chunks = [student.encode(data.task.template, data.test.texts[i:i + 64], prompt_tokens)
                    for i in range(0, len(data.test.texts), 64)]
-    ytrain = torch.from_numpy(np.asarray(data.train.labels))
+    ytrain = torch.tensor(np.asarray(data.train.labels))
     rng = np.random.default_rng(42)
     init = rng.standard_normal((prompt_tokens, student.hidden_size)).astype(np.float32) * student.embedding_std
     prompt = torch.tensor(init, requires_grad=True)
@@ -57,11 +57,11 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     train_acc = _accuracy(student, prompt.detach(), [enc_train], label_ids, data.train.labels)
     after = _accuracy(student, prompt.detach(), test_chunks, label_ids, data.test.labels)
     row = {"task": task_name, "test_examples": len(data.test.labels), "steps": steps,
-           "initial_prompt_test_accuracy": round(before, 4), "final_train_loss": round(float(loss), 4),
+           "initial_prompt_test_accuracy": round(before, 4), "final_train_loss": round(float(loss.detach()), 4),
            "trained_train_accuracy": round(train_acc, 4), "trained_test_accuracy": round(after, 4),
            "seconds": round(time.perf_counter() - t0, 1)}
     print(f"{task_name}: initial prompt {before:.3f} -> white-box tuned {after:.3f} test "
-          f"(train acc {train_acc:.3f}, loss {float(loss):.3f}, {row['seconds']} s)", file=sys.stderr, flush=True)
+          f"(train acc {train_acc:.3f}, loss {float(loss.detach()):.3f}, {row['seconds']} s)", file=sys.stderr, flush=True)
     return row
 
 

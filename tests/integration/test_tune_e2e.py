@@ -2,8 +2,8 @@
 
 AG News, 8-shot, a 160-call budget on 200 test examples: the smallest setting in which tuning is clearly
 above the zero-shot template (~0.25, chance) on this model. SST-2 is not used here because the default
-model's mask-slot readout carries no sentiment signal at all — even white-box gradient prompt tuning stays at
-chance (see README "Results") — so no test on it could show learning.
+model's mask-slot readout barely carries sentiment — even white-box gradient prompt tuning gains only ~4
+points over zero-shot (README "Results") — so a test on it could not show learning with a clear margin.
 """
 
 from __future__ import annotations
