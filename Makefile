@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tune_sst2.py
 	$(BIN)/python benchmarks/tune_sst2.py --task agnews
 	$(BIN)/python benchmarks/whitebox_ceiling.py
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -195,6 +195,13 @@ class Student:
     def label_logits(self, prompts, enc: EncodedTexts, label_ids: Sequence[int]):
         """(C, N, K) label-word logits for prompts (C, n, D_S) (a torch tensor; gradients flow to it)."""
         torch = self._torch
+        h_mask = self.mask_states(prompts, enc)  # (C, N, D)
+        head = self.embeddings.weight[torch.as_tensor(list(label_ids))]  # (K, D)
+        return h_mask @ head.T
+
+    def mask_states(self, prompts, enc: EncodedTexts):
+        """(C, N, D) last hidden states at the mask slot: what the tied head reads."""
+        torch = self._torch
         C, n, _ = prompts.shape
         N = enc.input_ids.shape[0]
         if n != enc.n_prompt:
@@ -205,9 +212,7 @@ class Student:
         embeds = embeds.reshape(C * N, embeds.shape[2], embeds.shape[3])
         attn = enc.attention_mask.repeat(C, 1)
         hidden = self.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state  # (C*N, T, D)
-        h_mask = hidden[torch.arange(C * N), enc.mask_pos.repeat(C)]  # (C*N, D)
-        head = self.embeddings.weight[torch.as_tensor(list(label_ids))]  # (K, D)
-        return (h_mask @ head.T).reshape(C, N, len(label_ids))
+        return hidden[torch.arange(C * N), enc.mask_pos.repeat(C)].reshape(C, N, -1)
 
 
 def _encoder_layers(model):

@@ -6,8 +6,10 @@ Runs the same model, template, label words and few-shot split as the tuning jobs
 with full gradients: Adam directly on a free (n, D) shallow prompt through a local copy of the model
 (:class:`bbt_client.student.Student` with all layers = the server's default model, tied head). If even this
 stays at chance on a task, the mask-slot readout of the model carries no signal for it and no black-box
-method can be expected to beat zero-shot there. Last line: one JSON object per task with the zero-shot
-(initial prompt), trained-prompt train and test accuracy.
+method can be expected to beat zero-shot there. A second check, independent of the label words: a
+logistic-regression probe fitted on the same few-shot examples' mask-slot hidden states -- if it stays near
+chance too, the signal is not at the mask slot at all. Last line: one JSON object per task with the
+zero-shot (initial prompt), trained-prompt train and test accuracy, and the probe's test accuracy.
 """
 
 from __future__ import annotations
@@ -31,6 +33,30 @@ def _accuracy(student, prompt, enc_chunks, label_ids, labels) -> float:
     return float((pred.numpy() == labels).mean())
 
 
+def linear_probe(student, prompt, enc_train, test_chunks, ytrain, ytest, l2: float = 1e-2, steps: int = 200) -> float:
+    """Test accuracy of an L2-regularised softmax regression on the mask-slot hidden states."""
+    torch = require_torch()
+    with torch.no_grad():
+        xtr = student.mask_states(prompt[None], enc_train)[0]
+        xte = torch.cat([student.mask_states(prompt[None], enc)[0] for enc in test_chunks])
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    k = int(ytrain.max()) + 1
+    w = torch.zeros(xtr.shape[1], k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xtr @ w + b, ytrain) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((xte @ w + b).argmax(-1).numpy() == ytest).mean())
+
+
 def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | None, lr: float) -> dict:
     torch = require_torch()
     torch.manual_seed(0)
@@ -47,6 +73,7 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     init = rng.standard_normal((prompt_tokens, student.hidden_size)).astype(np.float32) * student.embedding_std
     prompt = torch.tensor(init, requires_grad=True)
     before = _accuracy(student, prompt.detach(), test_chunks, label_ids, data.test.labels)
+    probe = linear_probe(student, prompt.detach(), enc_train, test_chunks, ytrain, np.asarray(data.test.labels))
     opt = torch.optim.Adam([prompt], lr=lr)
     t0 = time.perf_counter()
     for step in range(steps):
@@ -59,9 +86,11 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     row = {"task": task_name, "test_examples": len(data.test.labels), "steps": steps,
            "initial_prompt_test_accuracy": round(before, 4), "final_train_loss": round(float(loss.detach()), 4),
            "trained_train_accuracy": round(train_acc, 4), "trained_test_accuracy": round(after, 4),
+           "linear_probe_test_accuracy": round(probe, 4),
            "seconds": round(time.perf_counter() - t0, 1)}
     print(f"{task_name}: initial prompt {before:.3f} -> white-box tuned {after:.3f} test "
-          f"(train acc {train_acc:.3f}, loss {float(loss.detach()):.3f}, {row['seconds']} s)", file=sys.stderr, flush=True)
+          f"(train acc {train_acc:.3f}, loss {float(loss.detach()):.3f}, {row['seconds']} s); "
+          f"linear probe on the mask state {probe:.3f}", file=sys.stderr, flush=True)
     return row
 
 

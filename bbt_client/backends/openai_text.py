@@ -10,13 +10,18 @@ accuracy and cross-entropy use). A label still missing from the top-k gets the f
 
 ``api="completions"`` (default) batches ``prompts_per_request`` texts per request (``prompt`` is a list);
 ``api="chat"`` sends one request per text (Chat takes one conversation), concurrently.
-Label token ids for ``logit_bias`` come from tiktoken for OpenAI model names; for other models pass
-``label_token_ids`` ({word: id}) or the bias is skipped (then missing labels are likelier).
+Token counts (for budgets) and label token ids (for ``logit_bias``) come from ``tokenizer``:
+
+- ``"auto"`` (default): tiktoken for OpenAI model names; for any other model the endpoint's own
+  ``POST /tokenize`` (vLLM and SGLang serve it), and if the endpoint has none, UTF-8 bytes (an upper bound;
+  the bias is then skipped unless ``label_token_ids`` gives the ids).
+- ``"tiktoken"``, ``"endpoint"``, ``"bytes"``: force one; a forced source that is unavailable is an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from typing import Any, Sequence
 
@@ -33,14 +38,20 @@ from bbt_client.backends.openai_wire import (  # noqa: F401 - Chat* models stay 
     ChatTopLogprob,
     ChatUsage,
     CompletionResponse,
+    TokenizeAnswer,
     first_top_logprobs,
     split_v1,
     usage_tokens,
 )
-from bbt_client.errors import ConfigError, ProtocolError, UnsupportedError
+from bbt_client.errors import ConfigError, ProtocolError, RequestRejected, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 
+log = logging.getLogger("bbt_client.backends.openai")
+
 APIS = ("completions", "chat")
+TOKENIZERS = ("auto", "tiktoken", "endpoint", "bytes")
+#: Answers that mean "this endpoint has no /tokenize route" (as opposed to auth or server failures).
+_NO_TOKENIZE_ROUTE = {400, 404, 405, 422, 501}
 
 
 def _match_labels(top: dict[str, float], words: Sequence[str], margin: float) -> tuple[np.ndarray, int]:
@@ -86,6 +97,7 @@ class OpenAITextBackend(HttpBackend):
         label_token_ids: dict[str, int] | None = None,
         missing_margin: float = 1.0,
         prompts_per_request: int = 20,
+        tokenizer: str = "auto",
         http: HttpEndpoint | None = None,
     ):
         if not model:
@@ -94,20 +106,27 @@ class OpenAITextBackend(HttpBackend):
             raise ConfigError(f"api must be one of {', '.join(APIS)}, got {api!r}")
         if prompts_per_request < 1 or top_logprobs < 1:
             raise ConfigError("prompts_per_request and top_logprobs must be at least 1")
+        if tokenizer not in TOKENIZERS:
+            raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
         self.model, self.api = model, api
         self.top_logprobs = int(top_logprobs)
         self.label_bias = float(label_bias)
         self.missing_margin = float(missing_margin)
         self.prompts_per_request = int(prompts_per_request)
         self._label_token_ids = dict(label_token_ids or {})
-        self._count, self.token_counter = tok.counter_for_model(model)
-        enc_name = tok.encoding_name_for_model(model)
         self._encoding = None
+        enc_name = tok.encoding_name_for_model(model) if tokenizer in ("auto", "tiktoken") else None
         if enc_name is not None:
             try:
                 self._encoding = tok.get_encoding(enc_name)
-            except RuntimeError:
-                self._encoding = None
+            except RuntimeError as exc:
+                log.warning("%s", exc)
+        if tokenizer == "tiktoken" and self._encoding is None:
+            raise ConfigError(f"tokenizer='tiktoken' but tiktoken has no usable encoding for model {model!r}")
+        #: Where token counts come from now: "tiktoken", "endpoint" (until its /tokenize proves absent) or "bytes".
+        self.token_counter = "tiktoken" if self._encoding else ("bytes" if tokenizer == "bytes" else "endpoint")
+        self._endpoint_required = tokenizer == "endpoint"
+        self._endpoint_ids: dict[str, list[int]] = {}
         self._connect(split_v1(base_url), http=http, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
                       max_concurrency=max_concurrency, max_retries=max_retries, retry=retry)
 
@@ -122,19 +141,57 @@ class OpenAITextBackend(HttpBackend):
                          max_texts=100_000, max_body_bytes=2**31 - 1, device="remote openai-compatible")
 
     async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
-        ids = self._label_ids(words) if words else None
+        ids = await self._label_ids(words) if words else None
         return TokenizeResponse(words=[WordTokens(word=w, ids=[ids[w]] if ids and w in ids else []) for w in words],
-                                text_token_counts=self._count(list(texts)))
+                                text_token_counts=await self._count(texts))
 
-    def _label_ids(self, words: Sequence[str]) -> dict[str, int] | None:
+    async def _count(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text, from the best source this endpoint offers (see the module docstring)."""
+        if self.token_counter == "endpoint" and texts:
+            ids = await self._endpoint_tokenize(texts)
+            if ids is not None:
+                return [len(i) for i in ids]
+        if self._encoding is not None:
+            return [len(x) for x in self._encoding.encode_ordinary_batch(list(texts))]
+        return tok.byte_upper_bound(texts)
+
+    async def _endpoint_tokenize(self, texts: Sequence[str]) -> list[list[int]] | None:
+        """Token ids of each text from the endpoint's ``POST /tokenize`` (cached), or None when it has none."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._endpoint_ids]
+
+        def ask(text: str):
+            return self.http.request("POST", "/tokenize", model=TokenizeAnswer,
+                                     json_body={"model": self.model, "prompt": text, "add_special_tokens": False})
+
+        try:
+            answers = [await ask(todo[0])] if todo else []  # one probe first: a missing route fails once
+            answers += await asyncio.gather(*(ask(t) for t in todo[1:]))
+        except RequestRejected as exc:
+            if exc.status not in _NO_TOKENIZE_ROUTE:
+                raise
+            if self._endpoint_required:
+                raise UnsupportedError(f"tokenizer='endpoint' but the endpoint has no usable /tokenize ({exc})") from None
+            log.warning("%s has no /tokenize (HTTP %s); counting tokens as UTF-8 bytes (an upper bound) and "
+                        "skipping logit_bias unless label_token_ids is set", self.http.base_url, exc.status)
+            self.token_counter = "bytes"
+            return None
+        self._endpoint_ids.update(zip(todo, (a.tokens for a in answers)))
+        return [self._endpoint_ids[t] for t in texts]
+
+    async def _label_ids(self, words: Sequence[str]) -> dict[str, int] | None:
         """Token id per label word for logit_bias, or None when they cannot be known."""
         if all(w in self._label_token_ids for w in words):
             return {w: int(self._label_token_ids[w]) for w in words}
-        if self._encoding is None:
+        if self._encoding is not None:
+            pieces = [self._encoding.encode_ordinary(label_text(w)) for w in words]
+        elif self.token_counter == "endpoint":
+            pieces = await self._endpoint_tokenize([label_text(w) for w in words])
+            if pieces is None:
+                return None
+        else:
             return None
         out = {}
-        for w in words:
-            ids = self._encoding.encode_ordinary(label_text(w))
+        for w, ids in zip(words, pieces):
             if len(ids) != 1:
                 raise ConfigError(f"label word {w!r} is {len(ids)} tokens for {self.model}; next-token scoring "
                                   "needs single-token label words")
@@ -146,10 +203,21 @@ class OpenAITextBackend(HttpBackend):
         return [prefix_before_mask(job.template, t, b) for t, b in zip(job.texts, pairs)]
 
     def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int] = ()) -> int:
-        """Prompt tokens by tiktoken (exact for OpenAI models) or UTF-8 bytes (upper bound), + chat framing
-        and one generated token per text."""
-        counts = self._count(self._prefixes(job))
+        """Upper bound of the tokens ``job`` is billed: its prompts' tokens + chat framing + one generated
+        token per text. tiktoken counts the rendered prompts exactly; otherwise the texts' own counts (from
+        :meth:`tokenize`, the endpoint's tokenizer) plus the template's other words as UTF-8 bytes and two
+        special tokens; with no counts at all, the rendered prompts' bytes."""
         per_text = 1 + (tok.CHAT_TOKENS_PER_MESSAGE + tok.CHAT_TOKENS_PER_REPLY if self.api == "chat" else 0)
+        prefixes = self._prefixes(job)
+        if self._encoding is not None:
+            counts = [len(x) for x in self._encoding.encode_ordinary_batch(prefixes)]
+        elif len(text_token_counts) == len(job.texts) and self.token_counter == "endpoint":
+            # the rendered prompt holds the text; everything else in it (template words, a pair) is counted
+            # as bytes, which no byte-level BPE exceeds, + 2 for BOS and a merge across the text's edges
+            counts = [int(c) + 2 + max(0, len(p.encode("utf-8")) - len(t.encode("utf-8")))
+                      for c, p, t in zip(text_token_counts, prefixes, job.texts)]
+        else:
+            counts = tok.byte_upper_bound(prefixes)
         return (sum(counts) + per_text * len(counts)) * job.num_calls
 
     def _refuse(self, kind: str) -> None:
@@ -163,7 +231,7 @@ class OpenAITextBackend(HttpBackend):
         if job.prompts.kind != "none":
             self._refuse(job.prompts.kind)
         check_causal_template(job.template)
-        label_ids = self._label_ids(job.label_words)
+        label_ids = await self._label_ids(job.label_words)
         prefixes = self._prefixes(job)
         bias = {str(i): self.label_bias for i in label_ids.values()} if label_ids else None
         if self.api == "completions":

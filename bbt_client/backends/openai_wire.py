@@ -97,6 +97,13 @@ class ChatResponse(_Lenient):
     usage: ChatUsage | None = None
 
 
+class TokenizeAnswer(_Lenient):
+    """vLLM's (and SGLang's) ``POST /tokenize`` answer: the endpoint's own token ids for one prompt."""
+
+    tokens: list[int]
+    count: int | None = None
+
+
 def split_v1(url: str) -> str:
     """Accept ``http://host:8000`` or ``http://host:8000/v1``; return the part before ``/v1``."""
     url = url.rstrip("/")
@@ -105,6 +112,6 @@ def split_v1(url: str) -> str:
 
 __all__ = [
     "ChatChoice", "ChatLogprobs", "ChatResponse", "ChatTokenLogprob", "ChatTopLogprob", "ChatUsage",
-    "CompletionChoice", "CompletionLogprobs", "CompletionResponse", "CompletionUsage", "first_top_logprobs",
-    "split_v1", "usage_tokens",
+    "CompletionChoice", "CompletionLogprobs", "CompletionResponse", "CompletionUsage", "TokenizeAnswer",
+    "first_top_logprobs", "split_v1", "usage_tokens",
 ]

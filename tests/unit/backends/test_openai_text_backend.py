@@ -119,17 +119,62 @@ async def test_config_refusals():
 
 
 @respx.mock
-async def test_unknown_model_skips_bias_unless_ids_given():
+async def test_unknown_model_without_tokenize_route_skips_bias_unless_ids_given(caplog):
     seen = []
     respx.post(f"{BASE}/v1/completions").mock(side_effect=completions_handler(seen))
-    await backend(model="my-llama").score(ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch.zero_shot()))
-    assert "logit_bias" not in seen[-1]
+    tokenize = respx.post(f"{BASE}/tokenize").mock(return_value=httpx.Response(404, json={"detail": "Not Found"}))
+    b = backend(model="my-llama")
+    await b.score(ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch.zero_shot()))
+    assert "logit_bias" not in seen[-1] and b.token_counter == "bytes" and "no /tokenize" in caplog.text
+    await b.score(ScoreJob(TEMPLATE, ["y"], WORDS, PromptBatch.zero_shot()))
+    assert tokenize.call_count == 1  # probed once, then remembered
     await backend(model="my-llama", label_token_ids={"negative": 11, "positive": 12}).score(
         ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch.zero_shot()))
     assert seen[-1]["logit_bias"] == {"11": 100.0, "12": 100.0}
     # byte bound is an upper bound of any byte-level BPE count
     job = ScoreJob(TEMPLATE, ["héllo wörld"], WORDS, PromptBatch.zero_shot())
-    assert backend(model="my-llama").estimate_tokens(job) >= backend().estimate_tokens(job)
+    assert b.estimate_tokens(job) >= backend().estimate_tokens(job)
+    with pytest.raises(UnsupportedError, match="no usable /tokenize"):
+        await backend(model="my-llama", tokenizer="endpoint").tokenize(texts=["x"])
+
+
+def fake_tokenize(seen: list):
+    """A vLLM-style ``POST /tokenize``: one id per whitespace word (ids from a fixed table)."""
+    vocab = {"negative": 901, "positive": 902}
+
+    def handle(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        ids = [vocab.get(w, 500 + len(w)) for w in body["prompt"].split()]
+        return httpx.Response(200, json={"count": len(ids), "max_model_len": 4096, "tokens": ids})
+
+    return handle
+
+
+@respx.mock
+async def test_non_openai_model_counts_and_label_ids_from_endpoint_tokenize():
+    seen_tok, seen = [], []
+    respx.post(f"{BASE}/tokenize").mock(side_effect=fake_tokenize(seen_tok))
+    respx.post(f"{BASE}/v1/completions").mock(side_effect=completions_handler(seen))
+    b = backend(model="meta-llama/Llama-3.1-8B")
+    texts = ["a truly great film", "dull"]
+    resp = await b.tokenize(words=WORDS, texts=texts)
+    assert resp.text_token_counts == [4, 1] and [w.ids for w in resp.words] == [[901], [902]]
+    assert {"model": "meta-llama/Llama-3.1-8B", "prompt": " negative", "add_special_tokens": False} in seen_tok
+    assert b.token_counter == "endpoint"
+    job = ScoreJob(TEMPLATE, texts, WORDS, PromptBatch.zero_shot())
+    await b.score(job)
+    assert seen[-1]["logit_bias"] == {"901": 100.0, "902": 100.0}
+    n_before = len(seen_tok)
+    await b.tokenize(texts=texts)
+    assert len(seen_tok) == n_before  # cached: no second round trip for the same texts
+    # reservation from the endpoint counts: tighter than bytes, still above the words + template
+    est = b.estimate_tokens(job, resp.text_token_counts)
+    assert sum(resp.text_token_counts) < est < backend(model="my-llama", tokenizer="bytes").estimate_tokens(job)
+    with pytest.raises(ConfigError, match="tiktoken"):
+        backend(model="meta-llama/Llama-3.1-8B", tokenizer="tiktoken")
+    with pytest.raises(ConfigError, match="tokenizer must be"):
+        backend(tokenizer="sentencepiece")
 
 
 @respx.mock
