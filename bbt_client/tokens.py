@@ -5,7 +5,8 @@ Three sources, best first:
 1. tiktoken, for OpenAI models. ``cl100k_base`` ships with the package (bbt_client/data/tiktoken), so it
    works offline; other encodings (``o200k_base``) load through tiktoken, which reads
    ``TIKTOKEN_CACHE_DIR`` (files named by sha1 of the encoding URL) or downloads them.
-2. The endpoint's own tokenizer (our ``/v1/tokenize``, or a local HF tokenizer for vLLM), for other models.
+2. The endpoint's own tokenizer, for other models: our ``/v1/tokenize``, a local HF tokenizer for the vllm
+   backend, ``POST /tokenize`` of an OpenAI-compatible server (vLLM, SGLang) for the openai backend.
 3. A character-based upper bound (one token per UTF-8 byte), when nothing else is available.
 
 Cost = tokens / 1000 × price per 1k tokens from the config.
@@ -18,7 +19,7 @@ import hashlib
 import logging
 from functools import lru_cache
 from importlib import resources
-from typing import Callable, Sequence
+from typing import Sequence
 
 log = logging.getLogger("bbt_client.tokens")
 
@@ -31,9 +32,6 @@ _CL100K_SPECIAL = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_mid
 #: Tokens the Chat Completions API adds per message and per reply (OpenAI cookbook accounting).
 CHAT_TOKENS_PER_MESSAGE = 4
 CHAT_TOKENS_PER_REPLY = 3
-
-Counter = Callable[[Sequence[str]], list[int]]
-
 
 @lru_cache(maxsize=1)
 def bundled_cl100k():
@@ -85,20 +83,6 @@ def get_encoding(name: str):
 def byte_upper_bound(texts: Sequence[str]) -> list[int]:
     """Byte-level BPEs never emit more tokens than UTF-8 bytes: a safe (loose) upper bound."""
     return [len(t.encode("utf-8")) for t in texts]
-
-
-def counter_for_model(model: str | None) -> tuple[Counter, str]:
-    """(count function, description) for an OpenAI-compatible model name: exact when tiktoken knows the
-    model and its encoding loads, else the byte upper bound. Callers with an endpoint tokenizer should
-    prefer that for non-OpenAI models."""
-    name = encoding_name_for_model(model) if model else None
-    if name is not None:
-        try:
-            enc = get_encoding(name)
-            return (lambda texts: [len(x) for x in enc.encode_ordinary_batch(list(texts))]), f"tiktoken {name}"
-        except RuntimeError as exc:
-            log.warning("%s; counting tokens as UTF-8 bytes (an upper bound)", exc)
-    return byte_upper_bound, "utf-8 bytes (upper bound)"
 
 
 def cost(tokens: int, price_per_1k_tokens: float | None) -> float:

@@ -111,7 +111,8 @@ def server(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
         return contextlib.nullcontext(args.endpoint)
     from server_stub.testing import spawn_server  # needs the server extra (torch, transformers)
 
-    extra = ["--threads", str(args.threads)] if args.threads else []
+    # the server's per-request log would bury the progress lines; its warnings and errors still show
+    extra = ["--log-level", "WARNING"] + (["--threads", str(args.threads)] if args.threads else [])
     return spawn_server(args.model, *extra)
 
 

@@ -123,8 +123,10 @@ class OpenAITextBackend(HttpBackend):
                 log.warning("%s", exc)
         if tokenizer == "tiktoken" and self._encoding is None:
             raise ConfigError(f"tokenizer='tiktoken' but tiktoken has no usable encoding for model {model!r}")
-        #: Where token counts come from now: "tiktoken", "endpoint" (until its /tokenize proves absent) or "bytes".
-        self.token_counter = "tiktoken" if self._encoding else ("bytes" if tokenizer == "bytes" else "endpoint")
+        #: Where token counts come from now: "tiktoken", "endpoint" (until its /tokenize proves absent) or "bytes"
+        #: (also for an OpenAI model whose encoding cannot be loaded offline: OpenAI serves no /tokenize).
+        self.token_counter = ("tiktoken" if self._encoding else
+                              "bytes" if tokenizer == "bytes" or enc_name is not None else "endpoint")
         self._endpoint_required = tokenizer == "endpoint"
         self._endpoint_ids: dict[str, list[int]] = {}
         self._connect(split_v1(base_url), http=http, api_key=api_key, api_key_env=api_key_env, timeout=timeout,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bbt_client import tokens
+from bbt_client.backends.openai_text import OpenAITextBackend
 
 
 def test_bundled_cl100k_matches_known_ids():
@@ -15,21 +16,20 @@ def test_bundled_cl100k_matches_known_ids():
     assert enc.n_vocab == 100277
 
 
-def test_counter_for_openai_model_is_tiktoken_offline():
-    count, desc = tokens.counter_for_model("gpt-4")
-    assert desc == "tiktoken cl100k_base"
-    assert count(["hello world", ""]) == [2, 0]
+async def test_openai_model_counts_with_tiktoken_offline():
+    b = OpenAITextBackend("https://api.openai.test/v1", model="gpt-4")
+    assert b.token_counter == "tiktoken"
+    assert (await b.tokenize(texts=["hello world", ""])).text_token_counts == [2, 0]
 
 
-def test_unknown_model_falls_back_to_byte_upper_bound():
-    count, desc = tokens.counter_for_model("meta-llama/Llama-3-8B")
-    assert "bytes" in desc
+async def test_forced_bytes_is_an_upper_bound():
+    b = OpenAITextBackend("https://api.openai.test/v1", model="meta-llama/Llama-3-8B", tokenizer="bytes")
     text = "naïve café ☕ tokens"
-    assert count([text]) == [len(text.encode())]
-    assert count([text])[0] >= len(tokens.bundled_cl100k().encode_ordinary(text))
+    counts = (await b.tokenize(texts=[text])).text_token_counts
+    assert counts == [len(text.encode())] and counts[0] >= len(tokens.bundled_cl100k().encode_ordinary(text))
 
 
-def test_missing_encoding_offline_degrades(monkeypatch):
+async def test_missing_encoding_offline_degrades_to_bytes(monkeypatch, caplog):
     import tiktoken
 
     def offline(name):
@@ -38,8 +38,9 @@ def test_missing_encoding_offline_degrades(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
         tokens.get_encoding("o200k_base")
-    count, desc = tokens.counter_for_model("gpt-4o")
-    assert "bytes" in desc and count(["abc"]) == [3]
+    b = OpenAITextBackend("https://api.openai.test/v1", model="gpt-4o")  # o200k_base: not bundled
+    assert b.token_counter == "bytes" and "TIKTOKEN_CACHE_DIR" in caplog.text
+    assert (await b.tokenize(texts=["abc"])).text_token_counts == [3]  # no /tokenize probe: OpenAI has none
 
 
 def test_cost():
