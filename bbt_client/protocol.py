@@ -11,7 +11,8 @@ Routes (all JSON, documented with examples in docs/protocol.md):
 - ``POST /v1/tokenize``  :class:`TokenizeRequest` -> :class:`TokenizeResponse`
 - ``POST /v1/score``     :class:`ScoreRequest` -> :class:`ScoreResponse`
 
-Errors are ``4xx``/``5xx`` with an :class:`ErrorResponse` body.
+Errors are ``4xx``/``5xx`` with an :class:`ErrorResponse` body. :class:`PromptBatch` is a prompt spec
+decoded to numpy arrays, the form both the client's tuners and the server's model work with.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 import numpy as np
@@ -199,6 +201,52 @@ class DeepPrompt(_Model):
 
 
 PromptSpec = Annotated[Union[NoPrompt, ShallowPrompt, DeepPrompt], Field(discriminator="kind")]
+
+
+PromptKind = Literal["none", "shallow", "deep"]
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A prompt spec decoded to arrays, as both sides hold it: C candidates, all scored on the same texts.
+
+    - ``none``: zero-shot, C = 1.
+    - ``shallow``: ``candidates`` (C, n, D).
+    - ``deep``: ``candidates`` (C, L, n, D); or ``base`` (L, n, D) + ``layer`` + ``candidates`` (C, n, D)
+      (candidate c = base with layer ``layer`` replaced); or ``base`` alone (C = 1).
+    """
+
+    kind: PromptKind
+    candidates: np.ndarray | None = None
+    base: np.ndarray | None = None
+    layer: int | None = None
+
+    @property
+    def num_candidates(self) -> int:
+        return 1 if self.candidates is None else int(self.candidates.shape[0])
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        if self.kind == "none":
+            return 0
+        ref = self.base if self.base is not None else self.candidates
+        return int(ref.shape[-2])
+
+    def full(self) -> np.ndarray | None:
+        """Every candidate's complete prompt: (C, n, D) shallow or (C, L, n, D) deep; None for zero-shot."""
+        if self.kind == "none":
+            return None
+        if self.kind == "shallow" or self.base is None:
+            return self.candidates
+        if self.layer is None:
+            return self.base[None]
+        out = np.repeat(self.base[None], self.num_candidates, axis=0)
+        out[:, self.layer] = self.candidates
+        return out
+
+    @classmethod
+    def zero_shot(cls) -> "PromptBatch":
+        return cls(kind="none")
 
 
 class ScoreRequest(_Model):

@@ -81,12 +81,6 @@ class Task:
         """True when the template takes a second text (``{text_b}``)."""
         return TEXT_B_SLOT in self.template
 
-    def class_index(self, name: str) -> int:
-        try:
-            return self.class_names.index(name)
-        except ValueError:
-            raise ConfigError(f"task {self.name!r}: unknown class {name!r}; known: {list(self.class_names)}") from None
-
 
 @dataclass(frozen=True)
 class Example:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bbt_client.protocol import PromptBatch
 from server_stub.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -63,31 +64,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked but torch sees no CUDA device; use --device cpu")
     return torch.device(device)
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """One request's prompt arrays, decoded to float32 numpy (checked by :meth:`PromptedLM.check_prompts`).
-
-    kind ``none``; ``shallow`` with ``candidates`` (C, n, D); ``deep`` with ``candidates`` (C, L, n, D),
-    or ``base`` (L, n, D) [+ ``layer`` and ``candidates`` (C, n, D)].
-    """
-
-    kind: str = "none"
-    candidates: np.ndarray | None = None
-    base: np.ndarray | None = None
-    layer: int | None = None
-
-    @property
-    def num_candidates(self) -> int:
-        return 1 if self.candidates is None else int(self.candidates.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        if self.kind == "none":
-            return 0
-        ref = self.base if self.base is not None else self.candidates
-        return int(ref.shape[-2])
 
 
 @dataclass
@@ -390,7 +366,7 @@ class PromptedLM:
 
     # ------------------------------------------------------------------ validation
 
-    def check_prompts(self, p: Prompts, max_candidates: int) -> None:
+    def check_prompts(self, p: PromptBatch, max_candidates: int) -> None:
         """Shape and finiteness checks; raises InvalidInput naming what is wrong and what is expected."""
         D, L, nmax = self.hidden_size, self.num_layers, self.max_prompt_tokens
         arrays = {"candidates": p.candidates, "base": p.base}
@@ -436,7 +412,7 @@ class PromptedLM:
         template: str,
         texts: Sequence[str],
         label_words: Sequence[str],
-        prompts: Prompts,
+        prompts: PromptBatch,
         *,
         text_pairs: Sequence[str] | None = None,
         max_batch_tokens: int = 8192,
@@ -445,7 +421,7 @@ class PromptedLM:
         """(C, N, K) label-word logits at the answer slot; see the module docstring for the layout."""
         self.check_prompts(prompts, max_candidates)
         label_ids = torch.tensor(self.label_word_ids(label_words), device=self.device)
-        enc = self.encode(template, texts, text_pairs, prompts.num_tokens)
+        enc = self.encode(template, texts, text_pairs, prompts.num_prompt_tokens)
         N, C = len(texts), prompts.num_candidates
         meter = ScoreOutput(np.empty(0), sequences=C * N, forward_passes=0, tokens_processed=0)
         with torch.inference_mode():
@@ -460,7 +436,7 @@ class PromptedLM:
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
 
-    def _full_prompts(self, p: Prompts) -> torch.Tensor | None:
+    def _full_prompts(self, p: PromptBatch) -> torch.Tensor | None:
         """(C, n, D) shallow, (C, L, n, D) deep, or None."""
         if p.kind == "none":
             return None
@@ -517,7 +493,7 @@ class PromptedLM:
         return out
 
     def _score_split(
-        self, enc: _Encoded, p: Prompts, label_ids: torch.Tensor, mbt: int, meter: ScoreOutput
+        self, enc: _Encoded, p: PromptBatch, label_ids: torch.Tensor, mbt: int, meter: ScoreOutput
     ) -> torch.Tensor:
         """Base + layer l + candidates: layers < l once per text, then layers >= l per candidate."""
         N, C, l = len(enc.lengths), p.num_candidates, int(p.layer)

@@ -17,6 +17,7 @@ from bbt_client.protocol import (
     Health,
     ModelInfo,
     NoPrompt,
+    PromptBatch,
     ScoreRequest,
     ScoreResponse,
     ShallowPrompt,
@@ -31,7 +32,7 @@ from bbt_client.protocol import (
 from server_stub.batching import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http import Handler, HttpLimits, HttpServer, Request
-from server_stub.model import PromptedLM, Prompts
+from server_stub.model import PromptedLM
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +150,14 @@ class ScoringService:
         return ScoreResponse(logits=Tensor.from_array(out.logits), usage=usage, model=self.lm.name,
                              request_id=body.request_id)
 
-    def _decode_prompt(self, spec: NoPrompt | ShallowPrompt | DeepPrompt) -> Prompts:
+    def _decode_prompt(self, spec: NoPrompt | ShallowPrompt | DeepPrompt) -> PromptBatch:
         if isinstance(spec, NoPrompt):
-            return Prompts()
+            return PromptBatch.zero_shot()
         if isinstance(spec, ShallowPrompt):
-            return Prompts("shallow", candidates=_decode(spec.candidates, "candidates"))
+            return PromptBatch("shallow", candidates=_decode(spec.candidates, "candidates"))
         base = self._resolve(spec.base) if spec.base is not None else None
         cands = _decode(spec.candidates, "candidates") if spec.candidates is not None else None
-        return Prompts("deep", candidates=cands, base=base, layer=spec.layer)
+        return PromptBatch("deep", candidates=cands, base=base, layer=spec.layer)
 
     def _resolve(self, ref: TensorRef) -> np.ndarray:
         if ref.tensor is None:

@@ -10,56 +10,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from bbt_client.protocol import ModelInfo, TokenizeResponse
-
-PromptKind = Literal["none", "shallow", "deep"]
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """The prompts of one request: C candidates, all scored on the same texts.
-
-    - ``none``: zero-shot, C = 1.
-    - ``shallow``: ``candidates`` (C, n, D).
-    - ``deep``: ``candidates`` (C, L, n, D); or ``base`` (L, n, D) + ``layer`` + ``candidates`` (C, n, D)
-      (candidate c = base with layer ``layer`` replaced); or ``base`` alone (C = 1).
-    """
-
-    kind: PromptKind
-    candidates: np.ndarray | None = None
-    base: np.ndarray | None = None
-    layer: int | None = None
-
-    @property
-    def num_candidates(self) -> int:
-        return 1 if self.candidates is None else int(self.candidates.shape[0])
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        if self.kind == "none":
-            return 0
-        ref = self.base if self.base is not None else self.candidates
-        return int(ref.shape[-2])
-
-    def full(self) -> np.ndarray | None:
-        """Every candidate's complete prompt: (C, n, D) shallow or (C, L, n, D) deep; None for zero-shot."""
-        if self.kind == "none":
-            return None
-        if self.kind == "shallow" or self.base is None:
-            return self.candidates
-        if self.layer is None:
-            return self.base[None]
-        out = np.repeat(self.base[None], self.num_candidates, axis=0)
-        out[:, self.layer] = self.candidates
-        return out
-
-    @classmethod
-    def zero_shot(cls) -> "PromptBatch":
-        return cls(kind="none")
+from bbt_client.protocol import ModelInfo, PromptBatch, PromptKind, TokenizeResponse  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -166,10 +166,6 @@ class HttpEndpoint:
         key = "set" if self._api_key else "none"
         return f"HttpEndpoint({self.base_url!r}, api_key={key}, max_concurrency={self.max_concurrency})"
 
-    @property
-    def has_api_key(self) -> bool:
-        return self._api_key is not None
-
     def _redact(self, text: str) -> str:
         """Belt and braces: a server that echoes our headers must not leak the key into our errors."""
         if self._api_key and self._api_key in text:

@@ -220,10 +220,6 @@ class BBTTuner(Tuner):
             return self.p0.copy()
         return self._best_prompt.copy()
 
-    def mean_prompt(self) -> np.ndarray:
-        """(n, D) prompt at CMA-ES's current mean: its own recommendation, often better on dev."""
-        return self.prompts(self._es.mean)
-
     def last_candidate_prompts(self) -> np.ndarray:
         if self._last_prompts is None:
             raise RuntimeError("no generation has been told yet")
