@@ -78,8 +78,8 @@ def transient_faults(ctx) -> str:
             assert np.array_equal(asyncio.run(_score(p.url)), ref), f
             assert p.applied.total() == 1
     with faulty_proxy(ctx["url"]) as p:
-        p.faults.append("slow:2")
-        assert np.array_equal(asyncio.run(_score(p.url, timeout=0.7)), ref)
+        p.faults.append("hang")
+        assert np.array_equal(asyncio.run(_score(p.url, timeout=3.0)), ref)
     return f"{len(faults) + 1} faults retried to the honest logits"
 
 

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from server_stub.app import ServerOptions, serve
+from server_stub.gate import FifoGate
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 503 overloaded")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--test-gate", metavar="FIFO", help=argparse.SUPPRESS)  # tests only: hold each job (FifoGate)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = a.api_key
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         max_body_bytes=a.max_body_bytes, max_batch_tokens=a.max_batch_tokens,
         max_prompt_tokens=a.max_prompt_tokens, max_candidates=a.max_candidates, max_texts=a.max_texts,
         max_queue=a.max_queue, threads=a.threads,
+        before_job=FifoGate(a.test_gate) if a.test_gate else None,
     )
 
 

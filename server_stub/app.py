@@ -44,6 +44,8 @@ class ServerOptions:
     idle_timeout: float = 75.0
     threads: int | None = None
     shutdown_grace: float = 30.0
+    #: Test hook run on the model thread before each job (see :class:`server_stub.batching.ModelWorker`).
+    before_job: Callable[[], None] | None = None
 
 
 def load_model(opts: ServerOptions) -> PromptedLM:
@@ -63,7 +65,8 @@ async def serve(
     """Load (unless ``lm`` is given), listen, call ``on_ready(port)``, serve until ``stop`` is set, drain."""
     if lm is None:
         lm = await asyncio.get_running_loop().run_in_executor(None, load_model, opts)
-    worker = ModelWorker(max_queue=opts.max_queue, num_threads=opts.threads)  # torch threads are process-wide
+    worker = ModelWorker(max_queue=opts.max_queue, num_threads=opts.threads,  # torch threads are process-wide
+                         before_job=opts.before_job)
     limits = ServiceLimits(
         max_prompt_tokens=min(opts.max_prompt_tokens, lm.max_prompt_tokens),
         max_candidates=opts.max_candidates,

@@ -3,6 +3,10 @@
 Concurrent requests are queued in arrival order (each request is already micro-batched by the model);
 when the queue is full the request is refused with :class:`Overloaded` (503) so clients back off
 instead of piling up unbounded memory.
+
+``before_job`` runs on the worker thread before each job. Tests pass a gate
+(:class:`server_stub.testing.RequestGate`, or ``--test-gate FIFO`` for a subprocess) that holds a job until
+the test releases it, so "a request is in flight" is an event they wait for, never a guess about time.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ _STOP = object()
 class ModelWorker:
     """Runs callables one at a time on a dedicated thread; ``submit`` returns an awaitable result."""
 
-    def __init__(self, max_queue: int = 64, num_threads: int | None = None, name: str = "model-worker"):
+    def __init__(self, max_queue: int = 64, num_threads: int | None = None, name: str = "model-worker",
+                 before_job: Callable[[], None] | None = None):
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._num_threads = num_threads
+        self._before_job = before_job
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -42,6 +48,8 @@ class ModelWorker:
             if future.cancelled():
                 continue
             try:
+                if self._before_job is not None:
+                    self._before_job()
                 result = fn(*args, **kwargs)
             except BaseException as exc:  # delivered to the awaiting request handler
                 loop.call_soon_threadsafe(_set_exception, future, exc)

@@ -7,9 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import httpx
@@ -20,33 +18,33 @@ from bbt_client.protocol import ScoreRequest, ShallowPrompt, Tensor
 from server_stub.__main__ import parse_args
 from server_stub.batching import ModelWorker
 from server_stub.errors import Overloaded
+from server_stub.gate import RequestGate
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_worker_runs_jobs_in_order_and_refuses_when_queue_full():
-    worker = ModelWorker(max_queue=1)
-    gate = threading.Event()
+    gate = RequestGate()
+    worker = ModelWorker(max_queue=1, before_job=gate)
     order: list[int] = []
 
     def job(i: int) -> int:
-        if i == 0:
-            gate.wait(10)
         order.append(i)
         return i * 10
 
     try:
         first = asyncio.ensure_future(worker.submit(job, 0))
-        await asyncio.sleep(0.2)  # the worker is now blocked inside job 0; the queue is empty
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait_entered, 1)  # job 0 holds the worker
         second = asyncio.ensure_future(worker.submit(job, 1))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one loop turn: the task runs up to its await, job 1 is now queued
+        assert worker.pending == 1
         with pytest.raises(Overloaded):
             await worker.submit(job, 2)
-        gate.set()
+        gate.release(2)
         assert await first == 0 and await second == 10
         assert order == [0, 1]
     finally:
-        gate.set()
+        gate.open()
         worker.close()
 
 
@@ -70,82 +68,102 @@ def test_cli_defaults_and_api_key_from_env(monkeypatch):
         parse_args(["--api-key-env", "MY_KEY"])
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_bert_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def _read_until(stream, marker: str) -> list[str]:
+    """Lines of ``stream`` up to and including the first that contains ``marker`` (EOF: assertion error)."""
+    lines = []
+    for line in stream:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} never appeared; output was:\n{''.join(lines)}")
+
+
+def _score_body(C: int = 3, N: int = 4) -> str:
+    arr = np.random.default_rng(0).normal(0, 0.5, (C, 4, 32)).astype(np.float32)
+    return ScoreRequest(template="{text} It was {mask} .", texts=["a sentence to score"] * N,
+                        label_words=["great", "bad"],
+                        prompt=ShallowPrompt(candidates=Tensor.from_array(arr))).model_dump_json()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_bert_dir, tmp_path):
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TEST_KEY": "abc"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "server_stub", "--model", str(tiny_bert_dir), "--port", "0", "--threads", "1",
-         "--api-key-env", "TEST_KEY"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**env, "TEST_KEY": "abc"},
+         "--api-key-env", "TEST_KEY", "--test-gate", str(fifo)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
     )
     try:
         line = proc.stdout.readline()
         assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
         url = line.split()[1]
-        # Enough work that the request is still running when SIGTERM arrives.
-        arr = np.random.default_rng(0).normal(0, 0.5, (40, 4, 32)).astype(np.float32)
-        req = ScoreRequest(template="{text} It was {mask} .", texts=["a long enough sentence to score " * 8] * 40,
-                           label_words=["great", "bad"], prompt=ShallowPrompt(candidates=Tensor.from_array(arr)))
         headers = {"Authorization": "Bearer abc", "content-type": "application/json"}
         with ThreadPoolExecutor(1) as pool:
-            def post():
-                r = httpx.post(url + "/v1/score", content=req.model_dump_json(), headers=headers, timeout=120)
-                return r, time.monotonic()
-
-            pending = pool.submit(post)
-            time.sleep(0.5)
-            signalled_at = time.monotonic()
+            pending = pool.submit(httpx.post, url + "/v1/score", content=_score_body(), headers=headers, timeout=120)
+            log = _read_until(proc.stderr, "test-gate: holding job 1")  # the request is inside the model now
             proc.send_signal(signal.SIGTERM)
-            resp, answered_at = pending.result()
+            log += _read_until(proc.stderr, "shutting down")  # the server has begun its shutdown...
+            assert not pending.done()  # ...and the request is still held, so it is in flight by construction
+            with open(fifo, "wb") as gate:
+                gate.write(b"x")  # let the held request finish
+            resp = pending.result()
         assert resp.status_code == 200, resp.text
-        assert answered_at > signalled_at, "request finished before SIGTERM: make it bigger"
-        assert resp.json()["usage"]["sequences"] == 40 * 40
+        assert resp.json()["usage"]["sequences"] == 3 * 4
         assert proc.wait(timeout=60) == 0
-        err = proc.stderr.read()
-        assert "shutting down" in err and "abc" not in err  # the API key is never logged
-        assert "sentence to score" not in err  # nor request bodies
+        err = "".join(log) + proc.stderr.read()
+        assert "abc" not in err  # the API key is never logged
+        assert "a sentence to score" not in err  # nor request bodies
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def _heavy_request(C: int = 48, N: int = 48) -> str:
-    arr = np.random.default_rng(1).normal(0, 0.5, (C, 4, 32)).astype(np.float32)
-    return ScoreRequest(template="{text} It was {mask} .", texts=["a long enough sentence to score " * 8] * N,
-                        label_words=["great", "bad"],
-                        prompt=ShallowPrompt(candidates=Tensor.from_array(arr))).model_dump_json()
-
-
 def test_event_loop_stays_responsive_while_the_model_works(tiny_bert_dir):
     from server_stub.testing import run_server
 
-    with run_server(tiny_bert_dir, threads=1) as url:
-        with ThreadPoolExecutor(1) as pool:
-            started = time.monotonic()
-            heavy = pool.submit(httpx.post, url + "/v1/score", content=_heavy_request(),
-                                headers={"content-type": "application/json"}, timeout=120)
-            time.sleep(0.3)
-            t0 = time.monotonic()
-            assert httpx.get(url + "/v1/health", timeout=10).status_code == 200
-            health_latency = time.monotonic() - t0
-            assert heavy.result().status_code == 200
-            heavy_time = time.monotonic() - started
-        assert health_latency < 0.5 < heavy_time, (health_latency, heavy_time)
+    gate = RequestGate()
+    with run_server(tiny_bert_dir, threads=1, before_job=gate) as url:
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                heavy = pool.submit(httpx.post, url + "/v1/score", content=_score_body(),
+                                    headers={"content-type": "application/json"}, timeout=120)
+                gate.wait_entered(1)  # the model thread is busy with the score request, and stays so
+                assert httpx.get(url + "/v1/health", timeout=30).status_code == 200
+                assert httpx.get(url + "/v1/model", timeout=30).status_code == 200
+                assert not heavy.done()
+                gate.release()
+                assert heavy.result().status_code == 200
+        finally:
+            gate.open()
 
 
 def test_full_queue_answers_503_overloaded_and_later_requests_succeed(tiny_bert_dir):
     from server_stub.testing import run_server
 
-    with run_server(tiny_bert_dir, threads=1, max_queue=1) as url:
-        body = _heavy_request(C=24, N=24)
-        post = lambda: httpx.post(url + "/v1/score", content=body,  # noqa: E731
-                                  headers={"content-type": "application/json"}, timeout=120)
-        with ThreadPoolExecutor(5) as pool:
-            statuses = [f.result() for f in [pool.submit(post) for _ in range(5)]]
-        codes = sorted(r.status_code for r in statuses)
-        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
-        assert all(r.json()["error"]["code"] == "overloaded" for r in statuses if r.status_code == 503)
-        assert post().status_code == 200
+    gate = RequestGate()
+    body = _score_body()
+    post = lambda: httpx.post(url + "/v1/score", content=body,  # noqa: E731
+                              headers={"content-type": "application/json"}, timeout=120)
+    with run_server(tiny_bert_dir, threads=1, max_queue=1, before_job=gate) as url:
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                held = pool.submit(post)
+                gate.wait_entered(1)  # request 1 holds the model; the queue (size 1) is empty
+                others = [pool.submit(post), pool.submit(post)]
+                # Nothing can finish while the gate is shut, so the first answer is the refusal: one of the two
+                # found the queue already full; the other is queued.
+                done, _ = wait(others, return_when=FIRST_COMPLETED)
+                refused = done.pop().result()
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+                gate.release(2)
+                queued = next(f for f in others if f.result() is not refused).result()
+                assert held.result().status_code == 200 and queued.status_code == 200
+            gate.release()
+            assert post().status_code == 200
+        finally:
+            gate.open()
 
 
 def test_spawn_server_serves_then_stops(tiny_bert_dir):

@@ -11,7 +11,8 @@ Each request whose path matches ``fault_paths`` takes the next fault from :attr:
 - ``"truncate"``: forward, then send the headers and only half of the body, and close.
 - ``"drop"``: close the connection without any answer (the request is not forwarded).
 - ``"drop_after"``: forward (the server does the work), then close without answering.
-- ``"slow:SECONDS"``: wait, then forward.
+- ``"hang"``: never answer; wait until the client gives up and closes the connection (its timeout fires
+  by construction, whatever the machine's speed).
 - ``"nan"``: forward, then replace the score logits with NaN of the same shape.
 - ``"shape"``: forward, then replace the score logits with an array of a different shape.
 - ``"garbage"``: answer 200 with a body that is not JSON.
@@ -64,14 +65,15 @@ class FaultyProxy:
                 fault = self.faults.pop(0) if (path in self.fault_paths and self.faults) else "ok"
                 if fault != "ok":
                     self.applied[fault.split(":")[0]] += 1
-                if not await self._answer(fault, path, head, body, writer):
+                if not await self._answer(fault, path, head, body, reader, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            return  # client gone, or the proxy is shutting down mid-fault (e.g. during a slow:N sleep)
+            return  # client gone, or the proxy is shutting down mid-fault (e.g. during a hang)
         finally:
             writer.close()
 
-    async def _answer(self, fault: str, path: str, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(self, fault: str, path: str, head: bytes, body: bytes, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bool:
         """Write the (possibly faulty) answer; returns whether the connection stays open."""
         kind, _, arg = fault.partition(":")
         if kind == "drop":
@@ -87,8 +89,9 @@ class FaultyProxy:
             writer.write(_response(200, b"<html>not json</html>"))
             await writer.drain()
             return True
-        if kind == "slow":
-            await asyncio.sleep(float(arg))
+        if kind == "hang":
+            await reader.read()  # until EOF: the client timed out and closed
+            return False
         status, resp_head, resp_body = await self._forward(head, body)
         self.forwarded[path] += 1
         if kind == "drop_after":

@@ -190,11 +190,16 @@ async def test_concurrency_limit_is_respected():
     active = 0
     peak = 0
 
+    two_inside = asyncio.Event()
+
     async def slow(request):
         nonlocal active, peak
         active += 1
         peak = max(peak, active)
-        await asyncio.sleep(0.01)
+        if active == 2:
+            two_inside.set()
+        await two_inside.wait()  # nobody leaves until two are inside at once: the limit is reached, not raced
+        await asyncio.sleep(0)
         active -= 1
         return httpx.Response(200, json={"value": 1})
 
