@@ -8,17 +8,19 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: install tune test bench clean
 
+# Quiet on purpose (-qq: pip's errors still print): a first `make tune` should show progress, not pip's chatter.
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch==2.13.0 first and in the same resolve: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[server,gdfo,plot,dev]"
-	touch $(STAMP)
+	@echo "installing bbt-client and its extras into $(VENV) (first run only, ~2 min)"
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -qq --upgrade pip
+	@# torch==2.13.0 first and in the same resolve: an unpinned torch would pull a multi-GB CUDA build.
+	@$(BIN)/python -m pip install -qq "torch==2.13.0" -e ".[server,gdfo,plot,dev]"
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 tune: $(STAMP)
-	$(BIN)/python examples/tune_local.py --task agnews --out runs/agnews-42-$$(date +%Y%m%d-%H%M%S)
+	@$(BIN)/python examples/tune_local.py --task agnews --out runs/agnews-42-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -258,7 +258,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     rows = [load_result(r).model_dump(mode="json", exclude={"config"}) for r in args.run]
     print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
+    if not args.json:
+        for run, row in zip(args.run, rows):
+            for line in _accounting_notes(row):
+                print(f"{run}: {line}")
     return 0
+
+
+def _accounting_notes(row: dict[str, Any]) -> list[str]:
+    """Where the endpoint's own count differs from the client's, and what crashes cost: said, not hidden."""
+    notes = []
+    rep, lost = row.get("endpoint_reported") or {}, row.get("lost_to_crashes") or {}
+    if rep.get("calls") and rep["calls"] != row["api_calls_used"] - int(lost.get("calls", 0)):
+        notes.append(f"the endpoint reported {rep['calls']} calls served; the client counted "
+                     f"{row['api_calls_used'] - int(lost.get('calls', 0))} answered")
+    if rep.get("tokens") and rep["tokens"] != row["tokens_used"] - int(lost.get("tokens", 0)):
+        notes.append(f"the endpoint reported {rep['tokens']} tokens; the client counted "
+                     f"{row['tokens_used'] - int(lost.get('tokens', 0))} for answered requests")
+    if lost.get("calls") or lost.get("tokens"):
+        notes.append(f"{int(lost.get('calls', 0))} calls and {int(lost.get('tokens', 0))} tokens were spent on work a "
+                     "crash lost (included in the *_used figures)")
+    return notes
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
 from bbt_client.budget import Budget, BudgetUsage, Reservation
 from bbt_client.config import TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
+from bbt_client.ledger import BudgetLedger, LedgerTotals
 from bbt_client.losses import accuracy, cross_entropy, hinge
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_tuner
@@ -65,6 +66,31 @@ class _State:
     zero_shot_test_accuracy: float | None = None
     zero_shot_dev_accuracy: float | None = None
     wall_seconds: float = 0.0
+    #: Spent on requests whose results a crash lost (cumulative over resumes; see :mod:`bbt_client.ledger`).
+    lost_to_crashes: BudgetUsage = dataclasses.field(default_factory=BudgetUsage)
+    #: What the endpoint itself reported spending (calls, tokens) beside the client's own count.
+    endpoint_calls: int = 0
+    endpoint_tokens: int = 0
+
+    def __setstate__(self, state: dict) -> None:
+        """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
+        self.__dict__.update(dataclasses.asdict(_State()) | {"lost_to_crashes": BudgetUsage()} | state)
+
+
+def _account_crash(ledger: BudgetLedger, counted: BudgetUsage, st: _State) -> BudgetUsage:
+    """What a (resumed) run has spent: the ledger's total, which includes work a crash lost after the last
+    checkpoint (``counted``); that difference is added to ``st.lost_to_crashes``."""
+    totals: LedgerTotals = ledger.totals()
+    if totals.next_id == 0 and counted.calls + counted.tokens > 0:
+        ledger.open_with(counted)  # a checkpoint from before ledgers existed: start the ledger from it
+        return counted.model_copy()
+    spent = totals.spent
+    lost = st.lost_to_crashes
+    lost.calls += max(0, spent.calls - counted.calls)
+    lost.tokens += max(0, spent.tokens - counted.tokens)
+    lost.cost += max(0.0, spent.cost - counted.cost)
+    return BudgetUsage(calls=max(spent.calls, counted.calls), tokens=max(spent.tokens, counted.tokens),
+                       cost=max(spent.cost, counted.cost))
 
 
 def _loss_fn(name: str):
@@ -101,14 +127,16 @@ class TuningJob:
 
     async def run(self, resume: bool = False) -> RunResult:
         cfg = self.config
+        ledger = None
         if self.run_dir is not None:
             ckpt.ensure_writable_dir(self.run_dir)  # fail before spending anything
             if not resume:
                 ckpt.refuse_existing_run(self.run_dir)
+            ledger = BudgetLedger(self.run_dir)
         saved = self._load_resume_state() if resume else None
         backend = self._backend or make_backend(cfg.endpoint, api_key=self._api_key)
         try:
-            return await self._run(backend, saved)
+            return await self._run(backend, saved, ledger)
         finally:
             if self._owns_backend:
                 await backend.aclose()
@@ -118,6 +146,8 @@ class TuningJob:
     def _load_resume_state(self) -> dict[str, Any]:
         if self.run_dir is None:
             raise ConfigError("--resume needs an output directory")
+        if ckpt.crashed_before_first_checkpoint(self.run_dir):
+            return None  # start from scratch; the ledger keeps what the crashed attempt spent
         saved = ckpt.load_checkpoint(self.run_dir)
         if saved["fingerprint"] != self.config.fingerprint():
             raise ConfigError(
@@ -126,7 +156,7 @@ class TuningJob:
             )
         return saved
 
-    async def _run(self, backend: Backend, saved: dict[str, Any] | None) -> RunResult:
+    async def _run(self, backend: Backend, saved: dict[str, Any] | None, ledger: BudgetLedger | None) -> RunResult:
         cfg = self.config
         t_start = time.monotonic()
         info = await backend.model_info()
@@ -139,17 +169,22 @@ class TuningJob:
                 f"method {cfg.method!r} needs {tuner.prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
                 f"backend cannot send (it supports: {', '.join(sorted(backend.supported_prompts))})"
             )
-        budget = Budget(cfg.budget)
         st = _State()
+        counted = BudgetUsage()  # what the checkpoint knows was spent
         if saved is not None:
             tuner.load_state_dict(saved["tuner"])
-            budget = Budget(cfg.budget, BudgetUsage.model_validate(saved["budget"]))
+            counted = BudgetUsage.model_validate(saved["budget"])
             st = saved["loop"]
-            log.info("resumed at generation %d (%d calls used)", st.generation, budget.used.calls)
+        budget = Budget(cfg.budget, counted)
+        if ledger is not None:
+            budget = Budget(cfg.budget, _account_crash(ledger, counted, st))
+        if saved is not None or budget.used.calls:
+            log.info("resumed at generation %d (%d calls used, %d of them lost to crashes)", st.generation,
+                     budget.used.calls, st.lost_to_crashes.calls)
         wall_before = st.wall_seconds
         elapsed = lambda: wall_before + (time.monotonic() - t_start)  # noqa: E731
 
-        ctx = _Context(self, backend, budget, tuner, data, info, st, elapsed)
+        ctx = _Context(self, backend, budget, tuner, data, info, st, elapsed, ledger)
         stop = await ctx.loop()
         return await ctx.finish(stop)
 
@@ -164,8 +199,9 @@ class _Context:
     """The pieces of one run, so the loop's steps read as short methods."""
 
     def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner,
-                 data: TaskData, info: ModelInfo, st: _State, elapsed: Callable[[], float]):
-        self.job, self.cfg, self.backend, self.budget = job, job.config, backend, budget
+                 data: TaskData, info: ModelInfo, st: _State, elapsed: Callable[[], float],
+                 ledger: BudgetLedger | None = None):
+        self.job, self.cfg, self.backend, self.budget, self.ledger = job, job.config, backend, budget, ledger
         self.tuner, self.data, self.info, self.st, self.elapsed = tuner, data, info, st, elapsed
         self.loss_fn = _loss_fn(self.cfg.loss)
         self.final_calls = 1 + (1 if self.cfg.evaluate_test else 0)  # last dev check + test evaluation
@@ -197,19 +233,34 @@ class _Context:
         if cap is not None:
             raise BudgetExhausted(cap, f"not enough {cap} budget left for the next step")
         r: Reservation = self.budget.reserve(job.num_calls, tokens)
+        rid = self.ledger.reserve(r, split_name) if self.ledger is not None else None  # durable before sending
         remaining = None
         if self.budget.limits.wall_seconds is not None:
             remaining = max(0.0, self.budget.limits.wall_seconds - self.elapsed())
         try:
             result = await asyncio.wait_for(self.backend.score(job), timeout=remaining)
         except asyncio.TimeoutError:
-            self.budget.commit(r)  # the endpoint may have done the work: count it
+            self._spend(r, rid)  # the endpoint may have done the work: count it
             raise BudgetExhausted("time", "wall-time cap reached while a request was in flight") from None
-        except BaseException:
-            self.budget.release(r)
+        except Exception:
+            self.budget.release(r)  # answered with an error or never reached: nothing to bill
+            if rid is not None:
+                self.ledger.release(rid)
             raise
-        self.budget.commit(r, tokens=result.tokens if result.tokens else None)
+        except BaseException:
+            self._spend(r, rid)  # cancelled or interrupted mid-flight: the endpoint may have done the work
+            raise
+        self._spend(r, rid, result.tokens if result.tokens else None)
+        self.st.endpoint_calls += result.endpoint_calls if result.endpoint_calls is not None else job.num_calls
+        self.st.endpoint_tokens += int(result.tokens)
         return result.logits
+
+    def _spend(self, r: Reservation, rid: int | None, tokens: int | None = None) -> None:
+        """Commit ``r`` in memory and settle it in the ledger at the same figures."""
+        self.budget.commit(r, tokens=tokens)
+        if rid is not None:
+            t = r.tokens if tokens is None else int(tokens)
+            self.ledger.settle(rid, t, self.budget.cost_of(t))
 
     async def evaluate(self, split_name: str, prompt: np.ndarray | None, reserve_after: int = 0) -> tuple[float, float]:
         logits = await self.score(split_name, _prompt_batch(self.tuner.prompt_kind if prompt is not None else "none",
@@ -329,6 +380,8 @@ class _Context:
             test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},
+            lost_to_crashes=st.lost_to_crashes.model_dump(exclude={"wall_seconds"}),
+            endpoint_reported={"calls": st.endpoint_calls, "tokens": st.endpoint_tokens},
             config=cfg.model_dump(mode="json"),
         )
 

@@ -66,6 +66,10 @@ class RunResult(BaseModel):
     prompt_shape: list[int] | None
     prompt_sha256: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    #: Calls/tokens/cost spent on requests whose results a crash lost (counted in the *_used figures).
+    lost_to_crashes: dict[str, float] = Field(default_factory=dict)
+    #: What the endpoint reported serving (calls, tokens) beside the client's own count (*_used).
+    endpoint_reported: dict[str, int] = Field(default_factory=dict)
     config: dict[str, Any]
 
 

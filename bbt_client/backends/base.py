@@ -35,11 +35,14 @@ class ScoreJob:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """``logits`` (C, N, K) float32, finite; ``tokens`` processed as the endpoint metered them."""
+    """``logits`` (C, N, K) float32, finite; ``tokens`` processed as the endpoint metered them (0: not reported);
+    ``endpoint_calls``: the calls the endpoint says it served (protocol v1 ``usage.candidates``), None when it
+    does not say."""
 
     logits: np.ndarray
     tokens: int
     extra: dict = field(default_factory=dict)
+    endpoint_calls: int | None = None
 
 
 class Backend(abc.ABC):

@@ -153,21 +153,22 @@ class ServerBackend(HttpBackend):
             base_digest = tensor_digest(prompts.base)
         batch_id = uuid.uuid4().hex[:16]
         logits = np.empty((C, N, K), dtype=np.float32)
-        tokens = 0
+        tokens = served = 0
 
         async def run(i: int, tile: tuple[int, int, int, int]) -> None:
-            nonlocal tokens
+            nonlocal tokens, served
             c0, c1, n0, n1 = tile
             resp = await self._send_tile(job, tile, base_digest, f"{batch_id}-{i}")
             logits[c0:c1, n0:n1] = self._checked_logits(resp, (c1 - c0, n1 - n0, K), f"{batch_id}-{i}")
             tokens += int(resp.usage.tokens_processed)
+            served += int(resp.usage.candidates)
 
         start = 0
         if base_digest is not None and base_digest not in self._sent_digests and tiles:
             await run(0, tiles[0])  # teach the server the base once, then let the rest refer to it
             start = 1
         await asyncio.gather(*(run(i, t) for i, t in enumerate(tiles) if i >= start))
-        return ScoreResult(logits=logits, tokens=tokens, extra={"requests": len(tiles)})
+        return ScoreResult(logits=logits, tokens=tokens, extra={"requests": len(tiles)}, endpoint_calls=served)
 
     def _chunk_sizes(self, job: ScoreJob, info: ModelInfo) -> tuple[int, int]:
         """Largest (candidates, texts) per request inside the server's limits and body-size estimate."""
