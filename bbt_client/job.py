@@ -26,7 +26,7 @@ from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, Uns
 from bbt_client.ledger import BudgetLedger, LedgerTotals
 from bbt_client.losses import accuracy, cross_entropy, hinge
 from bbt_client.methods.base import Tuner
-from bbt_client.methods.registry import make_tuner
+from bbt_client.methods.registry import make_config, make_tuner
 from bbt_client.protocol import ModelInfo
 from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks import TaskData, load_task_data
@@ -97,12 +97,26 @@ def _loss_fn(name: str):
     return cross_entropy if name == "ce" else hinge
 
 
-def _prompt_batch(kind: str, prompt: np.ndarray | None) -> PromptBatch:
+def _prompt_batch(kind: str, prompt: np.ndarray | None, method_config: Any = None) -> PromptBatch:
+    """One prompt as a single-candidate batch, in the prompt mode (and slot tokens) of the method's config."""
     if prompt is None:
         return PromptBatch.zero_shot()
+    slots = {"mode": getattr(method_config, "prompt_mode", "replace"),
+             "slot_token_ids": getattr(method_config, "slot_token_ids", None)}
     if kind == "deep":
-        return PromptBatch(kind="deep", base=np.asarray(prompt, dtype=np.float32))
-    return PromptBatch(kind="shallow", candidates=np.asarray(prompt, dtype=np.float32)[None])
+        return PromptBatch(kind="deep", base=np.asarray(prompt, dtype=np.float32), **slots)
+    return PromptBatch(kind="shallow", candidates=np.asarray(prompt, dtype=np.float32)[None], **slots)
+
+
+async def _measured_model_info(backend: Backend, info: ModelInfo, method_config: Any, data: TaskData) -> ModelInfo:
+    """``info`` with ``hidden_std`` measured on the job's own training texts when the method asks for it
+    (``hidden_std_source="train"``, the reference BBTv2 code's statistics); deterministic, so resumes agree."""
+    if getattr(method_config, "hidden_std_source", "model") != "train":
+        return info
+    stats = await backend.layer_stats(
+        template=data.task.template, texts=list(data.train.texts), text_pairs=data.train.text_pairs,
+        prompt_tokens=method_config.prompt_tokens, slot_token_ids=method_config.slot_token_ids)
+    return info.model_copy(update={"hidden_std": stats})
 
 
 class TuningJob:
@@ -161,9 +175,9 @@ class TuningJob:
         t_start = time.monotonic()
         info = await backend.model_info()
         data = load_task_data(cfg.task, cfg.seed)
-        tuner = make_tuner(
-            cfg.method, info, cfg.method_options, cfg.seed, task=data.task, train=data.train
-        )
+        method_config = make_config(cfg.method, cfg.method_options)
+        info = await _measured_model_info(backend, info, method_config, data)
+        tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
         if tuner.prompt_kind not in backend.supported_prompts:
             raise UnsupportedError(
                 f"method {cfg.method!r} needs {tuner.prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
@@ -263,8 +277,8 @@ class _Context:
             self.ledger.settle(rid, t, self.budget.cost_of(t))
 
     async def evaluate(self, split_name: str, prompt: np.ndarray | None, reserve_after: int = 0) -> tuple[float, float]:
-        logits = await self.score(split_name, _prompt_batch(self.tuner.prompt_kind if prompt is not None else "none",
-                                                             prompt), reserve_after)
+        batch = _prompt_batch(self.tuner.prompt_kind, prompt, getattr(self.tuner, "config", None))
+        logits = await self.score(split_name, batch, reserve_after)
         labels = getattr(self.data, split_name).labels
         return float(accuracy(logits, labels)[0]), float(self.loss_fn(logits, labels)[0])
 
@@ -405,7 +419,8 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
     backend = backend or make_backend(cfg.endpoint)
     try:
         job = ScoreJob(template=data.task.template, texts=data.test.texts, text_pairs=data.test.text_pairs,
-                       label_words=data.task.label_words, prompts=_prompt_batch(result.prompt_kind, prompt))
+                       label_words=data.task.label_words,
+                       prompts=_prompt_batch(result.prompt_kind, prompt, make_config(cfg.method, cfg.method_options)))
         scored = await backend.score(job)
     finally:
         if owns:

@@ -120,6 +120,11 @@ class ModelInfo(_Model):
     max_body_bytes: int
     #: Relative cost hint: tokens processed per request are reported in usage either way.
     device: str
+    #: Prompt modes this server understands (older servers: replace only).
+    prompt_modes: list[PromptMode] = Field(default_factory=lambda: ["replace"])
+    #: Token ids the slots hold in ``add`` mode when a request names none (the first ``max_prompt_tokens``;
+    #: a prompt of n tokens uses the first n).
+    default_slot_token_ids: list[int] | None = None
 
     @model_validator(mode="after")
     def _check_layers(self) -> "ModelInfo":
@@ -167,15 +172,36 @@ class NoPrompt(_Model):
     kind: Literal["none"] = "none"
 
 
-class ShallowPrompt(_Model):
-    """BBT: ``candidates`` (C, n, D) replace the input word embeddings of n prompt slots."""
+#: How a prompt acts on its n slots (see docs/protocol.md "Prompt modes"):
+#: - ``replace``: the slots hold nothing of their own; layer 0's prompt replaces their *word* embeddings (position
+#:   and type embeddings and the embedding LayerNorm still apply) and layer l >= 1's replaces layer l's input;
+#: - ``add``: the slots hold real tokens (``slot_token_ids``, or the server's defaults); each layer's prompt is
+#:   *added* to the slot states — layer 0's to the embedding output after its LayerNorm — so an all-zero prompt
+#:   is exactly the unprompted model reading those tokens (the BBT/BBTv2 reference code's ``cat_or_add="add"``).
+PromptMode = Literal["replace", "add"]
+
+
+class _SlotSpec(_Model):
+    mode: PromptMode = "replace"
+    #: ``add`` only: the n token ids the slots hold; None = the server's defaults (``/v1/model`` names them).
+    slot_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=4096)
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> "_SlotSpec":
+        if self.slot_token_ids is not None and self.mode != "add":
+            raise ValueError("slot_token_ids are only meaningful with mode 'add'")
+        return self
+
+
+class ShallowPrompt(_SlotSpec):
+    """BBT: ``candidates`` (C, n, D) act on the n prompt slots at the input layer (see :data:`PromptMode`)."""
 
     kind: Literal["shallow"] = "shallow"
     candidates: Tensor
 
 
-class DeepPrompt(_Model):
-    """BBTv2: prompts at every layer; index 0 is the input embeddings, l >= 1 replace layer l's input.
+class DeepPrompt(_SlotSpec):
+    """BBTv2: prompts at every layer; index 0 acts at the input embeddings, l >= 1 on layer l's input.
 
     Two forms:
     - ``candidates`` (C, L, n, D) and no ``base``: every layer of every candidate is sent;
@@ -220,6 +246,8 @@ class PromptBatch:
     candidates: np.ndarray | None = None
     base: np.ndarray | None = None
     layer: int | None = None
+    mode: PromptMode = "replace"
+    slot_token_ids: tuple[int, ...] | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -279,6 +307,31 @@ class ScoreRequest(_Model):
         if len(set(self.label_words)) != len(self.label_words):
             raise ValueError("label_words must be distinct")
         return self
+
+
+class LayerStatsRequest(_Model):
+    """Ask the server for the scale of each layer's input on *these* texts (``POST /v1/layer_stats``).
+
+    BBTv2's designed projection scales layer l's prompt by σ̂_l; the reference code measures σ̂_l on the job's own
+    few-shot training batch in its template, prompt slots included (holding ``slot_token_ids`` or the server's
+    defaults, nothing added), clipping outliers at μ ± ``clip_sigmas``·σ for ``clip_rounds`` rounds first.
+    """
+
+    template: str = Field(min_length=1, max_length=2000)
+    texts: list[Annotated[str, Field(max_length=100_000)]] = Field(min_length=1, max_length=4096)
+    text_pairs: list[Annotated[str, Field(max_length=100_000)]] | None = None
+    prompt_tokens: int = Field(ge=1, le=4096)
+    slot_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=4096)
+    clip_rounds: int = Field(default=5, ge=0, le=50)
+    clip_sigmas: float = Field(default=3.0, gt=0)
+
+
+class LayerStatsResponse(_Model):
+    #: Length L. Entry 0: std of the word-embedding matrix (what the reference scales layer 0 by); entry l >= 1:
+    #: std over every position of every text of layer l's input, after the clipping rounds.
+    hidden_std: list[float]
+    texts: int
+    tokens: int
 
 
 class Usage(_Model):

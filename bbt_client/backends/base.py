@@ -64,6 +64,14 @@ class Backend(abc.ABC):
         Must raise :class:`~bbt_client.errors.ProtocolError` rather than return NaN or wrongly shaped logits.
         """
 
+    async def layer_stats(self, *, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None,
+                          prompt_tokens: int, slot_token_ids: Sequence[int] | None) -> list[float]:
+        """Per-layer σ̂ measured on ``texts`` (see :class:`~bbt_client.protocol.LayerStatsRequest`)."""
+        from bbt_client.errors import UnsupportedError
+
+        raise UnsupportedError(f"the {type(self).__name__} endpoint cannot measure hidden-state statistics; "
+                               "use hidden_std_source='model'")
+
     def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int]) -> int:
         """Upper-bound estimate of tokens ``job`` will be billed, for reserving budget before the call.
 

@@ -30,6 +30,8 @@ from bbt_client.protocol import (
     TEXT_B_SLOT,
     TEXT_SLOT,
     DeepPrompt,
+    LayerStatsRequest,
+    LayerStatsResponse,
     ModelInfo,
     NoPrompt,
     ScoreRequest,
@@ -125,6 +127,22 @@ class ServerBackend(HttpBackend):
         self._tokenize_cache[key] = result
         return result
 
+    async def layer_stats(self, *, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None,
+                          prompt_tokens: int, slot_token_ids: Sequence[int] | None) -> list[float]:
+        info = await self.model_info()
+        if "add" not in info.prompt_modes:
+            raise UnsupportedError("this server predates /v1/layer_stats (it has no 'add' prompt mode); "
+                                   "use hidden_std_source='model'")
+        req = LayerStatsRequest(template=template, texts=list(texts),
+                                text_pairs=list(text_pairs) if text_pairs is not None else None,
+                                prompt_tokens=prompt_tokens,
+                                slot_token_ids=list(slot_token_ids) if slot_token_ids else None)
+        resp = await self.http.request("POST", "/v1/layer_stats", json_body=req.model_dump(mode="json", exclude_none=True),
+                                       model=LayerStatsResponse)
+        if len(resp.hidden_std) != info.num_layers or not all(math.isfinite(v) and v > 0 for v in resp.hidden_std):
+            raise ProtocolError(f"/v1/layer_stats answered {resp.hidden_std!r} for a {info.num_layers}-layer model")
+        return list(resp.hidden_std)
+
     def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int]) -> int:
         """Upper bound of ``tokens_processed`` the server will meter: per candidate and text,
         prompt tokens + text tokens (+ pair tokens are included in counts if the caller passes them) +
@@ -207,14 +225,15 @@ class ServerBackend(HttpBackend):
         dt = self.prompt_dtype
         if p.kind == "none":
             return NoPrompt()
+        slots = {"mode": p.mode, "slot_token_ids": list(p.slot_token_ids) if p.slot_token_ids else None}
         if p.kind == "shallow":
-            return ShallowPrompt(candidates=Tensor.from_array(p.candidates[c0:c1], dt))
+            return ShallowPrompt(candidates=Tensor.from_array(p.candidates[c0:c1], dt), **slots)
         if p.base is None:
-            return DeepPrompt(candidates=Tensor.from_array(p.candidates[c0:c1], dt))
+            return DeepPrompt(candidates=Tensor.from_array(p.candidates[c0:c1], dt), **slots)
         ref = TensorRef(sha256=base_digest, tensor=Tensor.from_array(p.base, dt) if with_base else None)
         if p.layer is None:
-            return DeepPrompt(base=ref)
-        return DeepPrompt(base=ref, layer=p.layer, candidates=Tensor.from_array(p.candidates[c0:c1], dt))
+            return DeepPrompt(base=ref, **slots)
+        return DeepPrompt(base=ref, layer=p.layer, candidates=Tensor.from_array(p.candidates[c0:c1], dt), **slots)
 
     async def _send_tile(self, job: ScoreJob, tile, base_digest: str | None, request_id: str) -> ScoreResponse:
         c0, c1, n0, n1 = tile
@@ -229,7 +248,10 @@ class ServerBackend(HttpBackend):
                 prompt=self._prompt_spec(job, c0, c1, base_digest, send_base),
                 request_id=request_id,
             )
-            return req.model_dump(mode="json", exclude_none=True)
+            out = req.model_dump(mode="json", exclude_none=True)
+            if out["prompt"].get("mode") == "replace":
+                del out["prompt"]["mode"]  # the v1 default: servers older than prompt modes accept the request
+            return out
 
         try:
             resp = await self.http.request("POST", "/v1/score", json_body=body(with_base), model=ScoreResponse)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
@@ -51,10 +51,31 @@ class PromptSearchConfig(BaseModel):
     alpha: float = Field(1.0, gt=0)
     #: Box constraint |z_i| <= bound for CMA-ES; 0 = unbounded (the later code's default).
     bound: float = Field(0.0, ge=0)
-    #: p0: the prompt at z = 0. "normal": seeded N(0, σ̂²) per entry, a stand-in for the reference
-    #: code's embeddings of random vocabulary words (the protocol replaces, not adds, so p0 lives on
-    #: the client and we cannot read the model's embedding matrix); "zeros": p0 = 0.
+    #: p0: the prompt at z = 0 in ``replace`` mode. "normal": seeded N(0, σ̂²) per entry; "zeros": p0 = 0.
+    #: (In ``add`` mode there is no p0: the slot tokens' own states are the starting point.)
     init_prompt: Literal["normal", "zeros"] = "normal"
+    #: How prompts act on the slots (:data:`bbt_client.protocol.PromptMode`): "replace" their states, or "add"
+    #: to the states of real tokens at every layer (the reference code's default; z = 0 is the plain model).
+    prompt_mode: Literal["replace", "add"] = "replace"
+    #: ``add`` mode: the token ids the n slots hold; None = the server's defaults.
+    slot_token_ids: tuple[int, ...] | None = None
+    #: Where BBTv2's per-layer σ̂ comes from: "model" = the endpoint's figures on its reference text
+    #: (``ModelInfo.hidden_std``); "train" = measured on this job's training texts in its template, clipped
+    #: at μ ± 3σ five times (the reference code's way; needs a server with ``/v1/layer_stats``).
+    hidden_std_source: Literal["model", "train"] = "model"
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> "PromptSearchConfig":
+        if self.slot_token_ids is not None:
+            if self.prompt_mode != "add":
+                raise ValueError("slot_token_ids need prompt_mode='add'")
+            if len(self.slot_token_ids) != self.prompt_tokens:
+                raise ValueError(f"slot_token_ids has {len(self.slot_token_ids)} ids for prompt_tokens={self.prompt_tokens}")
+        return self
+
+    def wrap(self, kind: str, **arrays) -> PromptBatch:
+        """A :class:`PromptBatch` of ``kind`` carrying this config's prompt mode and slot tokens."""
+        return PromptBatch(kind=kind, mode=self.prompt_mode, slot_token_ids=self.slot_token_ids, **arrays)
 
 
 class BBTConfig(PromptSearchConfig):
@@ -73,6 +94,11 @@ def _check_tokens(config: PromptSearchConfig, model_info: ModelInfo) -> None:
             f"prompt_tokens={config.prompt_tokens} exceeds the endpoint's max_prompt_tokens="
             f"{model_info.max_prompt_tokens}; lower prompt_tokens in the method config"
         )
+    if config.prompt_mode not in model_info.prompt_modes:
+        raise ConfigError(
+            f"prompt_mode={config.prompt_mode!r} is not supported by this endpoint (it supports: "
+            f"{', '.join(model_info.prompt_modes)}); use prompt_mode='replace'"
+        )
 
 
 def _resolve_config(
@@ -90,13 +116,13 @@ def _resolve_config(
     return config
 
 
-def _make_cmaes(config: PromptSearchConfig, seed: int) -> CMAES:
-    """A CMA-ES over z (d,) from the shared settings; ``seed`` is a derive_seed value (any size),
-    folded into pycma's accepted range [1, 2**31 - 2]."""
+def _make_cmaes(config: PromptSearchConfig, seed: int, sigma0: float | None = None) -> CMAES:
+    """A CMA-ES over z (d,) from the shared settings (``sigma0`` overrides the config's); ``seed`` is a
+    derive_seed value (any size), folded into pycma's accepted range [1, 2**31 - 2]."""
     return CMAES(
         config.intrinsic_dim,
         popsize=config.popsize,
-        sigma0=config.sigma0,
+        sigma0=config.sigma0 if sigma0 is None else sigma0,
         seed=seed % (2**31 - 2) + 1,
         bounds=(-config.bound, config.bound) if config.bound > 0 else None,
     )
@@ -150,7 +176,8 @@ class BBTTuner(Tuner):
             distribution=config.projection,
             std=std,
         )
-        self.p0 = init_prompt(config.init_prompt, derive_seed(self.seed, STREAM_INIT_PROMPT), (n, D), model_info.embedding_std)
+        self.p0 = init_prompt(config.init_prompt if config.prompt_mode == "replace" else "zeros",
+                              derive_seed(self.seed, STREAM_INIT_PROMPT), (n, D), model_info.embedding_std)
         self._es = _make_cmaes(config, derive_seed(self.seed, STREAM_CMA))
         self._pending_z: np.ndarray | None = None
         self._pending_prompts: np.ndarray | None = None
@@ -194,7 +221,7 @@ class BBTTuner(Tuner):
         z = self._es.ask()
         self._pending_z = z
         self._pending_prompts = self.prompts(z)
-        return PromptBatch(kind="shallow", candidates=self._pending_prompts.copy())
+        return self.config.wrap("shallow", candidates=self._pending_prompts.copy())
 
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending_z is None:

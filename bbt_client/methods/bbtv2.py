@@ -54,6 +54,9 @@ class BBTv2Config(PromptSearchConfig):
     defaults, used here, are 1.0 and 1.0.
     """
 
+    #: CMA-ES step size for layers >= 1 (None: ``sigma0``). The reference code starts layer 0 at σ0 = 1 and
+    #: deeper layers at 0.2 while every projection keeps σ_A = σ̂/(√d·1): deeper prompts start smaller.
+    sigma0_deep: float | None = Field(None, gt=0)
     #: CMA-ES generations per layer visit before moving to the next layer (1 in the code).
     generations_per_layer: int = Field(1, ge=1)
     #: What a layer holds while others are optimised: "best" (its best-ever z, the code) or "mean".
@@ -90,13 +93,18 @@ class BBTv2Tuner(Tuner):
             for layer in range(L)
         ]
         self._cache_all = sum(p.nbytes for p in self.projections) <= config.projection_cache_mib * 2**20
+        init = config.init_prompt if config.prompt_mode == "replace" else "zeros"  # add: z = 0 is the plain model
         self.p0 = np.stack(
             [
-                init_prompt(config.init_prompt, derive_seed(self.seed, STREAM_INIT_PROMPT, layer), (n, D), self.target_std[layer])
+                init_prompt(init, derive_seed(self.seed, STREAM_INIT_PROMPT, layer), (n, D), self.target_std[layer])
                 for layer in range(L)
             ]
         )
-        self._optimisers = [_make_cmaes(config, derive_seed(self.seed, STREAM_CMA, layer)) for layer in range(L)]
+        self._optimisers = [
+            _make_cmaes(config, derive_seed(self.seed, STREAM_CMA, layer),
+                        sigma0=config.sigma0 if layer == 0 or config.sigma0_deep is None else config.sigma0_deep)
+            for layer in range(L)
+        ]
         self._base = self.p0.copy()  # (L, n, D): each layer's held prompt
         self._layer = 0
         self._visit_generations = 0  # generations done in the current layer visit
@@ -150,7 +158,7 @@ class BBTv2Tuner(Tuner):
         z = self._optimisers[self._layer].ask()
         candidates = self._project(self._layer, z)
         self._pending = (z, candidates)
-        return PromptBatch(kind="deep", base=self._base.copy(), layer=self._layer, candidates=candidates.copy())
+        return self.config.wrap("deep", base=self._base.copy(), layer=self._layer, candidates=candidates.copy())
 
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending is None:
