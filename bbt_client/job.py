@@ -317,7 +317,7 @@ class _Context:
 
     async def _generation(self, reserve_after: int) -> None:
         t0 = time.monotonic()
-        batch = self.tuner.ask()
+        batch = self.tuner.pending_batch() or self.tuner.ask()  # a budget stop may have left one asked
         logits = await self.score("train", batch, reserve_after)
         labels = self.data.train.labels
         losses = self.loss_fn(logits, labels)

@@ -33,6 +33,14 @@ class Tuner(abc.ABC):
     def ask(self) -> PromptBatch:
         """Propose the next generation. Calling ``ask`` twice without ``tell`` is an error."""
 
+    def pending_batch(self) -> PromptBatch | None:
+        """The batch of an ``ask`` not yet told, or None.
+
+        A job stopped by its budget after asking (or resumed from a checkpoint taken then) re-sends exactly
+        this batch instead of asking again, so extending the budget continues as one longer run would have.
+        """
+        return None
+
     @abc.abstractmethod
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         """Report (C,) finite losses for the last ``ask``; ``logits`` (C, N, K) for methods that learn from them.

@@ -223,6 +223,11 @@ class BBTTuner(Tuner):
         self._pending_prompts = self.prompts(z)
         return self.config.wrap("shallow", candidates=self._pending_prompts.copy())
 
+    def pending_batch(self) -> PromptBatch | None:
+        if self._pending_prompts is None:
+            return None
+        return self.config.wrap("shallow", candidates=self._pending_prompts.copy())
+
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending_z is None:
             raise ValueError("tell() without a pending ask(): call ask() first")

@@ -160,6 +160,11 @@ class BBTv2Tuner(Tuner):
         self._pending = (z, candidates)
         return self.config.wrap("deep", base=self._base.copy(), layer=self._layer, candidates=candidates.copy())
 
+    def pending_batch(self) -> PromptBatch | None:
+        if self._pending is None:
+            return None
+        return self.config.wrap("deep", base=self._base.copy(), layer=self._layer, candidates=self._pending[1].copy())
+
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending is None:
             raise ValueError("tell() without a pending ask(): call ask() first")

@@ -185,6 +185,11 @@ class GDFOTuner(Tuner):
         self._pending_prompts = self.teacher_proj(x)
         return PromptBatch(kind="shallow", candidates=self._pending_prompts)
 
+    def pending_batch(self) -> PromptBatch | None:
+        if self._pending_prompts is None:
+            return None
+        return PromptBatch(kind="shallow", candidates=self._pending_prompts.copy())
+
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending_x is None:
             raise ValueError("tell() without a pending ask(): call ask() first")

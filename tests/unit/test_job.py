@@ -175,3 +175,17 @@ def test_result_json_has_the_issue_fields(tmp_path, labels_by_text):
 
 def test_budget_exhausted_names_its_cap():
     assert BudgetExhausted("tokens", "x").cap == "tokens"
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2"])
+async def test_a_bigger_budget_continues_the_run_as_one_longer_run_would(tmp_path, labels_by_text, method):
+    """Stopped by its call cap (possibly with a generation asked but unaffordable), then resumed with more calls:
+    the generations continue exactly as in one uninterrupted run with the bigger cap."""
+    straight = await tune(_config(tmp_path / "a", method, calls=150), backend=ToyBackend(labels_by_text))
+    first = await tune(_config(tmp_path / "b", method, calls=70), backend=ToyBackend(labels_by_text))
+    assert first.stop_reason == "calls"
+    extended = await tune(_config(tmp_path / "b", method, calls=150), backend=ToyBackend(labels_by_text), resume=True)
+    assert extended.generations > first.generations
+    longer = [(h.best_loss, h.mean_loss, h.phase) for h in read_history(tmp_path / "a" / "run")]
+    resumed = [(h.best_loss, h.mean_loss, h.phase) for h in read_history(tmp_path / "b" / "run")]
+    assert resumed == longer[: len(resumed)]
