@@ -85,6 +85,7 @@ class _Encoded:
     answer: np.ndarray
     slot_start: int
     n: int
+    mode: str = "replace"
 
 
 class _StopForward(Exception):
@@ -138,6 +139,7 @@ class PromptedLM:
         with torch.inference_mode():
             self.embedding_std = float(self.word_embeddings.weight.float().std())
             self.hidden_std = self._reference_hidden_std()
+        self.default_slot_token_ids = self._default_slot_ids()
 
     # ------------------------------------------------------------------ loading
 
@@ -293,9 +295,13 @@ class PromptedLM:
         return out  # type: ignore[return-value]
 
     def encode(
-        self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int
+        self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int,
+        slot_ids: Sequence[int] | None = None, mode: str = "replace",
     ) -> _Encoded:
-        """Lay out N sequences (right-padded); texts are truncated (longest first) to fit ``max_seq_len``."""
+        """Lay out N sequences (right-padded); texts are truncated (longest first) to fit ``max_seq_len``.
+
+        The n prompt slots hold ``slot_ids`` (``add`` mode) or padding ids whose embeddings a ``replace`` prompt
+        overwrites."""
         pieces = _split_template(template)
         if self.kind == "causal":
             mask_at = next(i for i, (k, _) in enumerate(pieces) if k == "mask")
@@ -340,7 +346,7 @@ class PromptedLM:
         for i in range(len(texts)):
             slots = {key: ids[i] for key, ids in groups.items()}
             slots = _truncate_longest_first(slots, room, uses)
-            row = list(self._special_prefix) + [self.pad_id] * n_prompt
+            row = list(self._special_prefix) + (list(slot_ids) if slot_ids is not None else [self.pad_id] * n_prompt)
             answer = -1
             for kind, value, space in segments:
                 if kind == "ids":
@@ -362,7 +368,62 @@ class PromptedLM:
         ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
-        return _Encoded(ids, lengths, np.array(answers, dtype=np.int64), len(self._special_prefix), n_prompt)
+        return _Encoded(ids, lengths, np.array(answers, dtype=np.int64), len(self._special_prefix), n_prompt, mode)
+
+    # ------------------------------------------------------------------ prompt slots
+
+    def _default_slot_ids(self) -> list[int]:
+        """Ids the slots hold in ``add`` mode when a request names none: the first whole-word tokens from id
+        1000 on (the reference code's ``range(1000, 1000 + n)``, skipping specials, sub-word pieces and
+        punctuation so every slot is a real vocabulary word)."""
+        out: list[int] = []
+        special = set(self.tokenizer.all_special_ids)
+        for i in range(min(1000, self.vocab_size // 2), self.vocab_size):
+            piece = self.tokenizer.convert_ids_to_tokens(i)
+            word = piece[1:] if piece[:1] in ("Ġ", "▁") else piece
+            if i not in special and word.isascii() and word.isalpha() and len(word) > 1 and not piece.startswith("##"):
+                out.append(i)
+                if len(out) == self.max_prompt_tokens:
+                    break
+        return out
+
+    def slot_ids(self, p: PromptBatch) -> list[int] | None:
+        """The token ids the slots of ``p`` hold (``add`` mode), or None (``replace``: padding, overwritten)."""
+        if p.kind == "none" or p.mode != "add":
+            return None
+        n = p.num_prompt_tokens
+        ids = list(p.slot_token_ids) if p.slot_token_ids is not None else self.default_slot_token_ids[:n]
+        if len(ids) != n:
+            raise InvalidInput(f"slot_token_ids has {len(ids)} ids for a prompt of {n} tokens")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidInput(f"slot_token_ids {bad} are outside this model's vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    def layer_stats(self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int,
+                    slot_ids: Sequence[int] | None, clip_rounds: int = 5, clip_sigmas: float = 3.0,
+                    max_batch_tokens: int = 8192) -> tuple[list[float], int]:
+        """σ̂ per layer on these texts with ``add``-mode slots and nothing added (the plain model): entry 0 is the
+        word-embedding std, entry l >= 1 the std of layer l's input over all positions after ``clip_rounds``
+        rounds of clipping at μ ± ``clip_sigmas``·σ (BBTv2's reference statistics). Returns (stds, tokens)."""
+        ids = list(slot_ids) if slot_ids is not None else self.default_slot_token_ids[:n_prompt]
+        enc = self.encode(template, texts, text_pairs, n_prompt, slot_ids=ids, mode="add")
+        values: dict[int, list[np.ndarray]] = {j: [] for j in range(1, self.num_layers)}
+        tokens = 0
+        with torch.inference_mode():
+            for rows in self._micro_batches(enc.lengths, 1, max_batch_tokens):
+                b_ids, mask, ntok = self._batch_inputs(enc, rows)
+                keep = mask.bool().cpu().numpy()
+                tokens += ntok
+
+                def observe(j: int, h: torch.Tensor) -> None:
+                    if j >= 1:
+                        values[j].append(h.float().cpu().numpy()[keep].reshape(-1))
+
+                self.forward_layers(b_ids, mask, {}, slot_start=enc.slot_start, observe=observe, mode="add")
+        stds = [self.embedding_std] + [_clipped_std(np.concatenate(values[j]), clip_rounds, clip_sigmas)
+                                       for j in range(1, self.num_layers)]
+        return stds, tokens
 
     # ------------------------------------------------------------------ validation
 
@@ -421,7 +482,8 @@ class PromptedLM:
         """(C, N, K) label-word logits at the answer slot; see the module docstring for the layout."""
         self.check_prompts(prompts, max_candidates)
         label_ids = torch.tensor(self.label_word_ids(label_words), device=self.device)
-        enc = self.encode(template, texts, text_pairs, prompts.num_prompt_tokens)
+        enc = self.encode(template, texts, text_pairs, prompts.num_prompt_tokens,
+                          slot_ids=self.slot_ids(prompts), mode=prompts.mode)
         N, C = len(texts), prompts.num_candidates
         meter = ScoreOutput(np.empty(0), sequences=C * N, forward_passes=0, tokens_processed=0)
         with torch.inference_mode():
@@ -541,7 +603,7 @@ class PromptedLM:
         """
         return self.forward_layers(
             ids, mask, per_layer, slot_start=enc.slot_start, start_layer=start_layer,
-            start_hidden=start_hidden, capture_at=capture_at,
+            start_hidden=start_hidden, capture_at=capture_at, mode=enc.mode,
         )
 
     def forward_layers(
@@ -555,13 +617,20 @@ class PromptedLM:
         start_hidden: torch.Tensor | None = None,
         capture_at: int | None = None,
         observe: Callable[[int, torch.Tensor], None] | None = None,
+        mode: str = "replace",
     ) -> torch.Tensor:
-        """The prompted forward pass itself (public so tests can observe each layer's input via ``observe``)."""
+        """The prompted forward pass itself (public so tests can observe each layer's input via ``observe``).
+
+        ``mode="replace"``: ``per_layer[0]`` replaces the slots' word embeddings, ``per_layer[j]`` layer j's input
+        at the slots. ``mode="add"``: every ``per_layer[j]``, j = 0 included, is added to layer j's input at the
+        slots — for j = 0 that is the embedding output, after its LayerNorm (the reference code's semantics).
+        """
         embeds = self.word_embeddings(ids)
-        if 0 in per_layer and start_layer == 0:
+        if mode == "replace" and 0 in per_layer and start_layer == 0:
             p0 = per_layer[0]
             embeds = embeds.clone()
             embeds[:, slot_start : slot_start + p0.shape[1]] = p0.to(embeds.dtype)
+        acts_at = (lambda j: j in per_layer) if mode == "add" else (lambda j: j > 0 and j in per_layer)
 
         def make_hook(j: int):
             def hook(_m, args, kwargs):
@@ -570,10 +639,13 @@ class PromptedLM:
                     h = start_hidden.to(h.dtype)
                 if j == capture_at:
                     raise _StopForward(h)
-                if j > 0 and j in per_layer:
-                    p = per_layer[j]
+                if acts_at(j):
+                    p = per_layer[j].to(h.dtype)
                     h = h.clone()
-                    h[:, slot_start : slot_start + p.shape[1]] = p.to(h.dtype)
+                    if mode == "add":
+                        h[:, slot_start : slot_start + p.shape[1]] += p
+                    else:
+                        h[:, slot_start : slot_start + p.shape[1]] = p
                 if observe is not None:
                     observe(j, h)
                 return _replace_hidden_arg(args, kwargs, h)
@@ -617,6 +689,15 @@ class PromptedLM:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _clipped_std(x: np.ndarray, rounds: int, sigmas: float) -> float:
+    """std of ``x`` after ``rounds`` rounds of clipping to mean ± sigmas·std (outliers pulled in, not dropped)."""
+    x = x.astype(np.float64)
+    for _ in range(rounds):
+        mu, sd = x.mean(), x.std()
+        x = np.clip(x, mu - sigmas * sd, mu + sigmas * sd)
+    return float(x.std())
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -15,6 +15,8 @@ import numpy as np
 from bbt_client.protocol import (
     DeepPrompt,
     Health,
+    LayerStatsRequest,
+    LayerStatsResponse,
     ModelInfo,
     NoPrompt,
     PromptBatch,
@@ -85,6 +87,7 @@ class ScoringService:
         self.limits = limits or ServiceLimits(max_prompt_tokens=lm.max_prompt_tokens)
         self.max_body_bytes = max_body_bytes
         self.cache = TensorCache(self.limits.cache_bytes)
+        self._stats_cache: dict[str, LayerStatsResponse] = {}
         self.info = ModelInfo(
             name=lm.name,
             kind=lm.kind,
@@ -100,6 +103,8 @@ class ScoringService:
             max_texts=self.limits.max_texts,
             max_body_bytes=max_body_bytes,
             device=str(lm.device),
+            prompt_modes=["replace", "add"],
+            default_slot_token_ids=lm.default_slot_token_ids,
         )
 
     def http_server(self, api_key: str | None, limits: HttpLimits) -> HttpServer:
@@ -108,6 +113,7 @@ class ScoringService:
             "/v1/model": {"GET": self.model_info},
             "/v1/tokenize": {"POST": self.tokenize},
             "/v1/score": {"POST": self.score},
+            "/v1/layer_stats": {"POST": self.layer_stats},
         }
         return HttpServer(routes, api_key=api_key, public_paths=frozenset({"/v1/health"}), limits=limits)
 
@@ -130,7 +136,24 @@ class ScoringService:
                                f"{self.limits.max_texts}: split the batch")
         return 200, await self.worker.submit(self._score, body)
 
+    async def layer_stats(self, req: Request) -> tuple[int, LayerStatsResponse]:
+        body = req.json(LayerStatsRequest)
+        if len(body.texts) > self.limits.max_texts or body.prompt_tokens > self.limits.max_prompt_tokens:
+            raise InvalidInput(f"at most {self.limits.max_texts} texts and {self.limits.max_prompt_tokens} prompt "
+                               "tokens per request")
+        return 200, await self.worker.submit(self._layer_stats, body)
+
     # ------------------------------------------------------------------ worker-thread work
+
+    def _layer_stats(self, body: LayerStatsRequest) -> LayerStatsResponse:
+        key = body.model_dump_json()
+        if key not in self._stats_cache:  # BBTv2 asks once per job; resumes and sweeps ask again
+            slots = self.lm.slot_ids(PromptBatch("shallow", candidates=np.zeros((1, body.prompt_tokens, 1)),
+                                                 mode="add", slot_token_ids=body.slot_token_ids))
+            stds, tokens = self.lm.layer_stats(body.template, body.texts, body.text_pairs, body.prompt_tokens, slots,
+                                               body.clip_rounds, body.clip_sigmas, self.limits.max_batch_tokens)
+            self._stats_cache[key] = LayerStatsResponse(hidden_std=stds, texts=len(body.texts), tokens=tokens)
+        return self._stats_cache[key]
 
     def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         words = [WordTokens(word=w, ids=self.lm.word_ids(w)) for w in body.words]
@@ -153,11 +176,12 @@ class ScoringService:
     def _decode_prompt(self, spec: NoPrompt | ShallowPrompt | DeepPrompt) -> PromptBatch:
         if isinstance(spec, NoPrompt):
             return PromptBatch.zero_shot()
+        slots = {"mode": spec.mode, "slot_token_ids": tuple(spec.slot_token_ids) if spec.slot_token_ids else None}
         if isinstance(spec, ShallowPrompt):
-            return PromptBatch("shallow", candidates=_decode(spec.candidates, "candidates"))
+            return PromptBatch("shallow", candidates=_decode(spec.candidates, "candidates"), **slots)
         base = self._resolve(spec.base) if spec.base is not None else None
         cands = _decode(spec.candidates, "candidates") if spec.candidates is not None else None
-        return PromptBatch("deep", candidates=cands, base=base, layer=spec.layer)
+        return PromptBatch("deep", candidates=cands, base=base, layer=spec.layer, **slots)
 
     def _resolve(self, ref: TensorRef) -> np.ndarray:
         if ref.tensor is None:
