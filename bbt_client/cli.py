@@ -123,6 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budget-seconds", type=float)
     t.add_argument("--eval-every", type=int, help="dev evaluation every N generations")
     t.add_argument("--test-limit", type=int, help="evaluate on at most N test examples")
+    t.add_argument("--search-label-words", type=int, metavar="M",
+                   help="before tuning, choose M label words per class from the training texts (one API call)")
     t.add_argument("--loss", choices=["ce", "hinge"])
     t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt prompt_tokens=10 --opt popsize=20 (repeatable)")
@@ -176,7 +178,7 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
             else:
                 task["name"] = args.task
         for flag, key in (("test_file", "test_file"), ("template", "template"), ("shots", "shots"),
-                          ("test_limit", "test_limit")):
+                          ("test_limit", "test_limit"), ("search_label_words", "search_label_words")):
             if getattr(args, flag) is not None:
                 task[key] = getattr(args, flag)
         if args.label_words is not None:

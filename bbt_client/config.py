@@ -51,6 +51,9 @@ class TaskConfig(BaseModel):
     shots: int = Field(default=16, ge=1, le=4096)
     #: Evaluate on at most this many test examples (None = the whole test set).
     test_limit: int | None = Field(default=None, ge=1)
+    #: Words per class to choose from the training texts before tuning, with one API call
+    #: (:mod:`bbt_client.verbalizer`); 0 = score exactly ``label_words``.
+    search_label_words: int = Field(default=0, ge=0, le=50)
 
     @model_validator(mode="after")
     def _check_custom(self) -> "TaskConfig":

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from bbt_client.methods.registry import make_config, make_tuner
 from bbt_client.protocol import ModelInfo
 from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks import TaskData, load_task_data
+from bbt_client.verbalizer import candidate_words, class_logits, flat_words, select_words
 
 log = logging.getLogger("bbt_client.job")
 
@@ -71,6 +72,8 @@ class _State:
     #: What the endpoint itself reported spending (calls, tokens) beside the client's own count.
     endpoint_calls: int = 0
     endpoint_tokens: int = 0
+    #: Label words per class found on the training texts (``search_label_words``), fixed for the run.
+    verbalizer: tuple[tuple[str, ...], ...] | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
@@ -177,16 +180,9 @@ class TuningJob:
         data = load_task_data(cfg.task, cfg.seed)
         method_config = make_config(cfg.method, cfg.method_options)
         info = await _measured_model_info(backend, info, method_config, data)
-        tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
-        if tuner.prompt_kind not in backend.supported_prompts:
-            raise UnsupportedError(
-                f"method {cfg.method!r} needs {tuner.prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
-                f"backend cannot send (it supports: {', '.join(sorted(backend.supported_prompts))})"
-            )
         st = _State()
         counted = BudgetUsage()  # what the checkpoint knows was spent
         if saved is not None:
-            tuner.load_state_dict(saved["tuner"])
             counted = BudgetUsage.model_validate(saved["budget"])
             st = saved["loop"]
         budget = Budget(cfg.budget, counted)
@@ -198,7 +194,19 @@ class TuningJob:
         wall_before = st.wall_seconds
         elapsed = lambda: wall_before + (time.monotonic() - t_start)  # noqa: E731
 
-        ctx = _Context(self, backend, budget, tuner, data, info, st, elapsed, ledger)
+        ctx = _Context(self, backend, budget, None, data, info, st, elapsed, ledger)
+        if cfg.task.search_label_words and st.verbalizer is None:
+            st.verbalizer = await ctx.search_verbalizer(cfg.task.search_label_words)
+        if st.verbalizer is not None:
+            ctx.data = data = dataclasses.replace(data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))
+        ctx.tuner = tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
+        if tuner.prompt_kind not in backend.supported_prompts:
+            raise UnsupportedError(
+                f"method {cfg.method!r} needs {tuner.prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
+                f"backend cannot send (it supports: {', '.join(sorted(backend.supported_prompts))})"
+            )
+        if saved is not None:
+            tuner.load_state_dict(saved["tuner"])
         stop = await ctx.loop()
         return await ctx.finish(stop)
 
@@ -212,7 +220,7 @@ class TuningJob:
 class _Context:
     """The pieces of one run, so the loop's steps read as short methods."""
 
-    def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner,
+    def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner | None,
                  data: TaskData, info: ModelInfo, st: _State, elapsed: Callable[[], float],
                  ledger: BudgetLedger | None = None):
         self.job, self.cfg, self.backend, self.budget, self.ledger = job, job.config, backend, budget, ledger
@@ -237,11 +245,37 @@ class _Context:
         counts = await self._token_counts(split_name, job.texts)
         return self.backend.estimate_tokens(job, counts)
 
-    async def score(self, split_name: str, prompts: PromptBatch, reserve_after: int = 0) -> np.ndarray:
-        """Score ``prompts`` on a split, reserving budget first; ``reserve_after`` calls must stay free."""
+    async def score(self, split_name: str, prompts: PromptBatch, reserve_after: int = 0,
+                    words: Sequence[str] | None = None) -> np.ndarray:
+        """(C, N, K) class logits of ``prompts`` on a split, budget reserved first; ``reserve_after`` calls must
+        stay free. ``words``: score these words instead and return their (C, N, V) logits as they are."""
         split = getattr(self.data, split_name)
+        sets = self.data.task.word_sets
         job = ScoreJob(template=self.data.task.template, texts=split.texts, text_pairs=split.text_pairs,
-                       label_words=self.data.task.label_words, prompts=prompts)
+                       label_words=list(words) if words is not None else flat_words(sets), prompts=prompts)
+        logits = await self._score_job(split_name, job, reserve_after)
+        return logits if words is not None else class_logits(logits, sets)
+
+    async def search_verbalizer(self, per_class: int) -> tuple[tuple[str, ...], ...]:
+        """Choose ``per_class`` label words per class from the training texts, spending one call (see
+        :mod:`bbt_client.verbalizer`); candidates that are not one token for the endpoint are dropped first."""
+        task, train = self.data.task, self.data.train
+        cands = candidate_words(train.texts, train.labels, task.num_classes, task.label_words)
+        spelled = await self.backend.tokenize(words=cands)  # not billed: no model work
+        by_id = {}
+        for w in spelled.words:
+            if len(w.ids) == 1:
+                by_id.setdefault(w.ids[0], w.word)  # one word per token (an uncased vocabulary merges cases)
+        single = list(by_id.values())[:1000]
+        if len(single) < per_class * task.num_classes:
+            raise ConfigError(f"only {len(single)} candidate label words are single tokens for this endpoint; "
+                              f"lower search_label_words ({per_class})")
+        logits = await self.score("train", PromptBatch.zero_shot(), reserve_after=self.final_calls + 1, words=single)
+        found = select_words(logits[0], train.labels, single, task.num_classes, per_class)
+        log.info("label words found on the training texts: %s", {c: list(ws) for c, ws in zip(task.class_names, found)})
+        return found
+
+    async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:
         tokens = await self._estimate(split_name, job)
         cap = self.budget.blocking_cap(job.num_calls + reserve_after, tokens)
         if cap is not None:
@@ -394,6 +428,7 @@ class _Context:
             test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},
+            verbalizer=[list(ws) for ws in st.verbalizer] if st.verbalizer is not None else None,
             lost_to_crashes=st.lost_to_crashes.model_dump(exclude={"wall_seconds"}),
             endpoint_reported={"calls": st.endpoint_calls, "tokens": st.endpoint_tokens},
             config=cfg.model_dump(mode="json"),
@@ -415,17 +450,18 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
     cfg = config or TuneConfig.model_validate(result.config)
     prompt = read_prompt(run_dir)
     data = load_task_data(cfg.task, cfg.seed)
+    sets = tuple(tuple(ws) for ws in result.verbalizer) if result.verbalizer else data.task.word_sets
     owns = backend is None
     backend = backend or make_backend(cfg.endpoint)
     try:
         job = ScoreJob(template=data.task.template, texts=data.test.texts, text_pairs=data.test.text_pairs,
-                       label_words=data.task.label_words,
+                       label_words=flat_words(sets),
                        prompts=_prompt_batch(result.prompt_kind, prompt, make_config(cfg.method, cfg.method_options)))
         scored = await backend.score(job)
     finally:
         if owns:
             await backend.aclose()
-    acc = float(accuracy(scored.logits, data.test.labels)[0])
+    acc = float(accuracy(class_logits(scored.logits, sets), data.test.labels)[0])
     return {"run": str(run_dir), "test_accuracy": acc, "recorded_test_accuracy": result.test_accuracy,
             "matches": result.test_accuracy is not None and abs(acc - result.test_accuracy) < 1e-9,
             "test_examples": len(data.test.labels)}

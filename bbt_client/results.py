@@ -66,6 +66,8 @@ class RunResult(BaseModel):
     prompt_shape: list[int] | None
     prompt_sha256: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    #: Label words per class found on the training texts (``search_label_words``); None: the task's own words.
+    verbalizer: list[list[str]] | None = None
     #: Calls/tokens/cost spent on requests whose results a crash lost (counted in the *_used figures).
     lost_to_crashes: dict[str, float] = Field(default_factory=dict)
     #: What the endpoint reported serving (calls, tokens) beside the client's own count (*_used).

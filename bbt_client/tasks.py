@@ -52,10 +52,20 @@ class Task:
     #: Human-readable class names, in class order (the label values found in data files).
     class_names: tuple[str, ...]
     description: str = ""
+    #: Several words per class (a class's logit is the mean of its words'), e.g. found by
+    #: :mod:`bbt_client.verbalizer`; None = ``label_words``, one word each.
+    verbalizer: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_words", tuple(self.label_words))
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.verbalizer is not None:
+            sets = tuple(tuple(ws) for ws in self.verbalizer)
+            object.__setattr__(self, "verbalizer", sets)
+            flat = [w for ws in sets for w in ws]
+            if len(sets) != len(self.class_names) or not all(sets) or len(set(flat)) != len(flat):
+                raise ConfigError(f"task {self.name!r}: the verbalizer needs one non-empty set of distinct words per "
+                                  f"class ({len(self.class_names)}), got {[list(ws) for ws in sets]}")
         problems = template_problems(self.template)
         if problems:
             raise ConfigError(f"task {self.name!r}: template {self.template!r} {problems}")
@@ -75,6 +85,11 @@ class Task:
     @property
     def num_classes(self) -> int:
         return len(self.label_words)
+
+    @property
+    def word_sets(self) -> tuple[tuple[str, ...], ...]:
+        """The words scored for each class: the verbalizer, or one label word per class."""
+        return self.verbalizer if self.verbalizer is not None else tuple((w,) for w in self.label_words)
 
     @property
     def is_pair(self) -> bool:

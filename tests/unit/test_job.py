@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ class ToyBackend(Backend):
                          device="cpu")
 
     async def tokenize(self, words=(), texts=()) -> TokenizeResponse:
-        return TokenizeResponse(words=[WordTokens(word=w, ids=[1]) for w in words],
+        return TokenizeResponse(words=[WordTokens(word=w, ids=[zlib.crc32(w.lower().encode())]) for w in words],
                                 text_token_counts=[len(t.split()) for t in texts])
 
     async def score(self, job: ScoreJob) -> ScoreResult:
@@ -59,7 +60,11 @@ class ToyBackend(Backend):
         offset = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 for t in job.texts],
                           np.float32)
         margin = strength[:, None] * sign[None, :] * 10 + offset[None, :]
-        logits = np.stack([-margin / 2, margin / 2], axis=-1).astype(np.float32)
+        # word j leans to class 1 ("great" for sst2) or 0 ("bad"), with its own small offset
+        leaning = np.array([(1.0 if w == "great" else -1.0) if w in ("great", "bad") else
+                            (1.0 if zlib.crc32(w.encode()) % 2 else -1.0) for w in job.label_words], np.float32)
+        shift = np.array([zlib.crc32(w.encode()) % 97 / 970 for w in job.label_words], np.float32)
+        logits = (margin[..., None] / 2 * leaning + shift).astype(np.float32)
         self.calls += C
         return ScoreResult(logits=logits, tokens=C * len(job.texts) * 10)
 
@@ -189,3 +194,14 @@ async def test_a_bigger_budget_continues_the_run_as_one_longer_run_would(tmp_pat
     longer = [(h.best_loss, h.mean_loss, h.phase) for h in read_history(tmp_path / "a" / "run")]
     resumed = [(h.best_loss, h.mean_loss, h.phase) for h in read_history(tmp_path / "b" / "run")]
     assert resumed == longer[: len(resumed)]
+
+
+async def test_label_word_search_spends_one_call_and_the_words_are_kept_for_evaluate(tmp_path, labels_by_text):
+    backend = ToyBackend(labels_by_text)
+    cfg = _config(tmp_path, "bbt", calls=60)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"search_label_words": 2})})
+    result = await tune(cfg, backend=backend)
+    assert result.verbalizer is not None and all(len(ws) == 2 for ws in result.verbalizer)
+    assert backend.calls == result.api_calls_used <= 60
+    again = await evaluate_run(cfg.out, backend=ToyBackend(labels_by_text))
+    assert again["matches"], again
