@@ -343,6 +343,22 @@ class Usage(_Model):
     tokens_processed: int
 
 
+class ServerUsage(_Model):
+    """``GET /v1/usage``: what the server computed since it started (counted when the work finishes, whether
+    or not the caller was still there to hear the answer)."""
+
+    #: ``/v1/score`` requests computed.
+    requests: int = 0
+    #: Prompts scored on a text batch: the unit of an API call in protocol v1 (BBT's count).
+    candidates: int = 0
+    #: (prompt, text) sequences run through the model.
+    sequences: int = 0
+    #: Non-pad tokens processed, prompt slots included.
+    tokens: int = 0
+    #: Requests waiting for the model right now (load, and a fact tests can synchronise on).
+    queue_depth: int = 0
+
+
 class ScoreResponse(_Model):
     #: (C, N, K) float32: label-word logits per candidate, text and label word (order of label_words).
     logits: Tensor

@@ -40,7 +40,8 @@ from bbt_client.job import TuningJob  # noqa: E402
 from bbt_client.protocol import Tensor  # noqa: E402
 from tests.reliability.faulty_server import faulty_proxy  # noqa: E402
 from tests.reliability.helpers import (  # noqa: E402
-    ServerProcess, build_tiny_bert, child_env, cli, default_model_dir, run_concurrent_jobs, tiny_config, tune_args,
+    GatedServer, ServerProcess, build_tiny_bert, child_env, cli, crash_and_resume, default_model_dir,
+    run_concurrent_jobs, tiny_config, tune_args,
 )
 
 FAST = RetryPolicy(max_retries=3, backoff_initial_s=0.01, backoff_max_s=0.05, jitter_s=0.01)
@@ -130,8 +131,6 @@ def server_killed(ctx) -> str:
 
 def client_killed(ctx) -> str:
     url, tmp = ctx["url"], ctx["tmp"]
-    ref = cli(*tune_args(url, tmp / "c-ref", calls=60))
-    assert ref.returncode == 0, ref.stderr
     proc = subprocess.Popen([sys.executable, "-m", "bbt_client.cli", *tune_args(url, tmp / "c-run", calls=60)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=child_env(), cwd=REPO)
     for line in proc.stdout:
@@ -141,9 +140,31 @@ def client_killed(ctx) -> str:
     proc.wait(30)
     res = cli("tune", "--resume", str(tmp / "c-run"), "--json")
     assert res.returncode == 0, res.stderr
-    a, b = json.loads(ref.stdout.splitlines()[-1]), json.loads(res.stdout.splitlines()[-1])
-    assert all(a[k] == b[k] for k in SAME)
-    return "SIGKILL at generation 4, --resume == uninterrupted"
+    b = json.loads(res.stdout.splitlines()[-1])
+    lost = int(b["lost_to_crashes"]["calls"])
+    ref = cli(*tune_args(url, tmp / "c-ref", calls=60 - lost))  # the budget the crash left
+    assert ref.returncode == 0, ref.stderr
+    a = json.loads(ref.stdout.splitlines()[-1])
+    assert all(a[k] == b[k] for k in SAME if k != "api_calls_used") and b["api_calls_used"] == a["api_calls_used"] + lost
+    return f"SIGKILL at generation 4, --resume == uninterrupted with the {lost} lost calls counted"
+
+
+def repeated_client_kills(ctx) -> str:
+    """SIGKILL ``bbt tune`` six times with a request inside the server, resume each time: the server's own
+    /v1/usage must never exceed the budget, and must equal what the client counted."""
+    budget = 120
+    server = GatedServer(ctx["model"], ctx["tmp"] / "gate")
+    try:
+        kill_at = set(random.Random(2026).sample(range(3, 32), 6))
+        final, kills = crash_and_resume(server, ctx["tmp"] / "crashes", budget, kill_at)
+        served = server.usage()["candidates"]
+    finally:
+        server.stop()
+    lost = int(final["lost_to_crashes"]["calls"])
+    ctx["crashes"] = {"kills": kills, "budget_calls": budget, "server_served_calls": served,
+                      "client_counted_calls": final["api_calls_used"], "lost_to_crashes_calls": lost}
+    assert kills >= 5 and served <= budget and served == final["api_calls_used"]
+    return f"{kills} kills mid-request: server served {served} <= budget {budget}, {lost} lost calls counted"
 
 
 def full_disk(ctx) -> str:
@@ -305,6 +326,7 @@ def load(ctx) -> str:
 
 SCENARIOS = [("transient faults retried", transient_faults), ("wrong answers rejected", wrong_answers),
              ("server SIGKILL mid-job", server_killed), ("client SIGKILL + resume", client_killed),
+             ("client SIGKILLed 6x mid-request", repeated_client_kills),
              ("full disk before work", full_disk), ("atomic checkpoint writes", atomic_checkpoint),
              ("fuzz server inputs", fuzz), ("slow-loris", slow_loris), ("api key security", security),
              ("concurrent jobs load", load)]
@@ -323,7 +345,7 @@ def main() -> int:
         fuzz_srv = ServerProcess(model, log_path=tmp / "fuzz.log", options={
             "max_body_bytes": 1 << 20, "header_timeout": 0.5, "body_timeout": 0.5, "idle_timeout": 2.0}).start()
         ctx = {"model": model, "tmp": tmp, "url": main_srv.url, "fuzz_url": fuzz_srv.url, "fuzz_port": fuzz_srv.port,
-               "fuzz_server": fuzz_srv, "jobs": args.jobs, "fuzz": args.fuzz, "load": {}}
+               "fuzz_server": fuzz_srv, "jobs": args.jobs, "fuzz": args.fuzz, "load": {}, "crashes": {}}
         try:
             for name, fn in SCENARIOS:
                 t0 = time.perf_counter()
@@ -344,7 +366,7 @@ def main() -> int:
         print(f"{name.ljust(width)}  {'PASS' if ok else 'FAIL':6}  {secs:7.1f}  {detail}")
     passed = sum(1 for r in rows if r[1])
     summary = {"scenarios_run": len(rows), "scenarios_passed": passed, "scenarios_failed": len(rows) - passed,
-               **counts, "load": ctx["load"], "total_seconds": round(time.perf_counter() - t_all, 1)}
+               **counts, "load": ctx["load"], "crash_budget": ctx["crashes"], "total_seconds": round(time.perf_counter() - t_all, 1)}
     print(json.dumps(summary))
     return 0 if passed == len(rows) else 1
 

@@ -22,6 +22,7 @@ from bbt_client.protocol import (
     PromptBatch,
     ScoreRequest,
     ScoreResponse,
+    ServerUsage,
     ShallowPrompt,
     Tensor,
     TensorRef,
@@ -35,6 +36,7 @@ from server_stub.batching import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http import Handler, HttpLimits, HttpServer, Request
 from server_stub.model import PromptedLM
+from server_stub.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class ScoringService:
         self.max_body_bytes = max_body_bytes
         self.cache = TensorCache(self.limits.cache_bytes)
         self._stats_cache: dict[str, LayerStatsResponse] = {}
+        self.meter = UsageMeter()
         self.info = ModelInfo(
             name=lm.name,
             kind=lm.kind,
@@ -114,6 +117,7 @@ class ScoringService:
             "/v1/tokenize": {"POST": self.tokenize},
             "/v1/score": {"POST": self.score},
             "/v1/layer_stats": {"POST": self.layer_stats},
+            "/v1/usage": {"GET": self.usage},
         }
         return HttpServer(routes, api_key=api_key, public_paths=frozenset({"/v1/health"}), limits=limits)
 
@@ -124,6 +128,9 @@ class ScoringService:
 
     async def model_info(self, _req: Request) -> tuple[int, ModelInfo]:
         return 200, self.info
+
+    async def usage(self, _req: Request) -> tuple[int, ServerUsage]:
+        return 200, self.meter.snapshot(queue_depth=self.worker.pending)
 
     async def tokenize(self, req: Request) -> tuple[int, TokenizeResponse]:
         body = req.json(TokenizeRequest)
@@ -170,6 +177,8 @@ class ScoringService:
         )
         usage = Usage(candidates=prompts.num_candidates, sequences=out.sequences,
                       forward_passes=out.forward_passes, tokens_processed=out.tokens_processed)
+        self.meter.add(requests=1, candidates=usage.candidates, sequences=usage.sequences,
+                       tokens=usage.tokens_processed)
         return ScoreResponse(logits=Tensor.from_array(out.logits), usage=usage, model=self.lm.name,
                              request_id=body.request_id)
 

@@ -36,6 +36,7 @@ from bbt_client.protocol import (
     NoPrompt,
     ScoreRequest,
     ScoreResponse,
+    ServerUsage,
     ShallowPrompt,
     Tensor,
     TensorRef,
@@ -103,6 +104,10 @@ class ServerBackend(HttpBackend):
         if self._info is None:
             self._info = await self.http.request("GET", "/v1/model", model=ModelInfo)
         return self._info
+
+    async def usage(self) -> ServerUsage:
+        """What the server says it has computed since it started (``GET /v1/usage``)."""
+        return await self.http.request("GET", "/v1/usage", model=ServerUsage)
 
     async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
         key = (tuple(words), tuple(texts))

@@ -125,3 +125,23 @@ async def test_keyed_small_body_server_auth_and_splitting(tiny_bert_dir, caplog)
         finally:
             await right.aclose()
     assert KEY not in caplog.text
+
+
+async def test_usage_counts_what_the_server_computed(tiny_bert_dir):
+    from bbt_client.backends.server import ServerBackend
+    from server_stub.testing import run_server
+
+    with run_server(tiny_bert_dir, threads=1) as url:
+        backend = ServerBackend(url)
+        try:
+            before = await backend.usage()
+            assert (before.requests, before.candidates, before.queue_depth) == (0, 0, 0)
+            cands = np.random.default_rng(0).normal(0, 0.1, (3, 2, 32)).astype(np.float32)
+            job = ScoreJob(template="{text} It was {mask} .", texts=["a b", "c d e", "f"], label_words=["bad", "great"],
+                           prompts=PromptBatch(kind="shallow", candidates=cands))
+            result = await backend.score(job)
+            after = await backend.usage()
+            assert (after.requests, after.candidates, after.sequences) == (1, 3, 9)
+            assert after.tokens == result.tokens > 0 and result.endpoint_calls == 3
+        finally:
+            await backend.aclose()

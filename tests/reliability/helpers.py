@@ -208,3 +208,82 @@ async def run_concurrent_jobs(url: str, out_dir: Path, seeds: Sequence[int], cal
             await backend.inner.aclose()
 
     return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(seeds))))
+
+
+# ---------------------------------------------------------------- crash runs: kill the client with a request in flight
+
+
+class GatedServer:
+    """``python -m server_stub --test-gate FIFO`` on the tiny model: every model job waits until this object
+    releases it, so a test can SIGKILL a client *while its request is inside the server* (then let the server
+    finish the work the dead client will never hear about), with no guessing about time.
+
+    ``on_job(k)`` is called for job k (1, 2, ...) before it is released; it may kill a client.
+    """
+
+    def __init__(self, model: Path | str, fifo: Path, *extra: str):
+        os.mkfifo(fifo)
+        self.fifo = fifo
+        cmd = [sys.executable, "-m", "server_stub", "--model", str(model), "--port", "0", "--threads", "1",
+               "--test-gate", str(fifo), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=child_env(), cwd=REPO)
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready "):
+            raise RuntimeError(f"gated server did not start: {line!r}")
+        self.url = line.split()[1]
+        self.on_job = lambda k: None
+        self.jobs = 0
+        self._thread = threading.Thread(target=self._release_loop, daemon=True)
+        self._thread.start()
+
+    def _release_loop(self) -> None:
+        for line in self.proc.stderr:
+            if line.startswith("test-gate: holding job"):
+                self.jobs = int(line.split()[-1])
+                self.on_job(self.jobs)
+                with open(self.fifo, "wb") as gate:
+                    gate.write(b"x")
+
+    def usage(self) -> dict:
+        return httpx.get(f"{self.url}/v1/usage", timeout=30).json()
+
+    def stop(self) -> None:
+        self.on_job = lambda k: None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def crash_and_resume(server: GatedServer, out: Path, calls: int, kill_at_jobs: set[int],
+                     seed: int = 7) -> tuple[dict, int]:
+    """Run ``bbt tune`` against ``server``, SIGKILL it whenever the server holds job k in ``kill_at_jobs`` (the
+    held request then completes on the server, unheard), resume with ``--resume`` until it finishes.
+    Returns (the final result event, the number of kills)."""
+    kills = 0
+    current: list[subprocess.Popen] = []
+
+    def maybe_kill(k: int) -> None:
+        nonlocal kills
+        if k in kill_at_jobs and current and current[-1].poll() is None:
+            current[-1].send_signal(signal.SIGKILL)  # no handler, no cleanup: an OOM kill or a power cut
+            current[-1].wait(60)
+            kills += 1
+
+    server.on_job = maybe_kill
+    args = tune_args(server.url, out, seed=seed, calls=calls)
+    while True:
+        proc = subprocess.Popen([sys.executable, "-m", "bbt_client.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO)
+        current.append(proc)
+        stdout, stderr = proc.communicate(timeout=600)
+        if proc.returncode == 0:
+            server.on_job = lambda k: None
+            return json.loads(stdout.strip().splitlines()[-1]), kills
+        if proc.returncode != -signal.SIGKILL:
+            raise RuntimeError(f"bbt tune failed ({proc.returncode}): {stderr[-2000:]}")
+        args = ["tune", "--resume", str(out), "--json"]
