@@ -679,13 +679,12 @@ class PromptedLM:
             setattr(self._layers_parent, self._layers_attr, self.layers)
 
     def _answer_logits(self, hidden: torch.Tensor, answer: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-        """(B, K) float32: full-vocabulary head at each row's answer slot, gathered at the label ids."""
+        """(B, K) float32: the head at each row's answer slot, at the label ids. A tied head is a dot product with
+        the label words' embeddings only (the other 30k columns would be computed and thrown away)."""
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]  # (B, D)
         if self.tied_head:
-            logits = h @ self.word_embeddings.weight.T
-        else:
-            logits = self.head(h)
-        return logits.index_select(-1, label_ids).float()
+            return (h @ self.word_embeddings.weight.index_select(0, label_ids).T).float()
+        return self.head(h).index_select(-1, label_ids).float()
 
 
 # ---------------------------------------------------------------------- helpers
