@@ -35,6 +35,16 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max-texts", type=int, default=d.max_texts)
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 503 overloaded")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    face = p.add_argument_group("OpenAI/vLLM face", "/v1/models, /v1/completions, /v1/chat/completions, /tokenize")
+    face.add_argument("--served-model-name", default=None,
+                      help="the model name the face answers to (default: the model folder's name)")
+    face.add_argument("--enable-prompt-embeds", action="store_true",
+                      help="accept vLLM's prompt_embeds on /v1/completions (as vLLM's flag of that name)")
+    face.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                      help="most logprobs/top_logprobs a request may ask for (vLLM's default 20)")
+    face.add_argument("--logprobs-mode", default=d.logprobs_mode, choices=["processed_logprobs", "raw_logprobs"],
+                      help="processed (default, as OpenAI): after logit_bias/allowed_token_ids; raw: the model's own"
+                           " (vLLM's default)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--test-gate", metavar="FIFO", help=argparse.SUPPRESS)  # tests only: hold each job (FifoGate)
     a = p.parse_args(argv)
@@ -44,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         api_key = os.environ.get(a.api_key_env)
         if not api_key:
             p.error(f"--api-key-env {a.api_key_env}: that environment variable is empty or unset")
+    if a.max_logprobs < 0:
+        p.error("--max-logprobs must be >= 0")
     for name in ("max_body_bytes", "max_batch_tokens", "max_prompt_tokens", "max_candidates", "max_texts", "max_queue"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -51,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, api_key=api_key,
         max_body_bytes=a.max_body_bytes, max_batch_tokens=a.max_batch_tokens,
         max_prompt_tokens=a.max_prompt_tokens, max_candidates=a.max_candidates, max_texts=a.max_texts,
-        max_queue=a.max_queue, threads=a.threads,
+        max_queue=a.max_queue, threads=a.threads, served_model_name=a.served_model_name,
+        enable_prompt_embeds=a.enable_prompt_embeds, max_logprobs=a.max_logprobs, logprobs_mode=a.logprobs_mode,
         before_job=FifoGate(a.test_gate) if a.test_gate else None,
     )
 

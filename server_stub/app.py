@@ -14,6 +14,7 @@ from typing import Callable
 from server_stub.batching import ModelWorker
 from server_stub.http import HttpLimits
 from server_stub.model import PromptedLM, default_model_dir
+from server_stub.openai_face import FaceOptions, OpenAIFace
 from server_stub.service import ScoringService, ServiceLimits
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ class ServerOptions:
     idle_timeout: float = 75.0
     threads: int | None = None
     shutdown_grace: float = 30.0
+    #: OpenAI/vLLM face (docs/openai_face.md): the model name it answers to (default: the model's name).
+    served_model_name: str | None = None
+    enable_prompt_embeds: bool = False
+    max_logprobs: int = 20
+    logprobs_mode: str = "processed_logprobs"
     #: Test hook run on the model thread before each job (see :class:`server_stub.batching.ModelWorker`).
     before_job: Callable[[], None] | None = None
 
@@ -82,7 +88,11 @@ async def serve(
         body_timeout=opts.body_timeout,
         idle_timeout=opts.idle_timeout,
     )
-    server = service.http_server(opts.api_key, http_limits)
+    face = OpenAIFace(lm, worker, service.meter, FaceOptions(
+        served_model_name=opts.served_model_name or lm.name, enable_prompt_embeds=opts.enable_prompt_embeds,
+        max_logprobs=opts.max_logprobs, logprobs_mode=opts.logprobs_mode, max_prompts=opts.max_texts,
+        max_batch_tokens=opts.max_batch_tokens))
+    server = service.http_server(opts.api_key, http_limits, face)
     port = await server.start(opts.host, opts.port)
     log.info("serving %s (%s, %d layers, D=%d) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
              lm.hidden_size, opts.host, port, lm.device, " with API key" if opts.api_key else "")

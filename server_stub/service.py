@@ -36,6 +36,7 @@ from server_stub.batching import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http import Handler, HttpLimits, HttpServer, Request
 from server_stub.model import PromptedLM
+from server_stub.openai_face import OpenAIFace
 from server_stub.usage import UsageMeter
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class ScoringService:
             default_slot_token_ids=lm.default_slot_token_ids,
         )
 
-    def http_server(self, api_key: str | None, limits: HttpLimits) -> HttpServer:
+    def http_server(self, api_key: str | None, limits: HttpLimits, face: OpenAIFace | None = None) -> HttpServer:
+        """Protocol v1's routes, plus the OpenAI/vLLM face's when ``face`` is given (same port, same API key)."""
         routes: dict[str, dict[str, Handler]] = {
             "/v1/health": {"GET": self.health},
             "/v1/model": {"GET": self.model_info},
@@ -119,7 +121,10 @@ class ScoringService:
             "/v1/layer_stats": {"POST": self.layer_stats},
             "/v1/usage": {"GET": self.usage},
         }
-        return HttpServer(routes, api_key=api_key, public_paths=frozenset({"/v1/health"}), limits=limits)
+        if face is not None:
+            routes.update(face.routes())
+        return HttpServer(routes, api_key=api_key, public_paths=frozenset({"/v1/health"}), limits=limits,
+                          error_format=face.error_format if face is not None else None)
 
     # ------------------------------------------------------------------ routes
 

@@ -3,7 +3,9 @@
 Why: a client counts what it *meant* to spend; the endpoint knows what it *did*. A crash test (or an operator
 reconciling a bill) compares the two. Work is counted when the model finishes it, whether or not the client
 was still there to hear the answer: a request whose caller died mid-flight still cost compute. (The server
-has a single API key, so there is no per-key breakdown.)
+has a single API key, so there is no per-key breakdown.) The OpenAI/vLLM face counts here too: each
+``/v1/completions`` or ``/v1/chat/completions`` request adds one request, one sequence per prompt and the tokens
+run through the model (its ``candidates`` stay protocol v1's).
 """
 
 from __future__ import annotations

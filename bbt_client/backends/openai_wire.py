@@ -7,6 +7,8 @@ vLLM, TGI, proxies) add and omit fields; only what the backends read is declared
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict
 
 from bbt_client.errors import ProtocolError
@@ -97,6 +99,25 @@ class ChatResponse(_Lenient):
     usage: ChatUsage | None = None
 
 
+class ModelCard(_Lenient):
+    id: str
+
+
+class ModelList(_Lenient):
+    """``GET /v1/models``: the names the endpoint serves (vLLM: ``--served-model-name``, else ``--model``)."""
+
+    data: list[ModelCard] = []
+
+
+#: vLLM reports a -inf log-probability (a token masked out by ``allowed_token_ids`` or a -100 bias) as this value.
+VLLM_MISSING_LOGPROB = -9999.0
+
+
+def usable_logprob(value: float | None) -> bool:
+    """Whether a returned log-probability is a score: not missing, finite, and not vLLM's -9999.0 for -inf."""
+    return value is not None and math.isfinite(value) and value > VLLM_MISSING_LOGPROB
+
+
 class TokenizeAnswer(_Lenient):
     """vLLM's (and SGLang's) ``POST /tokenize`` answer: the endpoint's own token ids for one prompt."""
 
@@ -112,6 +133,6 @@ def split_v1(url: str) -> str:
 
 __all__ = [
     "ChatChoice", "ChatLogprobs", "ChatResponse", "ChatTokenLogprob", "ChatTopLogprob", "ChatUsage",
-    "CompletionChoice", "CompletionLogprobs", "CompletionResponse", "CompletionUsage", "TokenizeAnswer",
-    "first_top_logprobs", "split_v1", "usage_tokens",
+    "CompletionChoice", "CompletionLogprobs", "CompletionResponse", "CompletionUsage", "ModelCard", "ModelList",
+    "TokenizeAnswer", "VLLM_MISSING_LOGPROB", "first_top_logprobs", "split_v1", "usable_logprob", "usage_tokens",
 ]

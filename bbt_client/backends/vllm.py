@@ -15,6 +15,13 @@ Label scores are the log-probabilities of each label word's (single) token as th
   With vLLM's default ``raw_logprobs`` the returned top-k come from the unrestricted distribution.
 - A label token missing from the returned top-k gets ``lowest returned logprob - missing_margin``: its true
   value is below the lowest one shown, so this is an approximation (counted in ``ScoreResult.extra``).
+  vLLM reports a -inf log-probability as -9999.0; such a value is treated as missing too, never as a score.
+- vLLM refuses ``logprobs`` above its ``--max-logprobs`` (default 20) with a 400; ``max_logprobs`` (default 20)
+  tells the backend the server's cap. A task with more label words than the cap cannot be scored exactly
+  (labels past the cap would all get the floor): that is a :class:`ConfigError` naming both fixes.
+- ``model``: vLLM answers 404 for any name but the one it serves (``--served-model-name``, else ``--model``,
+  e.g. ``meta-llama/...``, not the local folder's name). Unless ``model`` is given, the backend asks
+  ``GET /v1/models`` once and uses the one name served there (and omits ``model`` if the route is missing).
 
 Batching: vLLM's Completions API accepts a list of prompt embeddings in one request (one choice per
 sequence, matched by ``index``); C × N sequences are sent ``prompts_per_request`` at a time, with requests
@@ -26,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,11 +42,13 @@ from bbt_client.backends.http import HttpBackend, HttpEndpoint, RetryPolicy
 from bbt_client.backends.local_embeddings import LocalEmbeddings
 from bbt_client.backends.openai_wire import (
     CompletionResponse,
+    ModelList,
     first_top_logprobs,
     split_v1,
+    usable_logprob,
     usage_tokens,
 )
-from bbt_client.errors import ConfigError, ProtocolError, UnsupportedError
+from bbt_client.errors import ConfigError, ProtocolError, RequestRejected, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 
 EMBEDS_DTYPES = ("float32", "float16", "bfloat16")
@@ -69,13 +77,13 @@ def label_logprobs(top: dict[str, float] | None, label_ids: Sequence[int], margi
             raise ProtocolError(f"top_logprobs key {key!r} is not 'token_id:<id>'; the server ignored "
                                 "return_tokens_as_token_ids (vLLM >= 0.9 supports it)")
         by_id[int(key.split(":", 1)[1])] = float(value)
-    finite = [v for v in by_id.values() if math.isfinite(v)]
-    floor = (min(finite) if finite else -100.0) - margin
+    usable = [v for v in by_id.values() if usable_logprob(v)]  # vLLM's -9999.0 stands for -inf: not a score
+    floor = (min(usable) if usable else -100.0) - margin
     out = np.empty(len(label_ids), dtype=np.float32)
     missing = 0
     for k, tid in enumerate(label_ids):
         v = by_id.get(tid)
-        if v is None or not math.isfinite(v):
+        if not usable_logprob(v):
             v, missing = floor, missing + 1
         out[k] = v
     return out, missing
@@ -100,6 +108,7 @@ class VLLMBackend(HttpBackend):
         retry: RetryPolicy | None = None,
         restrict_labels: bool = True,
         top_logprobs: int = 20,
+        max_logprobs: int = 20,
         missing_margin: float = 1.0,
         prompts_per_request: int = 64,
         embeds_dtype: str = "bfloat16",
@@ -117,12 +126,18 @@ class VLLMBackend(HttpBackend):
             embeddings = LocalEmbeddings(embeddings_from, embedding_key=embedding_key, tokenizer_from=tokenizer_from)
         if embeds_dtype not in EMBEDS_DTYPES:
             raise ConfigError(f"embeds_dtype must be one of {', '.join(EMBEDS_DTYPES)}")
-        if prompts_per_request < 1 or top_logprobs < 1:
-            raise ConfigError("prompts_per_request and top_logprobs must be at least 1")
+        if prompts_per_request < 1 or top_logprobs < 1 or max_logprobs < 1:
+            raise ConfigError("prompts_per_request, top_logprobs and max_logprobs must be at least 1")
+        if top_logprobs > max_logprobs:
+            raise ConfigError(f"top_logprobs={top_logprobs} exceeds max_logprobs={max_logprobs}: vLLM refuses more "
+                              "logprobs than its --max-logprobs; lower top_logprobs or raise both")
         self.emb = embeddings
-        self.model = model or embeddings.folder.name
+        #: The served model name; None until asked (``GET /v1/models``) unless given.
+        self.model: str | None = model
+        self._model_known = model is not None
         self.restrict_labels = restrict_labels
         self.top_logprobs = int(top_logprobs)
+        self.max_logprobs = int(max_logprobs)
         self.missing_margin = float(missing_margin)
         self.prompts_per_request = int(prompts_per_request)
         self.embeds_dtype = embeds_dtype
@@ -135,7 +150,24 @@ class VLLMBackend(HttpBackend):
         self._info: ModelInfo | None = None
 
     def _repr_fields(self) -> str:
-        return f"model={self.model!r}"
+        return f"model={self.model!r}" if self._model_known else "model=<from /v1/models>"
+
+    async def served_model(self) -> str | None:
+        """The ``model`` to send: the given one, else the single name ``GET /v1/models`` lists (None: omit it)."""
+        if not self._model_known:
+            try:
+                listing: ModelList = await self.http.request("GET", "/v1/models", model=ModelList)
+            except RequestRejected as exc:
+                if exc.status not in (404, 405):
+                    raise
+                listing = ModelList(data=[])  # no listing route: send no model, the server uses its own
+            names = [m.id for m in listing.data]
+            if len(names) > 1:
+                raise ConfigError(f"{self.http.base_url} serves several models {names}; choose one with "
+                                  "options.model")
+            self.model = names[0] if names else None
+            self._model_known = True
+        return self.model
 
     # ------------------------------------------------------------------ facts from the local copy
 
@@ -145,7 +177,7 @@ class VLLMBackend(HttpBackend):
             std = float(self.emb.matrix.std())
             layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1)
             self._info = ModelInfo(
-                name=self.model, kind="causal",
+                name=self.model or self.emb.folder.name, kind="causal",
                 architecture=(cfg.get("architectures") or ["unknown"])[0],
                 hidden_size=self.emb.hidden_size, num_layers=layers,
                 max_seq_len=int(self._max_seq_len or cfg.get("max_position_embeddings") or cfg.get("n_positions")
@@ -167,6 +199,11 @@ class VLLMBackend(HttpBackend):
             ids.append(toks[0])
         if len(set(ids)) != len(ids):
             raise ConfigError(f"label words {list(words)} map to repeated tokens {ids}")
+        if len(ids) > self.max_logprobs:
+            raise ConfigError(
+                f"{len(ids)} label words but the endpoint returns at most max_logprobs={self.max_logprobs} "
+                "log-probs per token, so some labels could never be scored; start vLLM with a larger "
+                "--max-logprobs and set the backend option max_logprobs to match, or use fewer label words")
         return ids
 
     async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
@@ -215,6 +252,7 @@ class VLLMBackend(HttpBackend):
         if job.prompts.kind not in self.supported_prompts:
             self._sequences(job)  # raises the explanatory UnsupportedError
         label_ids = self._label_ids(job.label_words)
+        await self.served_model()
         seqs = self._sequences(job)
         C, N, K = job.prompts.num_candidates, len(job.texts), len(label_ids)
         chunks = [(i, min(len(seqs), i + self.prompts_per_request)) for i in range(0, len(seqs), self.prompts_per_request)]
@@ -227,13 +265,14 @@ class VLLMBackend(HttpBackend):
 
     def request_body(self, seqs: Sequence[np.ndarray], label_ids: Sequence[int]) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model,
             "prompt_embeds": [encode_prompt_embeds(s, self.embeds_dtype) for s in seqs],
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": len(label_ids) if self.restrict_labels else max(self.top_logprobs, 1),
             "return_tokens_as_token_ids": True,
         }
+        if self.model is not None:
+            body = {"model": self.model, **body}
         if self.restrict_labels:
             body["allowed_token_ids"] = list(label_ids)
         return body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -288,3 +289,46 @@ def test_unexpected_exception_is_500_and_server_keeps_serving(tiny_bert_dir, mon
         msg = assert_error(r, 500, code="internal_error")
         assert "boom" not in msg  # internals stay in the server log
         assert_serves(url)
+
+
+# ---------------------------------------------------------------------- framing (h11)
+
+
+def test_pipelined_requests_are_answered_in_order(strict_server):
+    u = urlparse(strict_server)
+    one = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /v1/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(one * 2 + last)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)] == [200, 200, 404]
+
+
+def test_http_1_0_is_answered_then_closed_and_bad_lengths_are_400(strict_server):
+    u = urlparse(strict_server)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(b"GET /v1/health HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):  # the server closes after answering
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b'"ok"' in data
+    status, _ = raw_exchange(strict_server, b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 12x\r\n\r\n")
+    assert status == 400
+    assert_serves(strict_server)
+
+
+def test_expect_100_continue_gets_an_interim_response(strict_server):
+    u = urlparse(strict_server)
+    body = json.dumps(good_request()).encode()
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 100")
+        s.sendall(body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")

@@ -219,3 +219,49 @@ def test_encode_prompt_embeds_does_not_save_whole_storage():
     big = np.zeros((1000, D), np.float32)
     small = encode_prompt_embeds(big[:2])
     assert len(base64.b64decode(small)) < 4000
+
+
+# ---------------------------------------------------------------------- vLLM's served name, logprob cap, -9999.0
+
+
+@respx.mock
+async def test_model_defaults_to_the_name_the_server_lists(model_dir):
+    b = VLLMBackend(URL, embeddings_from=str(model_dir), retry=RetryPolicy(max_retries=1, backoff_initial_s=0.001))
+    listing = respx.get(f"{URL}/v1/models").mock(return_value=httpx.Response(200, json={
+        "object": "list", "data": [{"id": "meta-llama/Llama-3.2-1B", "object": "model"}]}))
+    seen = []
+    respx.post(f"{URL}/v1/completions").mock(side_effect=completion_handler(seen, b._label_ids(WORDS)))
+    for _ in range(2):
+        await b.score(ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch.zero_shot()))
+    assert [s["model"] for s in seen] == ["meta-llama/Llama-3.2-1B"] * 2  # not the local folder's name
+    assert listing.call_count == 1
+
+
+@respx.mock
+async def test_model_is_omitted_without_a_models_route_and_ambiguity_is_an_error(model_dir):
+    retry = RetryPolicy(max_retries=1, backoff_initial_s=0.001)
+    b = VLLMBackend(URL, embeddings_from=str(model_dir), retry=retry)
+    respx.get(f"{URL}/v1/models").mock(return_value=httpx.Response(404, json={"detail": "Not Found"}))
+    seen = []
+    respx.post(f"{URL}/v1/completions").mock(side_effect=completion_handler(seen, b._label_ids(WORDS)))
+    await b.score(ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch.zero_shot()))
+    assert "model" not in seen[0]
+    two = VLLMBackend(URL + "/v2", embeddings_from=str(model_dir), retry=retry)
+    respx.get(f"{URL}/v2/v1/models").mock(return_value=httpx.Response(200, json={"data": [{"id": "a"}, {"id": "b"}]}))
+    with pytest.raises(ConfigError, match="several models"):
+        await two.score(ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch.zero_shot()))
+
+
+async def test_more_labels_than_the_logprob_cap_is_a_config_error(model_dir):
+    words = ["bad", "great", "good", "fine"]
+    with pytest.raises(ConfigError, match="max_logprobs=3"):
+        await backend(model_dir, max_logprobs=3, top_logprobs=3).score(
+            ScoreJob(TEMPLATE, ["x"], words, PromptBatch.zero_shot()))
+    with pytest.raises(ConfigError, match="exceeds max_logprobs"):
+        backend(model_dir, top_logprobs=21)
+
+
+def test_vllm_minus_9999_is_missing_not_a_score():
+    out, missing = label_logprobs({"token_id:1": -0.5, "token_id:2": -9999.0, "token_id:3": -2.0}, [1, 2], 1.0)
+    assert missing == 1
+    assert out.tolist() == [-0.5, -3.0]  # the floor comes from real scores only: -2.0 - margin
