@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bbt_client.budget import BudgetLimits
 from bbt_client.errors import ConfigError
 
-Method = Literal["bbt", "bbtv2", "gdfo"]
+Method = Literal["bbt", "bbtv2", "gdfo", "bdpl", "cmaes-tokens"]
 BackendKind = Literal["server", "vllm", "openai"]
 
 

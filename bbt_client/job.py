@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bbt_client import calibration
 from bbt_client import checkpoint as ckpt
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
@@ -28,6 +29,7 @@ from bbt_client.losses import accuracy, cross_entropy, hinge
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_config, make_tuner
 from bbt_client.protocol import ModelInfo
+from bbt_client.rescore import evaluate_run, prompt_batch
 from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks import TaskData, load_task_data
 from bbt_client.verbalizer import candidate_words, class_logits, flat_words, select_words
@@ -65,6 +67,8 @@ class _State:
     best_generation: int | None = None
     last_dev_generation: int | None = None
     zero_shot_test_accuracy: float | None = None
+    #: The same call read with content-free calibration (methods with ``calibrate``); None otherwise.
+    zero_shot_calibrated_test_accuracy: float | None = None
     zero_shot_dev_accuracy: float | None = None
     wall_seconds: float = 0.0
     #: Spent on requests whose results a crash lost (cumulative over resumes; see :mod:`bbt_client.ledger`).
@@ -98,17 +102,6 @@ def _account_crash(ledger: BudgetLedger, counted: BudgetUsage, st: _State) -> Bu
 
 def _loss_fn(name: str):
     return cross_entropy if name == "ce" else hinge
-
-
-def _prompt_batch(kind: str, prompt: np.ndarray | None, method_config: Any = None) -> PromptBatch:
-    """One prompt as a single-candidate batch, in the prompt mode (and slot tokens) of the method's config."""
-    if prompt is None:
-        return PromptBatch.zero_shot()
-    slots = {"mode": getattr(method_config, "prompt_mode", "replace"),
-             "slot_token_ids": getattr(method_config, "slot_token_ids", None)}
-    if kind == "deep":
-        return PromptBatch(kind="deep", base=np.asarray(prompt, dtype=np.float32), **slots)
-    return PromptBatch(kind="shallow", candidates=np.asarray(prompt, dtype=np.float32)[None], **slots)
 
 
 async def _measured_model_info(backend: Backend, info: ModelInfo, method_config: Any, data: TaskData) -> ModelInfo:
@@ -229,6 +222,12 @@ class _Context:
         self.final_calls = 1 + (1 if self.cfg.evaluate_test else 0)  # last dev check + test evaluation
         self._gen_seconds: list[float] = []
 
+    @property
+    def calibrate(self) -> bool:
+        """Content-free calibration (Zhao et al. 2021) of every scoring but the label-word search: the method's
+        ``calibrate`` option (on by default for the text methods)."""
+        return bool(getattr(getattr(self.tuner, "config", None), "calibrate", False))
+
     # -------------------------------------------------------------- scoring under the budget
 
     async def _token_counts(self, split_name: str, texts) -> list[int]:
@@ -242,19 +241,43 @@ class _Context:
         lim = self.budget.limits
         if lim.tokens is None and lim.cost is None:
             return 0  # uncapped: metered usage is still recorded on commit
-        counts = await self._token_counts(split_name, job.texts)
+        key = split_name + ("+content-free" if len(job.texts) != len(getattr(self.data, split_name).texts) else "")
+        counts = await self._token_counts(key, job.texts)
+        if job.prompts.kind == "text":  # the prompt strings are counted too (not billed: /tokenize does no work)
+            prompt_counts = (await self.backend.tokenize(texts=list(job.prompts.texts))).text_token_counts
+            return self.backend.estimate_tokens(job, counts, prompt_token_counts=prompt_counts)
         return self.backend.estimate_tokens(job, counts)
 
     async def score(self, split_name: str, prompts: PromptBatch, reserve_after: int = 0,
                     words: Sequence[str] | None = None) -> np.ndarray:
-        """(C, N, K) class logits of ``prompts`` on a split, budget reserved first; ``reserve_after`` calls must
-        stay free. ``words``: score these words instead and return their (C, N, V) logits as they are."""
+        """(C, N, K) class logits of ``prompts`` on a split (calibrated when the method asks for it), budget
+        reserved first; ``reserve_after`` calls must stay free. ``words``: score these words instead and return
+        their (C, N, V) logits as they are."""
+        if words is not None:
+            split = getattr(self.data, split_name)
+            job = ScoreJob(template=self.data.task.template, texts=split.texts, text_pairs=split.text_pairs,
+                           label_words=list(words), prompts=prompts)
+            return await self._score_job(split_name, job, reserve_after)
+        raw, calibrated = await self.score_both(split_name, prompts, reserve_after)
+        return calibrated if calibrated is not None else raw
+
+    async def score_both(self, split_name: str, prompts: PromptBatch,
+                         reserve_after: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw (C, N, K) class logits, and the calibrated ones from the same call (None when not calibrating):
+        with calibration the content-free inputs ride along in each candidate's call (their tokens are counted)."""
         split = getattr(self.data, split_name)
         sets = self.data.task.word_sets
-        job = ScoreJob(template=self.data.task.template, texts=split.texts, text_pairs=split.text_pairs,
-                       label_words=list(words) if words is not None else flat_words(sets), prompts=prompts)
-        logits = await self._score_job(split_name, job, reserve_after)
-        return logits if words is not None else class_logits(logits, sets)
+        texts, pairs, m = list(split.texts), split.text_pairs, 0
+        if self.calibrate:
+            texts = calibration.with_content_free(split.texts)
+            m = len(texts) - len(split.texts)
+            pairs = None if pairs is None else calibration.with_content_free(pairs)
+        job = ScoreJob(template=self.data.task.template, texts=texts, text_pairs=pairs,
+                       label_words=flat_words(sets), prompts=prompts)
+        logits = class_logits(await self._score_job(split_name, job, reserve_after), sets)
+        if not m:
+            return logits, None
+        return calibration.split_content_free(logits, m), calibration.calibrate(logits, m)
 
     async def search_verbalizer(self, per_class: int) -> tuple[tuple[str, ...], ...]:
         """Choose ``per_class`` label words per class from the training texts, spending one call (see
@@ -310,11 +333,23 @@ class _Context:
             t = r.tokens if tokens is None else int(tokens)
             self.ledger.settle(rid, t, self.budget.cost_of(t))
 
+    def _batch_of(self, prompt: np.ndarray | None) -> PromptBatch:
+        if prompt is not None and self.tuner.prompt_kind == "text":
+            return self.tuner.text_batch(prompt)
+        return prompt_batch(self.tuner.prompt_kind, prompt, getattr(self.tuner, "config", None))
+
     async def evaluate(self, split_name: str, prompt: np.ndarray | None, reserve_after: int = 0) -> tuple[float, float]:
-        batch = _prompt_batch(self.tuner.prompt_kind, prompt, getattr(self.tuner, "config", None))
-        logits = await self.score(split_name, batch, reserve_after)
+        logits = await self.score(split_name, self._batch_of(prompt), reserve_after)
         labels = getattr(self.data, split_name).labels
         return float(accuracy(logits, labels)[0]), float(self.loss_fn(logits, labels)[0])
+
+    async def _zero_shot(self) -> None:
+        """Zero-shot test accuracy, raw and (for calibrating methods) calibrated, from one call."""
+        raw, cal = await self.score_both("test", PromptBatch.zero_shot(), reserve_after=self.final_calls)
+        labels = self.data.test.labels
+        self.st.zero_shot_test_accuracy = float(accuracy(raw, labels)[0])
+        if cal is not None:
+            self.st.zero_shot_calibrated_test_accuracy = float(accuracy(cal, labels)[0])
 
     # -------------------------------------------------------------- the loop
 
@@ -331,7 +366,7 @@ class _Context:
         self._progress("start")
         try:
             if st.generation == 0 and cfg.evaluate_zero_shot and st.zero_shot_test_accuracy is None:
-                st.zero_shot_test_accuracy, _ = await self.evaluate("test", None, reserve_after=self.final_calls)
+                await self._zero_shot()
                 self._checkpoint()
             while True:
                 dev_due = (st.generation + 1) % cfg.eval_every == 0
@@ -376,7 +411,8 @@ class _Context:
             acc == st.best_dev_accuracy and loss < (st.best_dev_loss or np.inf))
         if better:
             st.best_dev_accuracy, st.best_dev_loss = acc, loss
-            st.best_prompt, st.best_generation = np.array(prompt, dtype=np.float32), st.generation
+            dtype = np.int64 if self.tuner.prompt_kind == "text" else np.float32  # text: vocabulary indices
+            st.best_prompt, st.best_generation = np.array(prompt, dtype=dtype), st.generation
         self._progress("eval", st.history[-1])
 
     def _checkpoint(self) -> None:
@@ -410,13 +446,14 @@ class _Context:
         self._checkpoint()
         result = self._result(stop_reason, prompt, test_acc)
         if self.job.run_dir is not None:
-            if prompt is not None:
+            if prompt is not None and result.prompt_text is None:  # a text prompt is result.json's prompt_text
                 result.prompt_sha256 = write_prompt(self.job.run_dir, prompt)
             ckpt.atomic_write_json(self.job.run_dir / RESULT_FILE, result.model_dump(mode="json"))
         return result
 
     def _result(self, stop_reason: str, prompt: np.ndarray | None, test_acc: float | None) -> RunResult:
         cfg, st, used = self.cfg, self.st, self.budget.used
+        text = self.tuner.prompt_text(prompt) if prompt is not None and self.tuner.prompt_kind == "text" else None
         return RunResult(
             method=cfg.method, task=self.data.task.name, seed=cfg.seed, shots=cfg.task.shots,
             model=self.info.name, prompt_kind=self.tuner.prompt_kind,
@@ -425,6 +462,8 @@ class _Context:
             generations=st.generation, stop_reason=stop_reason,
             best_dev_accuracy=st.best_dev_accuracy, best_generation=st.best_generation,
             test_accuracy=test_acc, zero_shot_test_accuracy=st.zero_shot_test_accuracy,
+            zero_shot_calibrated_test_accuracy=st.zero_shot_calibrated_test_accuracy,
+            prompt_text=text, calibrated=self.calibrate,
             test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},
@@ -439,32 +478,6 @@ async def tune(config: TuneConfig, *, resume: bool = False, backend: Backend | N
                progress: ProgressCallback | None = None) -> RunResult:
     """Run (or resume) a tuning job: the Python twin of ``bbt tune``."""
     return await TuningJob(config, backend=backend, progress=progress).run(resume=resume)
-
-
-async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config: TuneConfig | None = None) -> dict:
-    """Re-score a finished run's tuned prompt on its test set: reproduces ``test_accuracy`` of result.json."""
-    from bbt_client.results import load_result, read_prompt
-
-    run_dir = Path(run_dir)
-    result = load_result(run_dir)
-    cfg = config or TuneConfig.model_validate(result.config)
-    prompt = read_prompt(run_dir)
-    data = load_task_data(cfg.task, cfg.seed)
-    sets = tuple(tuple(ws) for ws in result.verbalizer) if result.verbalizer else data.task.word_sets
-    owns = backend is None
-    backend = backend or make_backend(cfg.endpoint)
-    try:
-        job = ScoreJob(template=data.task.template, texts=data.test.texts, text_pairs=data.test.text_pairs,
-                       label_words=flat_words(sets),
-                       prompts=_prompt_batch(result.prompt_kind, prompt, make_config(cfg.method, cfg.method_options)))
-        scored = await backend.score(job)
-    finally:
-        if owns:
-            await backend.aclose()
-    acc = float(accuracy(class_logits(scored.logits, sets), data.test.labels)[0])
-    return {"run": str(run_dir), "test_accuracy": acc, "recorded_test_accuracy": result.test_accuracy,
-            "matches": result.test_accuracy is not None and abs(acc - result.test_accuracy) < 1e-9,
-            "test_examples": len(data.test.labels)}
 
 
 __all__ = ["TuningJob", "Progress", "tune", "evaluate_run", "CheckpointError"]

@@ -125,6 +125,9 @@ class ModelInfo(_Model):
     #: Token ids the slots hold in ``add`` mode when a request names none (the first ``max_prompt_tokens``;
     #: a prompt of n tokens uses the first n).
     default_slot_token_ids: list[int] | None = None
+    #: One digest per served parameter tensor (:mod:`bbt_client.weight_digests`): lets a client prove a local
+    #: model (GDFO's student) shares no weights with this one. None: the server does not say.
+    weight_digests: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] | None = None
 
     @model_validator(mode="after")
     def _check_layers(self) -> "ModelInfo":
@@ -229,7 +232,17 @@ class DeepPrompt(_SlotSpec):
 PromptSpec = Annotated[Union[NoPrompt, ShallowPrompt, DeepPrompt], Field(discriminator="kind")]
 
 
-PromptKind = Literal["none", "shallow", "deep"]
+#: ``text``: discrete prompts as strings, client-side only (text APIs); protocol v1's wire has no such spec.
+PromptKind = Literal["none", "shallow", "deep", "text"]
+
+#: How a text prompt joins a rendered query: ``prompt + TEXT_PROMPT_SEPARATOR + rendered`` (nothing added for an
+#: empty prompt). Prepended, as BDPL does, so it works with any template, causal or masked.
+TEXT_PROMPT_SEPARATOR = " "
+
+
+def join_text_prompt(prompt: str, rendered: str) -> str:
+    """The sequence a text-only endpoint reads: the prompt string, one space, then the rendered template."""
+    return f"{prompt}{TEXT_PROMPT_SEPARATOR}{rendered}" if prompt else rendered
 
 
 @dataclass(frozen=True)
@@ -240,6 +253,8 @@ class PromptBatch:
     - ``shallow``: ``candidates`` (C, n, D).
     - ``deep``: ``candidates`` (C, L, n, D); or ``base`` (L, n, D) + ``layer`` + ``candidates`` (C, n, D)
       (candidate c = base with layer ``layer`` replaced); or ``base`` alone (C = 1).
+    - ``text``: ``texts`` holds C prompt strings, each joined before the rendered template by
+      :func:`join_text_prompt`. Client-side only: backends for text APIs send it; protocol v1 has no wire form.
     """
 
     kind: PromptKind
@@ -248,21 +263,34 @@ class PromptBatch:
     layer: int | None = None
     mode: PromptMode = "replace"
     slot_token_ids: tuple[int, ...] | None = None
+    texts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind == "text") != (self.texts is not None):
+            raise ValueError("a text prompt batch needs texts (one string per candidate), and only it takes them")
+        if self.texts is not None:
+            object.__setattr__(self, "texts", tuple(self.texts))
+            if not self.texts or not all(isinstance(t, str) for t in self.texts):
+                raise ValueError("texts must be a non-empty sequence of strings")
 
     @property
     def num_candidates(self) -> int:
+        if self.texts is not None:
+            return len(self.texts)
         return 1 if self.candidates is None else int(self.candidates.shape[0])
 
     @property
     def num_prompt_tokens(self) -> int:
-        if self.kind == "none":
+        """Continuous prompt slots; 0 for zero-shot and text prompts (a text prompt's tokens are the backend's to
+        count, see ``estimate_tokens``)."""
+        if self.kind in ("none", "text"):
             return 0
         ref = self.base if self.base is not None else self.candidates
         return int(ref.shape[-2])
 
     def full(self) -> np.ndarray | None:
-        """Every candidate's complete prompt: (C, n, D) shallow or (C, L, n, D) deep; None for zero-shot."""
-        if self.kind == "none":
+        """Every candidate's complete prompt: (C, n, D) shallow or (C, L, n, D) deep; None for zero-shot and text."""
+        if self.kind in ("none", "text"):
             return None
         if self.kind == "shallow" or self.base is None:
             return self.candidates
@@ -275,6 +303,10 @@ class PromptBatch:
     @classmethod
     def zero_shot(cls) -> "PromptBatch":
         return cls(kind="none")
+
+    @classmethod
+    def from_texts(cls, texts: "list[str] | tuple[str, ...]") -> "PromptBatch":
+        return cls(kind="text", texts=tuple(texts))
 
 
 class ScoreRequest(_Model):
@@ -347,7 +379,7 @@ class ServerUsage(_Model):
     """``GET /v1/usage``: what the server computed since it started (counted when the work finishes, whether
     or not the caller was still there to hear the answer)."""
 
-    #: ``/v1/score`` requests computed.
+    #: Scoring requests computed: ``/v1/score`` and the OpenAI face's completions/chat requests.
     requests: int = 0
     #: Prompts scored on a text batch: the unit of an API call in protocol v1 (BBT's count).
     candidates: int = 0

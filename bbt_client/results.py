@@ -2,6 +2,7 @@
 
 - ``result.json``   :class:`RunResult`: the figures a user reports, and the config that reproduces them.
 - ``prompt.npy``    the tuned prompt, float32 (n, D) shallow or (L, n, D) deep; its sha256 is in result.json.
+                    Text methods write none: their prompt is ``prompt_text`` in result.json.
 - ``history.jsonl`` one :class:`GenerationRecord` per generation, for plots and reports.
 - ``checkpoint.pkl`` optimiser and loop state for ``--resume`` (see :mod:`bbt_client.checkpoint`).
 """
@@ -61,10 +62,17 @@ class RunResult(BaseModel):
     best_generation: int | None
     test_accuracy: float | None
     zero_shot_test_accuracy: float | None
+    #: Zero-shot read with content-free calibration, from the same call (methods that calibrate).
+    zero_shot_calibrated_test_accuracy: float | None = None
     test_examples: int
     wall_seconds: float
     prompt_shape: list[int] | None
     prompt_sha256: str | None = None
+    #: Text methods (bdpl, cmaes-tokens): the tuned prompt as text, to put before the rendered template with one
+    #: space (``bbt_client.protocol.join_text_prompt``) in any client. Such runs write no prompt.npy.
+    prompt_text: str | None = None
+    #: Scores were read with content-free calibration (``bbt_client.calibration``); ``bbt evaluate`` does the same.
+    calibrated: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     #: Label words per class found on the training texts (``search_label_words``); None: the task's own words.
     verbalizer: list[list[str]] | None = None

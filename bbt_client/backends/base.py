@@ -72,14 +72,17 @@ class Backend(abc.ABC):
         raise UnsupportedError(f"the {type(self).__name__} endpoint cannot measure hidden-state statistics; "
                                "use hidden_std_source='model'")
 
-    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int]) -> int:
+    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int],
+                        prompt_token_counts: Sequence[int] = ()) -> int:
         """Upper-bound estimate of tokens ``job`` will be billed, for reserving budget before the call.
 
+        ``prompt_token_counts``: for ``text`` prompts, each candidate's prompt string in tokens (+1 for the join).
         Default: (prompt tokens + template overhead + text tokens) per candidate per text.
         """
         overhead = len(job.template) // 2 + 4  # generous: template words + special tokens
         per_text = sum(text_token_counts) + len(text_token_counts) * (overhead + job.prompts.num_prompt_tokens)
-        return per_text * job.num_calls
+        texts = sum(int(c) + 1 for c in prompt_token_counts) * len(text_token_counts)
+        return per_text * job.num_calls + texts
 
     async def aclose(self) -> None:  # pragma: no cover - trivial default
         return None

@@ -1,15 +1,17 @@
 """Backend for any OpenAI-compatible text endpoint (OpenAI, Azure-style proxies, vLLM/TGI without embeddings).
 
-Such an endpoint takes only text, so no continuous prompt can be sent: ``supported_prompts = {"none"}``
-and BBT/BBTv2/GDFO are refused with :class:`~bbt_client.errors.UnsupportedError`. What works is
-zero-shot evaluation of a discrete template: each text is rendered up to ``{mask}`` and the label words are
-scored as the next token with ``max_tokens=1``, ``logprobs`` and ``logit_bias`` (+``label_bias`` on the label
-tokens, so all of them appear in the top logprobs; an equal shift keeps their differences, which is what
-accuracy and cross-entropy use). A label still missing from the top-k gets the floor
-``lowest returned logprob - missing_margin`` (counted in ``ScoreResult.extra``).
+Such an endpoint takes only text, so no continuous prompt can be sent: ``supported_prompts = {"none", "text"}``
+and BBT/BBTv2/GDFO are refused with :class:`~bbt_client.errors.UnsupportedError`. What works is zero-shot
+scoring of a template and discrete *text* prompts (``bdpl``, ``cmaes-tokens``): each text is rendered up to
+``{mask}``, a text prompt is joined before it (:func:`~bbt_client.protocol.join_text_prompt`: prompt, one space,
+rendered text), and the label words are scored as the next token with ``max_tokens=1``, ``logprobs`` and
+``logit_bias`` (+``label_bias`` on the label tokens, so all of them appear in the top logprobs; an equal shift
+keeps their differences, which is what accuracy and cross-entropy use). A label still missing from the top-k gets
+the floor ``lowest returned logprob - missing_margin`` (counted in ``ScoreResult.extra``).
 
-``api="completions"`` (default) batches ``prompts_per_request`` texts per request (``prompt`` is a list);
-``api="chat"`` sends one request per text (Chat takes one conversation), concurrently.
+C candidate prompts × N texts are C·N sequences: ``api="completions"`` (default) batches
+``prompts_per_request`` of them per request (``prompt`` is a list); ``api="chat"`` sends one request per
+sequence (Chat takes one conversation), concurrently.
 Token counts (for budgets) and label token ids (for ``logit_bias``) come from ``tokenizer``:
 
 - ``"auto"`` (default): tiktoken for OpenAI model names; for any other model the endpoint's own
@@ -41,10 +43,11 @@ from bbt_client.backends.openai_wire import (  # noqa: F401 - Chat* models stay 
     TokenizeAnswer,
     first_top_logprobs,
     split_v1,
+    usable_logprob,
     usage_tokens,
 )
 from bbt_client.errors import ConfigError, ProtocolError, RequestRejected, UnsupportedError
-from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
+from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens, join_text_prompt
 
 log = logging.getLogger("bbt_client.backends.openai")
 
@@ -56,19 +59,25 @@ _NO_TOKENIZE_ROUTE = {400, 404, 405, 422, 501}
 
 def _match_labels(top: dict[str, float], words: Sequence[str], margin: float) -> tuple[np.ndarray, int]:
     """(K,) log-probs of the label words from {token text: logprob}; tokens match with or without the
-    leading space (case-sensitive); the higher of the two counts."""
+    leading space, case-sensitive first, else case-insensitively (an uncased tokenizer returns "world" for the
+    label "World"); the higher of several matches counts. vLLM's -9999.0 (its -inf) is no score."""
     if not top:
         raise ProtocolError("the endpoint returned no top logprobs; does it support logprobs for this model?")
     norm: dict[str, float] = {}
+    folded: dict[str, float] = {}
     for token, lp in top.items():
+        if not usable_logprob(lp):
+            continue
         key = token.strip()
-        if math.isfinite(lp) and (key not in norm or lp > norm[key]):
+        if key not in norm or lp > norm[key]:
             norm[key] = lp
+        if key.lower() not in folded or lp > folded[key.lower()]:
+            folded[key.lower()] = lp
     floor = (min(norm.values()) if norm else -100.0) - margin
     out = np.empty(len(words), np.float32)
     missing = 0
     for k, w in enumerate(words):
-        v = norm.get(w.strip())
+        v = norm.get(w.strip(), folded.get(w.strip().lower()))
         if v is None:
             v, missing = floor, missing + 1
         out[k] = v
@@ -76,9 +85,10 @@ def _match_labels(top: dict[str, float], words: Sequence[str], margin: float) ->
 
 
 class OpenAITextBackend(HttpBackend):
-    """Zero-shot template scoring on an OpenAI-compatible endpoint via next-token logprobs."""
+    """Template scoring (zero-shot or with discrete text prompts) on an OpenAI-compatible endpoint via next-token
+    logprobs."""
 
-    supported_prompts = frozenset({"none"})
+    supported_prompts = frozenset({"none", "text"})
 
     def __init__(
         self,
@@ -201,47 +211,66 @@ class OpenAITextBackend(HttpBackend):
         return out
 
     def _prefixes(self, job: ScoreJob) -> list[str]:
+        """The N texts rendered up to ``{mask}``, without any prompt."""
         pairs = job.text_pairs or [None] * len(job.texts)
         return [prefix_before_mask(job.template, t, b) for t, b in zip(job.texts, pairs)]
 
-    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int] = ()) -> int:
-        """Upper bound of the tokens ``job`` is billed: its prompts' tokens + chat framing + one generated
-        token per text. tiktoken counts the rendered prompts exactly; otherwise the texts' own counts (from
-        :meth:`tokenize`, the endpoint's tokenizer) plus the template's other words as UTF-8 bytes and two
-        special tokens; with no counts at all, the rendered prompts' bytes."""
-        per_text = 1 + (tok.CHAT_TOKENS_PER_MESSAGE + tok.CHAT_TOKENS_PER_REPLY if self.api == "chat" else 0)
+    @staticmethod
+    def _prompt_texts(job: ScoreJob) -> tuple[str, ...]:
+        """One prompt string per candidate ("" for zero-shot)."""
+        return job.prompts.texts if job.prompts.kind == "text" else ("",)
+
+    def _sequences(self, job: ScoreJob) -> list[str]:
+        """The C·N sequences sent, candidate-major: candidate c's prompt joined before each rendered text."""
         prefixes = self._prefixes(job)
+        return [join_text_prompt(p, x) for p in self._prompt_texts(job) for x in prefixes]
+
+    def estimate_tokens(self, job: ScoreJob, text_token_counts: Sequence[int] = (),
+                        prompt_token_counts: Sequence[int] = ()) -> int:
+        """Upper bound of the tokens ``job`` is billed: its C·N sequences' tokens + chat framing + one generated
+        token per sequence. tiktoken counts the sequences exactly; otherwise the texts' own counts (from
+        :meth:`tokenize`, the endpoint's tokenizer) and the text prompts' counts (``prompt_token_counts``, one per
+        candidate, else their UTF-8 bytes) plus the template's other words as UTF-8 bytes and three tokens for
+        BOS and merges across the joins; with no counts at all, the sequences' bytes."""
+        per_seq = 1 + (tok.CHAT_TOKENS_PER_MESSAGE + tok.CHAT_TOKENS_PER_REPLY if self.api == "chat" else 0)
+        prompts = self._prompt_texts(job)
         if self._encoding is not None:
-            counts = [len(x) for x in self._encoding.encode_ordinary_batch(prefixes)]
+            counts = [len(x) for x in self._encoding.encode_ordinary_batch(self._sequences(job))]
         elif len(text_token_counts) == len(job.texts) and self.token_counter == "endpoint":
-            # the rendered prompt holds the text; everything else in it (template words, a pair) is counted
+            # the rendered prefix holds the text; everything else in it (template words, a pair) is counted
             # as bytes, which no byte-level BPE exceeds, + 2 for BOS and a merge across the text's edges
-            counts = [int(c) + 2 + max(0, len(p.encode("utf-8")) - len(t.encode("utf-8")))
-                      for c, p, t in zip(text_token_counts, prefixes, job.texts)]
+            prefixes = self._prefixes(job)
+            per_text = [int(c) + 2 + max(0, len(p.encode("utf-8")) - len(t.encode("utf-8")))
+                        for c, p, t in zip(text_token_counts, prefixes, job.texts)]
+            if len(prompt_token_counts) != len(prompts):
+                prompt_token_counts = tok.byte_upper_bound(prompts)
+            counts = [c + (int(pc) + 1 if p else 0)
+                      for p, pc in zip(prompts, prompt_token_counts) for c in per_text]
         else:
-            counts = tok.byte_upper_bound(prefixes)
-        return (sum(counts) + per_text * len(counts)) * job.num_calls
+            counts = tok.byte_upper_bound(self._sequences(job))
+        return sum(counts) + per_seq * len(counts)
 
     def _refuse(self, kind: str) -> None:
         raise UnsupportedError(
             f"an OpenAI-compatible text endpoint accepts only text, so {kind} (continuous) prompts cannot be sent "
-            "and bbt/bbtv2/gdfo cannot tune through it. What works here: zero-shot evaluation of a discrete "
-            "template (`bbt eval` without a tuned prompt). For continuous prompts use a vLLM server with "
+            "and bbt/bbtv2/gdfo cannot tune through it. What works here: zero-shot scoring of a template and the "
+            "text-prompt methods bdpl and cmaes-tokens. For continuous prompts use a vLLM server with "
             "--enable-prompt-embeds (backend 'vllm', method bbt) or the bbt server (backend 'server').")
 
     async def score(self, job: ScoreJob) -> ScoreResult:
-        if job.prompts.kind != "none":
+        if job.prompts.kind not in self.supported_prompts:
             self._refuse(job.prompts.kind)
         check_causal_template(job.template)
         label_ids = await self._label_ids(job.label_words)
-        prefixes = self._prefixes(job)
+        seqs = self._sequences(job)
         bias = {str(i): self.label_bias for i in label_ids.values()} if label_ids else None
         if self.api == "completions":
-            groups = [prefixes[i:i + self.prompts_per_request] for i in range(0, len(prefixes), self.prompts_per_request)]
+            groups = [seqs[i:i + self.prompts_per_request] for i in range(0, len(seqs), self.prompts_per_request)]
             parts = await asyncio.gather(*(self._completions(g, job.label_words, bias) for g in groups))
         else:
-            parts = await asyncio.gather(*(self._chat(p, job.label_words, bias) for p in prefixes))
-        logits = np.concatenate([p[0] for p in parts], axis=0)[None]
+            parts = await asyncio.gather(*(self._chat(p, job.label_words, bias) for p in seqs))
+        logits = np.concatenate([p[0] for p in parts], axis=0)
+        logits = logits.reshape(job.num_calls, len(job.texts), len(job.label_words))
         return ScoreResult(logits=logits, tokens=sum(p[1] for p in parts),
                            extra={"requests": len(parts), "missing_label_logprobs": sum(p[2] for p in parts),
                                   "logit_bias": bias is not None})

@@ -20,10 +20,13 @@ _METHODS: dict[str, tuple[str, str, str, str]] = {
     "bbt": ("bbt_client.methods.bbt", "BBTTuner", "BBTConfig", ""),
     "bbtv2": ("bbt_client.methods.bbtv2", "BBTv2Tuner", "BBTv2Config", ""),
     "gdfo": ("bbt_client.methods.gdfo", "GDFOTuner", "GDFOConfig", "pip install 'bbt-client[gdfo]'"),
+    "bdpl": ("bbt_client.methods.bdpl", "BDPLTuner", "BDPLConfig", ""),
+    "cmaes-tokens": ("bbt_client.methods.token_cma", "TokenCMATuner", "TokenCMAConfig", ""),
 }
 
-#: Methods whose tuner needs the task and the training split at construction.
-_NEEDS_DATA = frozenset({"gdfo"})
+#: Methods whose tuner needs the task and the training split at construction (GDFO's student learns on the texts;
+#: the discrete methods mine their candidate vocabulary from them).
+_NEEDS_DATA = frozenset({"gdfo", "bdpl", "cmaes-tokens"})
 
 
 def known_methods() -> list[str]:

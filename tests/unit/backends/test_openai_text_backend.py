@@ -104,9 +104,59 @@ async def test_chat_body_and_top_logprobs_with_missing_label():
 
 async def test_continuous_prompts_refused_with_guidance():
     b = backend()
-    assert b.supported_prompts == frozenset({"none"})
-    with pytest.raises(UnsupportedError, match="zero-shot"):
+    assert b.supported_prompts == frozenset({"none", "text"})
+    with pytest.raises(UnsupportedError, match="bdpl and cmaes-tokens"):
         await b.score(ScoreJob(TEMPLATE, ["x"], WORDS, PromptBatch(kind="shallow", candidates=np.zeros((1, 2, 4)))))
+
+
+@respx.mock
+async def test_text_prompts_candidate_major_batched_and_estimated_exactly():
+    seen = []
+    respx.post(f"{BASE}/v1/completions").mock(side_effect=completions_handler(seen))
+    b = backend(prompts_per_request=4)
+    texts = ["great fun", "a bore", "fine"]
+    job = ScoreJob(TEMPLATE, texts, WORDS, PromptBatch.from_texts(["movie review", ""]))
+    res = await b.score(job)
+    assert [len(s["prompt"]) for s in seen] == [4, 2]  # C*N = 6 sequences, 4 per request
+    sent = seen[0]["prompt"] + seen[1]["prompt"]
+    assert sent[:3] == [f"movie review Review: {t}\nSentiment:" for t in texts]  # prompt, one space, template
+    assert sent[3:] == [f"Review: {t}\nSentiment:" for t in texts]  # an empty prompt adds nothing
+    assert res.logits.shape == (2, 3, 2)
+    local = np.array([0, 1, 2, 3, 0, 1])  # each sequence's index within its request
+    np.testing.assert_allclose(res.logits.reshape(6, 2)[:, 1], -local / 10 - 0.1, rtol=1e-6)
+    assert res.tokens == b.estimate_tokens(job)  # tiktoken: the estimate covers the prompt text exactly
+    assert b.estimate_tokens(job) > b.estimate_tokens(ScoreJob(TEMPLATE, texts, WORDS, PromptBatch.zero_shot())) * 2
+
+
+@respx.mock
+async def test_text_prompts_through_chat_one_request_per_sequence():
+    seen = []
+
+    def handle(request):
+        body = json.loads(request.content)
+        seen.append(body["messages"][0]["content"])
+        return httpx.Response(200, json={"choices": [{"index": 0, "logprobs": {"content": [
+            {"token": "positive", "logprob": -0.2, "top_logprobs": [{"token": "positive", "logprob": -0.2},
+                                                                    {"token": "negative", "logprob": -1.5}]}]}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}})
+
+    respx.post(f"{BASE}/v1/chat/completions").mock(side_effect=handle)
+    res = await backend(api="chat").score(ScoreJob(TEMPLATE, ["x", "y"], WORDS, PromptBatch.from_texts(["a", "b c"])))
+    assert sorted(seen) == sorted(["a Review: x\nSentiment:", "a Review: y\nSentiment:",
+                                   "b c Review: x\nSentiment:", "b c Review: y\nSentiment:"])
+    assert res.logits.shape == (2, 2, 2) and res.tokens == 44
+
+
+def test_text_prompt_estimate_from_endpoint_counts_covers_the_prompt():
+    b = backend(model="my-llama")  # endpoint counter: the texts' and prompts' own counts, template as bytes
+    texts = ["one two three", "four"]
+    zero = ScoreJob(TEMPLATE, texts, WORDS, PromptBatch.zero_shot())
+    text = ScoreJob(TEMPLATE, texts, WORDS, PromptBatch.from_texts(["alpha beta", "gamma"]))
+    base = b.estimate_tokens(zero, [3, 1])
+    with_counts = b.estimate_tokens(text, [3, 1], prompt_token_counts=[2, 1])
+    assert with_counts == 2 * base + 2 * (2 + 1) + 2 * (1 + 1)  # each prompt + 1 for the join, on every text
+    # without the prompts' counts, their UTF-8 bytes bound them
+    assert b.estimate_tokens(text, [3, 1]) == 2 * base + 2 * (10 + 1) + 2 * (5 + 1)
 
 
 async def test_config_refusals():

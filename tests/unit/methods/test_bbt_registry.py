@@ -24,7 +24,7 @@ def test_unknown_method_and_bad_config(model_info):
         make_config("bbt", {"popsize": 1})
     with pytest.raises(ConfigError, match="nope"):
         make_config("bbtv2", {"nope": 3})
-    assert known_methods() == ["bbt", "bbtv2", "gdfo"]
+    assert known_methods() == ["bbt", "bbtv2", "gdfo", "bdpl", "cmaes-tokens"]
 
 
 def test_gdfo_missing_dependency_is_a_config_error(model_info, monkeypatch):

@@ -1,0 +1,104 @@
+"""The job loop with a text-prompt method against an in-memory text endpoint: content-free calibration rides in
+each candidate's call, calls are counted per candidate, result.json carries prompt_text, evaluate reproduces it.
+
+The toy endpoint prefers class 0 by a wide margin whatever the input (as the bundled tied-head model prefers one
+AG News class), and the text's true label adds a smaller margin, so raw accuracy is the class-0 share while
+calibrated accuracy is perfect: what calibration is for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.calibration import CONTENT_FREE_INPUTS
+from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
+from bbt_client.errors import UnsupportedError
+from bbt_client.job import evaluate_run, tune
+from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
+from bbt_client.results import load_result
+from bbt_client.tasks import load_task_data
+
+
+class TextToyBackend(Backend):
+    supported_prompts = frozenset({"none", "text"})
+
+    def __init__(self, labels_by_text: dict[str, int]):
+        self.labels = labels_by_text
+        self.calls = 0
+        self.jobs: list[ScoreJob] = []
+
+    async def model_info(self) -> ModelInfo:
+        return ModelInfo(name="toy-text", kind="causal", architecture="Toy", hidden_size=1, num_layers=1,
+                         max_seq_len=128, vocab_size=1, embedding_std=0.0, hidden_std=[0.0], max_prompt_tokens=0,
+                         max_candidates=1, max_texts=4096, max_body_bytes=1 << 26, device="cpu")
+
+    async def tokenize(self, words=(), texts=()) -> TokenizeResponse:
+        return TokenizeResponse(words=[WordTokens(word=w, ids=[1]) for w in words],
+                                text_token_counts=[len(t.split()) for t in texts])
+
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        self.jobs.append(job)
+        prompts = job.prompts.texts if job.prompts.kind == "text" else ("",)
+        c, n = len(prompts), len(job.texts)
+        logits = np.zeros((c, n, 2), np.float32)
+        logits[..., 0] = 4.0  # the template's bias
+        for i, t in enumerate(job.texts):
+            if t in self.labels:
+                logits[:, i, self.labels[t]] += 2.0
+        for k, p in enumerate(prompts):  # a prompt nudges by its length: something for the search to find
+            logits[k, :, 1] += 0.01 * len(p)
+        self.calls += c
+        return ScoreResult(logits=logits, tokens=c * n * 5)
+
+
+@pytest.fixture(scope="module")
+def labels_by_text():
+    cfg = TaskConfig(name="sst2", shots=4, test_limit=40)
+    data = load_task_data(cfg, 7)
+    return {t: int(y) for split in (data.train, data.dev, data.test) for t, y in zip(split.texts, split.labels)}
+
+
+def _config(tmp_path, method="bdpl", calls=40, **opts) -> TuneConfig:
+    return TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid", backend="openai"),
+                      task=TaskConfig(name="sst2", shots=4, test_limit=40), method=method, seed=7,
+                      budget={"calls": calls, "tokens": 100_000},
+                      method_options={"prompt_tokens": 2, "popsize": 4, "vocab_size": 8, **opts},
+                      eval_every=2, out=tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["bdpl", "cmaes-tokens"])
+async def test_calibrated_text_run_and_evaluate(tmp_path, labels_by_text, method):
+    backend = TextToyBackend(labels_by_text)
+    cfg = _config(tmp_path, method)
+    result = await tune(cfg, backend=backend)
+    n_train = len(load_task_data(cfg.task, cfg.seed).train.texts)
+    gen_jobs = [j for j in backend.jobs if j.prompts.kind == "text" and j.prompts.num_candidates == 4]
+    assert gen_jobs and all(list(j.texts[n_train:]) == list(CONTENT_FREE_INPUTS) for j in gen_jobs)
+    assert all(len(j.texts) == n_train + len(CONTENT_FREE_INPUTS) for j in gen_jobs)
+    assert result.api_calls_used == backend.calls <= 40  # content-free inputs cost tokens, not calls
+    assert result.tokens_used <= 100_000 and result.calibrated and result.prompt_kind == "text"
+    test_share0 = np.mean([labels_by_text[t] == 0 for t in load_task_data(cfg.task, cfg.seed).test.texts])
+    assert result.zero_shot_test_accuracy == pytest.approx(test_share0)  # raw: class 0 everywhere
+    assert result.zero_shot_calibrated_test_accuracy == 1.0 and result.test_accuracy == 1.0
+    assert result.prompt_text and len(result.prompt_text.split()) >= 2
+    assert load_result(cfg.out).prompt_text == result.prompt_text and not (cfg.out / "prompt.npy").exists()
+    again = await evaluate_run(cfg.out, backend=TextToyBackend(labels_by_text))
+    assert again["matches"] and again["test_accuracy"] == 1.0
+
+
+async def test_uncalibrated_run_scores_only_the_texts(tmp_path, labels_by_text):
+    backend = TextToyBackend(labels_by_text)
+    result = await tune(_config(tmp_path, calibrate=False), backend=backend)
+    assert not result.calibrated and result.zero_shot_calibrated_test_accuracy is None
+    assert not any("N/A" in j.texts for j in backend.jobs)
+    assert result.test_accuracy < 1.0  # the bias wins without calibration
+
+
+async def test_text_methods_refused_by_backends_without_text(tmp_path, labels_by_text):
+    backend = TextToyBackend(labels_by_text)
+    backend.supported_prompts = frozenset({"none", "shallow"})
+    with pytest.raises(UnsupportedError, match="text prompts"):
+        await tune(_config(tmp_path), backend=backend)
+    assert backend.calls == 0  # refused before anything was spent
