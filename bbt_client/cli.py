@@ -1,7 +1,8 @@
 """The ``bbt`` command: argument parsing, progress display and exit codes — nothing else.
 
 Exit codes: 0 done, 2 bad configuration or input, 3 endpoint failure, 4 run directory problem,
-130 interrupted (the last finished generation is checkpointed: continue with ``bbt tune --resume DIR``).
+130 interrupted (the last finished generation is checkpointed: continue with ``bbt tune --resume DIR``, or
+re-run the same ``bbt sweep``); ``bbt sweep`` exits 1 when some job failed (listed in its summary).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
     t.add_argument("--label-words", help='label words in class order ("bad,great"), or per label value '
                    '("negative=bad,positive=great")')
-    t.add_argument("--method", choices=["bbt", "bbtv2", "gdfo"])
+    t.add_argument("--method", choices=["bbt", "bbtv2", "gdfo", "bdpl", "cmaes-tokens"])
     t.add_argument("--shots", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--budget-calls", type=int)
@@ -128,6 +129,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=["ce", "hinge"])
     t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt prompt_tokens=10 --opt popsize=20 (repeatable)")
+    t.add_argument("--preset", help="named settings under your flags: default, reference (the papers' code's "
+                   "choices; see bbt_client/presets.py)")
     t.add_argument("--out", type=Path, help="run directory (result.json, prompt.npy, checkpoint)")
     t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     mode = t.add_mutually_exclusive_group()
@@ -143,9 +146,39 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", type=Path, nargs="+", action="extend", required=True, help="run directories")
     r.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("plot", help="write a PNG of a run's tuning curve (needs the plot extra)")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--out", type=Path, help="PNG path (default RUN/curve.png)")
+    p = sub.add_parser("plot", help="PNG of a run's tuning curve, of several runs, or of a sweep (needs the plot extra)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, nargs="+", action="extend",
+                     help="run directories: one = its loss and accuracy curves; several = one line per method and "
+                          "variant with a band over seeds")
+    src.add_argument("--sweep", type=Path, metavar="DIR", help="a bbt sweep directory: test accuracy vs API calls")
+    p.add_argument("--metric", choices=["dev", "train"], default="dev",
+                   help="several runs: dev accuracy at each dev check, or best train accuracy per generation")
+    p.add_argument("--band", choices=["minmax", "std"], default="minmax", help="band over seeds")
+    p.add_argument("--ceiling", type=float, help="draw a reference line at this accuracy (e.g. the white-box ceiling)")
+    p.add_argument("--out", type=Path, help="PNG path (default RUN/curve.png, DIR/accuracy_vs_calls.png)")
+
+    s = sub.add_parser("sweep", help="tasks x methods x variants x seeds x nested budgets, concurrent and resumable")
+    s.add_argument("--out", type=Path, required=True, help="sweep directory (re-run the command to continue it)")
+    s.add_argument("--endpoint", action="append", required=True, metavar="URL",
+                   help="endpoint base URL (repeatable: jobs spread over the endpoints)")
+    s.add_argument("--backend", choices=["server", "vllm", "openai"], default="server")
+    s.add_argument("--per-endpoint", type=int, default=4, metavar="K", help="jobs at once per endpoint (default 4)")
+    s.add_argument("--jobs", type=int, default=4, metavar="N", help="jobs at once in all (default 4)")
+    s.add_argument("--tasks", default="agnews", help="comma-separated built-in tasks (default agnews)")
+    s.add_argument("--methods", default="bbt,bbtv2,gdfo", help="comma-separated (default bbt,bbtv2,gdfo)")
+    s.add_argument("--variant", action="append", default=[], metavar="SPEC",
+                   help="a preset name (default, reference) or NAME:key=value,... with method options, task fields "
+                        "(template, search_label_words) or preset=NAME (repeatable; default: default)")
+    s.add_argument("--seeds", default="13,42,100", help="comma-separated (default 13,42,100)")
+    s.add_argument("--budgets", default="100,200,400", help="comma-separated call budgets, reached in one continued "
+                                                            "run per job (default 100,200,400)")
+    s.add_argument("--shots", type=int, default=16)
+    s.add_argument("--test-limit", type=int, help="evaluate on at most N test examples")
+    s.add_argument("--eval-every", type=int, default=5, help="dev evaluation every N generations")
+    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option for every job, under each variant's (repeatable)")
+    s.add_argument("--quiet", action="store_true", help="print only the summary")
     return ap
 
 
@@ -190,8 +223,10 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
         opts = dict(data.get("method_options") or {})
         opts.update(dict(_parse_option(o) for o in args.opt))
         data["method_options"] = opts
-    elif args.opt or args.task or args.method or args.seed is not None:
-        raise ConfigError("--resume continues a run as configured: drop --task/--method/--seed/--opt "
+        if args.preset is not None:
+            data = _apply_preset(data, args.preset)
+    elif args.opt or args.task or args.method or args.seed is not None or args.preset is not None:
+        raise ConfigError("--resume continues a run as configured: drop --task/--method/--seed/--opt/--preset "
                           "(budgets, --endpoint and output modes may change)")
     budget = dict(data.get("budget") or {"calls": 8000})
     for flag, key in (("budget_calls", "calls"), ("budget_tokens", "tokens"), ("budget_cost", "cost"),
@@ -201,6 +236,25 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
     data["budget"] = budget
     data["out"] = str(args.resume if args.resume is not None else (args.out or data.get("out") or "")) or None
     return parse_config(data)
+
+
+def _apply_preset(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """``data`` with preset ``name`` filled in under what the config file and the flags set."""
+    from bbt_client.presets import apply_to_config, resolve_preset
+
+    task = data.get("task") or {}
+    settings = resolve_preset(name, data.get("method", "bbtv2"), task.get("name", "sst2"))
+    if settings.skipped:
+        log.warning("preset %s: %s does not apply to method %s", name, ", ".join(settings.skipped),
+                    data.get("method", "bbtv2"))
+    return apply_to_config(data, settings)
+
+
+def _csv(text: str, kind: type = str) -> list:
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -221,8 +275,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "result", **summary}), flush=True)
     else:
         print(_format_table([summary]))
+        if summary.get("prompt_text") is not None:
+            print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
         if cfg.out is not None:
-            print(f"\nwrote {cfg.out}/result.json and {cfg.out}/prompt.npy")
+            print(f"\nwrote {cfg.out}/result.json" + ("" if summary.get("prompt_text") is not None
+                                                     else f" and {cfg.out}/prompt.npy"))
     return 0
 
 
@@ -262,6 +319,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
     if not args.json:
         for run, row in zip(args.run, rows):
+            if row.get("prompt_text") is not None:
+                print(f"{run}: prompt_text {row['prompt_text']!r}")
+            if row.get("zero_shot_calibrated_test_accuracy") is not None:
+                print(f"{run}: zero-shot test accuracy with content-free calibration "
+                      f"{row['zero_shot_calibrated_test_accuracy']:.4f}")
             for line in _accounting_notes(row):
                 print(f"{run}: {line}")
     return 0
@@ -284,23 +346,54 @@ def _accounting_notes(row: dict[str, Any]) -> list[str]:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from bbt_client.plot import plot_run
+    from bbt_client.plot import plot_run, plot_runs, plot_sweep
 
-    path = plot_run(args.run, args.out)
+    if args.sweep is not None:
+        path = plot_sweep(args.sweep, args.out, band=args.band, ceiling=args.ceiling)
+    elif len(args.run) == 1:
+        path = plot_run(args.run[0], args.out)
+    else:
+        path = plot_runs(args.run, args.out, metric=args.metric, band=args.band, ceiling=args.ceiling)
     print(f"wrote {path}")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from bbt_client.sweep import Sweep, SweepSpec, Variant, parse_variant, summary_markdown
+
+    try:
+        spec = SweepSpec(
+            out=args.out, endpoints=args.endpoint, backend=args.backend, per_endpoint=args.per_endpoint,
+            jobs=args.jobs, tasks=_csv(args.tasks), methods=_csv(args.methods),
+            variants=[parse_variant(v) for v in args.variant] or [Variant(name="default")],
+            seeds=_csv(args.seeds, int), budgets=_csv(args.budgets, int), shots=args.shots,
+            test_limit=args.test_limit, eval_every=args.eval_every,
+            method_options=dict(_parse_option(o) for o in args.opt))
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid sweep:\n" + "\n".join(lines)) from None
+    sweep = Sweep(spec, progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    summary = asyncio.run(sweep.run())
+    print(summary_markdown(summary))
+    print(f"wrote {args.out}/summary.json and {args.out}/summary.md")
+    return 1 if summary["failed"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"tune": _cmd_tune, "evaluate": _cmd_evaluate, "report": _cmd_report, "plot": _cmd_plot}
+    commands = {"tune": _cmd_tune, "evaluate": _cmd_evaluate, "report": _cmd_report, "plot": _cmd_plot,
+                "sweep": _cmd_sweep}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
         where = getattr(args, "resume", None) or getattr(args, "out", None)
         hint = f": continue with bbt tune --resume {where}" if where else ""
+        if args.command == "sweep":
+            hint = ": re-run the same bbt sweep command to continue"
         print(f"\ninterrupted; the last finished generation is checkpointed{hint}", file=sys.stderr)
         return 130
     except ConfigError as exc:

@@ -68,3 +68,53 @@ def test_bbtv2_phases_are_drawn(tmp_path):
     make_run(plain, [""] * 6)
     make_run(phased, ["layer 1/2", "layer 2/2"] * 3)
     assert plot_run(plain).read_bytes() != plot_run(phased).read_bytes()
+
+
+def _overlaps(fig, texts) -> list[tuple[str, str]]:
+    fig.canvas.draw()  # lay out legends as they are saved
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
+    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+
+
+@pytest.mark.parametrize("layers, rounds", [(6, 4), (6, 40), (3, 2)])
+def test_phase_labels_never_overlap_each_other_or_the_title(tmp_path, layers, rounds):
+    """BBTv2's schedule (L layers x R rounds, one generation each) used to be written as one label per span
+    above the curve, which overlapped into unreadable text. Now: coloured spans with a legend, and round marks
+    thinned until no two boxes overlap."""
+    import matplotlib.pyplot as plt
+
+    from bbt_client.plot import build_run_figure
+
+    run = tmp_path / "run"
+    make_run(run, [f"layer {i % layers + 1}/{layers}, round {i // layers + 1}" for i in range(layers * rounds)])
+    fig, labels = build_run_figure(run)
+    try:
+        assert labels and all(t.get_text().startswith("round ") for t in labels)
+        assert _overlaps(fig, labels + [fig._suptitle]) == []
+        legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend_texts == [f"layer {i}/{layers}" for i in range(1, layers + 1)]  # one entry per layer
+        assert _overlaps(fig, fig.legends[0].get_texts()) == []
+        # no schedule text sits inside the plotting area of the curves
+        renderer = fig.canvas.get_renderer()
+        top = fig.axes[0].get_window_extent(renderer)
+        assert all(t.get_window_extent(renderer).y0 >= top.y1 - 1 for t in labels)
+    finally:
+        plt.close(fig)
+
+
+def test_gdfo_stages_get_a_legend_and_bbt_generations_none(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from bbt_client.plot import build_run_figure
+
+    make_run(tmp_path / "gdfo", ["dfo"] * 3 + ["gd+dfo"] * 5)
+    make_run(tmp_path / "bbt", [f"generation {g + 2}" for g in range(8)])
+    fig_g, labels_g = build_run_figure(tmp_path / "gdfo")
+    fig_b, labels_b = build_run_figure(tmp_path / "bbt")
+    try:
+        assert [t.get_text() for t in fig_g.legends[0].get_texts()] == ["dfo", "gd+dfo"] and labels_g == []
+        assert fig_b.legends == [] and labels_b == []  # BBT's generation counter is not a schedule
+    finally:
+        plt.close(fig_g)
+        plt.close(fig_b)
