@@ -15,11 +15,12 @@ Configured through environment variables, so no secret lands in a shell history 
     python examples/hosted_endpoint.py --dry-run          # check the set-up; sends no scoring request
     python examples/hosted_endpoint.py --budget-calls 400 --out runs/vllm-sst2
 
-    # An OpenAI-compatible text API cannot take a continuous prompt: this evaluates the template zero-shot.
+    # An OpenAI-compatible text API takes text only: a discrete prompt is tuned (bdpl by default).
     BBT_BACKEND=openai BBT_ENDPOINT=https://api.openai.com BBT_MODEL=gpt-3.5-turbo-instruct \\
-        BBT_API_KEY=sk-... python examples/hosted_endpoint.py --test-limit 100
+        BBT_API_KEY=sk-... python examples/hosted_endpoint.py --budget-calls 200 --test-limit 100
 
 vLLM gets BBT (shallow prompt, what ``prompt_embeds`` can carry); BBTv2's deep prompts need our server.
+A text API gets ``bdpl`` or ``cmaes-tokens`` (``--method``); the tuned prompt is printed as text.
 A causal LM scores the *next* token, so the template must end with ``{mask}``.
 """
 
@@ -36,7 +37,7 @@ from bbt_client.backends.base import PromptBatch, ScoreJob
 from bbt_client.config import EndpointConfig, TuneConfig, parse_config
 from bbt_client.errors import BBTError, ConfigError
 from bbt_client.job import tune
-from bbt_client.losses import accuracy
+from bbt_client.methods.registry import make_config
 from bbt_client.tasks import load_task_data
 
 #: SST-2 as a next-token question for a causal LM (the built-in template ends with " ." instead).
@@ -73,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--budget-calls", type=int, default=400)
-    ap.add_argument("--popsize", type=int, default=20)
+    ap.add_argument("--method", choices=["bbt", "bdpl", "cmaes-tokens"],
+                    help="default: bbt for vllm, bdpl for openai (a text API takes only text prompts)")
+    ap.add_argument("--popsize", type=int, help="candidates per generation (default: the method's)")
     ap.add_argument("--prompt-tokens", type=int, default=5)
     ap.add_argument("--test-limit", type=int, default=200, help="test examples to evaluate (each one costs tokens)")
     ap.add_argument("--out", type=Path)
@@ -94,7 +97,8 @@ async def dry_run(cfg: TuneConfig) -> dict:
         if "shallow" in backend.supported_prompts:
             import numpy as np
 
-            n, popsize = cfg.method_options["prompt_tokens"], cfg.method_options["popsize"]
+            method_cfg = make_config(cfg.method, cfg.method_options)
+            n, popsize = method_cfg.prompt_tokens, method_cfg.popsize
             prompts = PromptBatch(kind="shallow", candidates=np.zeros((popsize, n, info.hidden_size), np.float32))
             job = ScoreJob(template=data.task.template, texts=data.train.texts, label_words=data.task.label_words,
                            prompts=prompts)
@@ -106,28 +110,17 @@ async def dry_run(cfg: TuneConfig) -> dict:
     return plan
 
 
-async def zero_shot_only(cfg: TuneConfig) -> float:
-    """Text-only APIs: score the template without a prompt on the test examples; returns accuracy."""
-    data = load_task_data(cfg.task, cfg.seed)
-    backend = make_backend(cfg.endpoint)
-    try:
-        job = ScoreJob(template=data.task.template, texts=data.test.texts, label_words=data.task.label_words,
-                       prompts=PromptBatch.zero_shot())
-        logits = (await backend.score(job)).logits
-    finally:
-        await backend.aclose()
-    return float(accuracy(logits, data.test.labels)[0])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         endpoint = endpoint_from_env(os.environ)  # the backend reads BBT_API_KEY from os.environ too
+        method = args.method or ("bdpl" if endpoint.backend == "openai" else "bbt")
+        options = {"prompt_tokens": args.prompt_tokens, **({"popsize": args.popsize} if args.popsize else {})}
         cfg = parse_config({
-            "endpoint": endpoint.model_dump(), "method": "bbt", "seed": args.seed,
+            "endpoint": endpoint.model_dump(), "method": method, "seed": args.seed,
             "budget": {"calls": args.budget_calls}, "out": args.out,
             "task": {"name": args.task, "template": args.template, "shots": args.shots, "test_limit": args.test_limit},
-            "method_options": {"prompt_tokens": args.prompt_tokens, "popsize": args.popsize},
+            "method_options": options,
         })
         if args.dry_run:
             plan = asyncio.run(dry_run(cfg))
@@ -135,18 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key:22s} {value}")
             print("dry run: configuration is valid; no scoring request was sent")
             return 0
-        if endpoint.backend == "openai":
-            acc = asyncio.run(zero_shot_only(cfg))
-            print(f"zero-shot test accuracy {acc:.3f} on {args.test_limit} examples "
-                  "(a text-only API cannot take a tuned continuous prompt)")
-            return 0
         result = asyncio.run(tune(cfg))
     except BBTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"bbt on {result.task} via {endpoint.backend} ({result.model}): zero-shot {result.zero_shot_test_accuracy:.3f}"
-          f" -> tuned {result.test_accuracy:.3f}; {result.api_calls_used} API calls, {result.tokens_used} tokens, "
-          f"{result.wall_seconds:.0f} s")
+    print(f"{result.method} on {result.task} via {endpoint.backend} ({result.model}): zero-shot "
+          f"{result.zero_shot_test_accuracy:.3f} -> tuned {result.test_accuracy:.3f}; {result.api_calls_used} API calls, "
+          f"{result.tokens_used} tokens, {result.wall_seconds:.0f} s")
+    if result.prompt_text is not None:
+        print(f"tuned prompt (put it before each input): {result.prompt_text!r}")
     return 0
 
 

@@ -15,8 +15,9 @@ then). ``keep="mean"`` holds the CMA-ES mean instead. Before a layer is first op
 ``best_prompt()`` is different: the full (L, n, D) prompt with the lowest training loss ever told.
 
 Projections (designed normal): layer 0 replaces word embeddings, so σ̂ = ``embedding_std`` (the code
-uses the embedding matrix's std); layer l ≥ 1 replaces layer l's input, σ̂ = ``hidden_std[l]`` (the
-code measures hidden states on the training batch, clipped at 3σ five times, server-side here).
+uses the embedding matrix's std); layer l ≥ 1 replaces layer l's input, σ̂ = ``hidden_std[l]``: by default
+the server's unclipped std on one reference sentence (``ModelInfo``); with ``hidden_std_source="train"`` the
+server measures it as the code does, on the job's training texts, clipped at 3σ five times (/v1/layer_stats).
 σ_A,l = α·σ̂_l / (√d·σ0).
 """
 

@@ -2,7 +2,7 @@
 
 What this covers: environment-variable handling, --dry-run (no scoring request), and a full BBT run
 whose requests follow vLLM's documented format (base64 torch tensors, ``allowed_token_ids``, bearer key)
-with answers that depend on the prompt. What it does not: a real vLLM engine, or an OpenAI text API run.
+with answers that depend on the prompt. What it does not: a real vLLM engine. The OpenAI text path runs against the real server's OpenAI face.
 """
 
 from __future__ import annotations
@@ -134,3 +134,17 @@ def test_tunes_against_fake_vllm(example, model_dir, tmp_path, capsys, monkeypat
             shapes.add(torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).shape[1])
     assert shapes == {D}
     assert "via vllm (tiny)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tunes_a_text_prompt_through_the_servers_openai_face(example, live_server, tmp_path, capsys, monkeypatch):
+    """BBT_BACKEND=openai: a text API gets a tuned discrete prompt (bdpl), printed for pasting into any client."""
+    mod = example("hosted_endpoint")
+    rc = run(monkeypatch, mod, ["--task", "agnews", "--template", "{text} Topic: {mask}", "--shots", "2",
+                                "--popsize", "4", "--prompt-tokens", "2", "--budget-calls", "12", "--test-limit", "8",
+                                "--out", str(tmp_path / "run")],
+             {"BBT_ENDPOINT": live_server, "BBT_BACKEND": "openai", "BBT_MODEL": "all-MiniLM-L6-v2"})
+    assert rc == 0, capsys.readouterr().err
+    result = load_result(tmp_path / "run")
+    assert result.method == "bdpl" and result.prompt_kind == "text" and result.api_calls_used <= 12
+    assert result.prompt_text and f"tuned prompt (put it before each input): {result.prompt_text!r}" in capsys.readouterr().out
