@@ -23,7 +23,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--host", default=d.host, help="bind address (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:i]")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
+                   help="weights and activations: float32 (default); float16/bfloat16 on CUDA (bfloat16 also runs on "
+                        "a CPU, but slower than float32 there unless the CPU has AMX)")
+    p.add_argument("--quantize", default=d.quantize, choices=["int8"],
+                   help="int8: dynamic int8 linear layers (CPU only; faster, logits differ slightly from float32)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps; prefer --api-key-env)")
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")
@@ -34,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--max-candidates", type=int, default=d.max_candidates)
     p.add_argument("--max-texts", type=int, default=d.max_texts)
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 503 overloaded")
+    p.add_argument("--coalesce-requests", type=int, default=d.coalesce_requests,
+                   help="most queued /v1/score requests (e.g. from concurrent jobs) one model pass serves together;"
+                        " default 1 (off: answers reproducible bit for bit); e.g. 16 on a server shared by many jobs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     face = p.add_argument_group("OpenAI/vLLM face", "/v1/models, /v1/completions, /v1/chat/completions, /tokenize")
     face.add_argument("--served-model-name", default=None,
@@ -56,14 +63,15 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
             p.error(f"--api-key-env {a.api_key_env}: that environment variable is empty or unset")
     if a.max_logprobs < 0:
         p.error("--max-logprobs must be >= 0")
-    for name in ("max_body_bytes", "max_batch_tokens", "max_prompt_tokens", "max_candidates", "max_texts", "max_queue"):
+    for name in ("max_body_bytes", "max_batch_tokens", "max_prompt_tokens", "max_candidates", "max_texts", "max_queue",
+                 "coalesce_requests"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return ServerOptions(
-        model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, api_key=api_key,
+        model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, quantize=a.quantize, api_key=api_key,
         max_body_bytes=a.max_body_bytes, max_batch_tokens=a.max_batch_tokens,
         max_prompt_tokens=a.max_prompt_tokens, max_candidates=a.max_candidates, max_texts=a.max_texts,
-        max_queue=a.max_queue, threads=a.threads, served_model_name=a.served_model_name,
+        max_queue=a.max_queue, coalesce_requests=a.coalesce_requests, threads=a.threads, served_model_name=a.served_model_name,
         enable_prompt_embeds=a.enable_prompt_embeds, max_logprobs=a.max_logprobs, logprobs_mode=a.logprobs_mode,
         before_job=FifoGate(a.test_gate) if a.test_gate else None,
     )

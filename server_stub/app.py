@@ -31,6 +31,8 @@ class ServerOptions:
     port: int = 8080
     device: str = "auto"
     dtype: str = "float32"
+    #: None (default) or "int8": dynamic int8 linear layers, CPU only (:func:`server_stub.loading.quantize_linear_int8`).
+    quantize: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
@@ -39,6 +41,10 @@ class ServerOptions:
     max_candidates: int = 256
     max_texts: int = 4096
     max_queue: int = 64
+    #: Most queued /v1/score requests one model pass may serve together. Off (1) by default: a row's logits
+    #: then depend on which other requests shared its micro-batch (padding, GEMM shapes) at float-rounding
+    #: level, so a run is no longer reproducible bit for bit. Worth it for throughput on a shared GPU server.
+    coalesce_requests: int = 1
     cache_bytes: int = 256 * 1024 * 1024
     header_timeout: float = 10.0
     body_timeout: float = 60.0
@@ -59,7 +65,8 @@ def load_model(opts: ServerOptions) -> PromptedLM:
         path, name = default_model_dir(), DEFAULT_MODEL_NAME
     else:
         path, name = Path(opts.model).expanduser(), None
-    return PromptedLM(path, device=opts.device, dtype=opts.dtype, max_prompt_tokens=opts.max_prompt_tokens, name=name)
+    return PromptedLM(path, device=opts.device, dtype=opts.dtype, max_prompt_tokens=opts.max_prompt_tokens, name=name,
+                      quantize=opts.quantize)
 
 
 async def serve(
@@ -72,7 +79,7 @@ async def serve(
     if lm is None:
         lm = await asyncio.get_running_loop().run_in_executor(None, load_model, opts)
     worker = ModelWorker(max_queue=opts.max_queue, num_threads=opts.threads,  # torch threads are process-wide
-                         before_job=opts.before_job)
+                         before_job=opts.before_job, max_group=opts.coalesce_requests)
     limits = ServiceLimits(
         max_prompt_tokens=min(opts.max_prompt_tokens, lm.max_prompt_tokens),
         max_candidates=opts.max_candidates,
@@ -94,8 +101,9 @@ async def serve(
         max_batch_tokens=opts.max_batch_tokens))
     server = service.http_server(opts.api_key, http_limits, face)
     port = await server.start(opts.host, opts.port)
-    log.info("serving %s (%s, %d layers, D=%d) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
-             lm.hidden_size, opts.host, port, lm.device, " with API key" if opts.api_key else "")
+    log.info("serving %s (%s, %d layers, D=%d, %s) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
+             lm.hidden_size, lm.quantization or str(lm.dtype).removeprefix("torch."), opts.host, port, lm.device,
+             " with API key" if opts.api_key else "")
     if on_ready is not None:
         on_ready(port)
     try:

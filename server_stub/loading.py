@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from server_stub.weight_digests import weight_digests
+
 log = logging.getLogger("server_stub.model")
 
 #: Fixed text whose hidden-state statistics define ``ModelInfo.hidden_std``.
@@ -23,6 +25,8 @@ REFERENCE_TEXT = (
 )
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: ``--quantize`` choices: ``None`` (off) or dynamic int8 linear layers (CPU only, fp32 model).
+QUANTIZATIONS = ("int8",)
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -46,6 +50,36 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_precision(device: torch.device, dtype: str, quantize: str | None) -> None:
+    """Refuse precision settings this device cannot run well, before minutes of loading.
+
+    float16 on a CPU is emulated (many times slower than float32) and int8 dynamic quantization has CPU kernels
+    only; bfloat16 on a CPU is allowed but is slower than float32 on CPUs without AMX (this machine's)."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(_TORCH_DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"--quantize {quantize!r}: choose one of {list(QUANTIZATIONS)} or leave it off")
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("--dtype float16 is for CUDA; on the CPU use float32 (default) or bfloat16")
+    if quantize is not None and device.type != "cpu":
+        raise ValueError(f"--quantize {quantize} runs on the CPU only (dynamic int8 kernels); "
+                         f"on {device.type} use --dtype float16 or bfloat16 instead")
+    if quantize is not None and dtype != "float32":
+        raise ValueError(f"--quantize {quantize} quantizes float32 weights; drop --dtype {dtype}")
+
+
+def quantize_linear_int8(module: nn.Module) -> None:
+    """Replace every ``nn.Linear`` in ``module``, in place, by a dynamic int8 one (weights int8 per tensor,
+    activations quantized per batch). Embeddings, LayerNorms and a tied head stay float32, so prompt hooks and
+    embedding-space prompts see the same tensors as before."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao's deprecation notice: the eager API still ships and works
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    log.info("linear layers quantized to dynamic int8 (engine %s)", torch.backends.quantized.engine)
+
+
 class LoadedLM:
     """A checkpoint loaded once: tokenizer, base model, LM head (or a tied one), layers and special tokens."""
 
@@ -57,6 +91,7 @@ class LoadedLM:
         dtype: str = "float32",
         max_prompt_tokens: int = 64,
         name: str | None = None,
+        quantize: str | None = None,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -65,7 +100,10 @@ class LoadedLM:
             raise FileNotFoundError(f"model directory {path} does not exist; pass --model PATH or 'default'")
         self.path = path
         self.device = resolve_device(device)
+        check_precision(self.device, dtype, quantize)
         self.dtype = _TORCH_DTYPES[dtype]
+        #: None, or how the linear layers were quantized ("int8"): reported in /v1/model and /v1/health.
+        self.quantization = quantize
         self.max_prompt_tokens = max_prompt_tokens
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.config = config
@@ -92,6 +130,15 @@ class LoadedLM:
             self.embedding_std = float(self.word_embeddings.weight.float().std())
             self.hidden_std = self._reference_hidden_std()
         self.default_slot_token_ids = self._default_slot_ids()
+        # Digests of the weights as trained (int8 packs its weights out of parameters): ModelInfo.weight_digests.
+        self.weight_digests = weight_digests(self.base_model) + (weight_digests(self.head) if self.head is not None else [])
+        self._before_quantize()
+        if quantize == "int8":  # statistics above are the float32 model's: ModelInfo does not change with it
+            quantize_linear_int8(self.base_model)
+
+    def _before_quantize(self) -> None:
+        """Runs once the model is loaded, in its own precision, before any ``--quantize``: subclasses check
+        their float fast paths here, where a check is exact (no-op here)."""
 
     # ------------------------------------------------------------------ loading
 

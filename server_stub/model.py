@@ -13,17 +13,16 @@ Sequence layout (one row per candidate × text)::
   for the N texts; their output is then expanded to C × N and only layers >= l run per candidate.
 
 Everything here is pure compute: no HTTP, no JSON. Invalid input raises :class:`InvalidInput`. Loading the
-checkpoint (layout, head, special tokens) is :mod:`server_stub.loading`.
+checkpoint (layout, head, special tokens, ``--quantize``) is :mod:`server_stub.loading`; laying out the rows,
+:mod:`server_stub.layout`; packing the rows of several requests into shared micro-batches,
+:mod:`server_stub.shared_batches`; the last layer at the answer slot only, :mod:`server_stub.answer_layer`.
 """
 
 
 from __future__ import annotations
 
 import logging
-import re
-from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -33,170 +32,31 @@ from torch import nn
 
 from bbt_client.protocol import PromptBatch
 from server_stub.errors import InvalidInput
+from server_stub.answer_layer import answer_layer_for
+from server_stub.layout import TextLayout, _Encoded
 from server_stub.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
+from server_stub.shared_batches import ScoreJob, ScoreOutput, score_shared
 
-__all__ = ["PromptedLM", "ScoreOutput", "LoadedLM", "REFERENCE_TEXT", "default_model_dir", "resolve_device"]
+__all__ = ["PromptedLM", "ScoreOutput", "ScoreJob", "LoadedLM", "REFERENCE_TEXT", "default_model_dir",
+           "resolve_device"]
 
 log = logging.getLogger(__name__)
-
-_PLACEHOLDER = re.compile(r"\{(text|text_a|text_b|mask)\}")
-
-
-@dataclass
-class ScoreOutput:
-    """``logits`` (C, N, K) float32 plus metering."""
-
-    logits: np.ndarray
-    sequences: int
-    forward_passes: int
-    tokens_processed: int
-
-
-@dataclass
-class _Encoded:
-    """N texts laid out as padded id rows: ``ids`` (N, S) int64, ``lengths`` (N,), ``answer`` (N,)."""
-
-    ids: np.ndarray
-    lengths: np.ndarray
-    answer: np.ndarray
-    slot_start: int
-    n: int
-    mode: str = "replace"
-
 
 class _StopForward(Exception):
     def __init__(self, hidden: torch.Tensor):
         self.hidden = hidden
 
 
-class PromptedLM(LoadedLM):
-    """Loads a local HF checkpoint once (:class:`LoadedLM`) and scores (candidate prompt × text) pairs in
-    micro-batches."""
+class PromptedLM(TextLayout):
+    """Loads a local HF checkpoint once (:class:`LoadedLM`), lays out sequences (:class:`TextLayout`) and scores
+    (candidate prompt × text) pairs in micro-batches."""
 
-    def __init__(self, path: str | Path, **kwargs) -> None:
-        super().__init__(path, **kwargs)
-        self._text_cache: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+    #: The last layer at the answer slot only (:mod:`server_stub.answer_layer`), or None: every position.
+    answer_layer = None
 
-    # ------------------------------------------------------------------ tokenization
-
-    def word_ids(self, word: str) -> list[int]:
-        """Ids of ``word`` as it appears at the answer slot: after a space for BPE; WordPiece ignores it."""
-        spaced = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        if len(spaced) == 1:
-            return spaced
-        plain = self.tokenizer(word, add_special_tokens=False)["input_ids"]
-        return plain if len(plain) == 1 else spaced
-
-    def label_word_ids(self, words: Sequence[str]) -> list[int]:
-        out = []
-        for w in words:
-            ids = self.word_ids(w)
-            if len(ids) != 1:
-                pieces = self.tokenizer.convert_ids_to_tokens(ids)
-                raise InvalidInput(
-                    f"label word {w!r} is {len(ids)} tokens {pieces} for this model; "
-                    "choose words that are a single token (check with /v1/tokenize)"
-                )
-            out.append(ids[0])
-        return out
-
-    def text_ids(self, texts: Sequence[str], leading_space: bool = False) -> list[list[int]]:
-        """Token ids of each text without special tokens; memoised (BBT re-sends the same texts every step)."""
-        out: list[list[int] | None] = []
-        todo: list[int] = []
-        for i, t in enumerate(texts):
-            hit = self._text_cache.get((t, leading_space))
-            if hit is None:
-                todo.append(i)
-            else:
-                self._text_cache.move_to_end((t, leading_space))
-            out.append(hit)
-        if todo:
-            enc = self.tokenizer(
-                [(" " + texts[i]) if leading_space else texts[i] for i in todo], add_special_tokens=False
-            )["input_ids"]
-            for i, ids in zip(todo, enc):
-                out[i] = ids
-                self._text_cache[(texts[i], leading_space)] = ids
-            while len(self._text_cache) > 50_000:
-                self._text_cache.popitem(last=False)
-        return out  # type: ignore[return-value]
-
-    def encode(
-        self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int,
-        slot_ids: Sequence[int] | None = None, mode: str = "replace",
-    ) -> _Encoded:
-        """Lay out N sequences (right-padded); texts are truncated (longest first) to fit ``max_seq_len``.
-
-        The n prompt slots hold ``slot_ids`` (``add`` mode) or padding ids whose embeddings a ``replace`` prompt
-        overwrites."""
-        pieces = _split_template(template)
-        if self.kind == "causal":
-            mask_at = next(i for i, (k, _) in enumerate(pieces) if k == "mask")
-            if any(k != "lit" or v.strip() for k, v in pieces[mask_at + 1 :]):
-                raise InvalidInput("for a causal LM {mask} must end the template (the answer is the next token)")
-            pieces = pieces[: mask_at + 1]
-        # Build segments: literal ids, or a text slot; a literal's trailing space moves onto the next text
-        # (a lone trailing space is its own token in byte-level BPE).
-        segments: list[tuple[str, list[int] | str, bool]] = []
-        carry_space = False
-        for kind, value in pieces:
-            if kind == "lit":
-                text = (" " if carry_space else "") + value
-                carry_space = text.endswith((" ", "\t", "\n"))
-                text = text.rstrip()
-                if text:
-                    segments.append(("ids", self.tokenizer(text, add_special_tokens=False)["input_ids"], False))
-            elif kind == "mask":
-                carry_space = False
-                segments.append(("mask", [], False))
-            else:
-                segments.append(("text", "b" if kind == "text_b" else "a", carry_space))
-                carry_space = False
-        groups: dict[tuple[str, bool], list[list[int]]] = {}
-        for kind, which, space in segments:
-            if kind == "text":
-                src = texts if which == "a" else text_pairs
-                groups[(which, space)] = self.text_ids(src, leading_space=space)
-        fixed = len(self._special_prefix) + n_prompt + len(self._special_suffix)
-        fixed += sum(len(v) for k, v, _ in segments if k == "ids") + (1 if self.kind == "masked" else 0)
-        room = self.max_seq_len - fixed
-        n_text_slots = sum(1 for k, _, _ in segments if k == "text")
-        if room < n_text_slots:
-            raise InvalidInput(
-                f"template plus {n_prompt} prompt tokens take {fixed} of the model's {self.max_seq_len} "
-                "tokens and leave no room for the text; shorten the template or use fewer prompt tokens"
-            )
-        rows: list[list[int]] = []
-        answers: list[int] = []
-        mask_id = self.tokenizer.mask_token_id
-        uses = {key: sum(1 for k, v, sp in segments if k == "text" and (v, sp) == key) for key in groups}
-        for i in range(len(texts)):
-            slots = {key: ids[i] for key, ids in groups.items()}
-            slots = _truncate_longest_first(slots, room, uses)
-            row = list(self._special_prefix) + (list(slot_ids) if slot_ids is not None else [self.pad_id] * n_prompt)
-            answer = -1
-            for kind, value, space in segments:
-                if kind == "ids":
-                    row.extend(value)
-                elif kind == "text":
-                    row.extend(slots[(value, space)])
-                else:
-                    if self.kind == "masked":
-                        answer = len(row)
-                        row.append(mask_id)
-                    else:
-                        answer = len(row) - 1
-            row.extend(self._special_suffix)
-            if answer < 0:
-                raise InvalidInput("template and text produce an empty sequence before {mask}")
-            rows.append(row)
-            answers.append(answer)
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-        return _Encoded(ids, lengths, np.array(answers, dtype=np.int64), len(self._special_prefix), n_prompt, mode)
+    def _before_quantize(self) -> None:
+        probe = self._special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"][:40]
+        self.answer_layer = answer_layer_for(self, probe)  # checked before int8 swaps in its own noise
 
     # ------------------------------------------------------------------ prompt slots
 
@@ -294,20 +154,54 @@ class PromptedLM(LoadedLM):
         max_candidates: int = 256,
     ) -> ScoreOutput:
         """(C, N, K) label-word logits at the answer slot; see the module docstring for the layout."""
+        job = self.prepare_score(template, texts, label_words, prompts, text_pairs=text_pairs,
+                                 max_candidates=max_candidates)
+        self.run_score_jobs([job], max_batch_tokens)
+        return job.out
+
+    def prepare_score(
+        self,
+        template: str,
+        texts: Sequence[str],
+        label_words: Sequence[str],
+        prompts: PromptBatch,
+        *,
+        text_pairs: Sequence[str] | None = None,
+        max_candidates: int = 256,
+    ) -> ScoreJob:
+        """Validate and tokenize one request (raises :class:`InvalidInput`); :meth:`run_score_jobs` computes it."""
         self.check_prompts(prompts, max_candidates)
         label_ids = torch.tensor(self.label_word_ids(label_words), device=self.device)
         enc = self.encode(template, texts, text_pairs, prompts.num_prompt_tokens,
                           slot_ids=self.slot_ids(prompts), mode=prompts.mode)
-        N, C = len(texts), prompts.num_candidates
-        meter = ScoreOutput(np.empty(0), sequences=C * N, forward_passes=0, tokens_processed=0)
+        out = ScoreOutput(np.empty(0), sequences=prompts.num_candidates * len(texts), forward_passes=0,
+                          tokens_processed=0)
+        job = ScoreJob(enc, prompts, None, label_ids, out)
+        if not job.split:
+            with torch.inference_mode():
+                job.full = self._full_prompts(prompts)
+        return job
+
+    def run_score_jobs(self, jobs: Sequence[ScoreJob], max_batch_tokens: int = 8192) -> None:
+        """Fill each job's ``out``: jobs with equal :attr:`ScoreJob.key` share micro-batches
+        (:mod:`server_stub.shared_batches`); a split deep job runs its own two phases."""
+        groups: dict[tuple, list[ScoreJob]] = {}
         with torch.inference_mode():
-            if prompts.kind == "deep" and prompts.base is not None and prompts.layer:
-                out = self._score_split(enc, prompts, label_ids, max_batch_tokens, meter)
-            else:
-                full = self._full_prompts(prompts)
-                out = self._score_rows(enc, C, full, label_ids, max_batch_tokens, meter)
-        meter.logits = out.float().cpu().numpy().reshape(N, C, -1).transpose(1, 0, 2).copy()
-        return meter
+            for job in jobs:
+                if job.key is None:
+                    job.out.forward_passes = job.out.tokens_processed = 0
+                    self._finish(job, self._score_split(job.enc, job.prompts, job.label_ids, max_batch_tokens,
+                                                        job.out))
+                else:
+                    groups.setdefault(job.key, []).append(job)
+            for group in groups.values():
+                for job, logits in zip(group, score_shared(self, group, max_batch_tokens)):
+                    self._finish(job, logits)
+
+    @staticmethod
+    def _finish(job: ScoreJob, logits: torch.Tensor) -> None:
+        N, C = len(job.enc.lengths), job.num_candidates
+        job.out.logits = logits.float().cpu().numpy().reshape(N, C, -1).transpose(1, 0, 2).copy()
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
@@ -348,26 +242,6 @@ class PromptedLM(LoadedLM):
         mask = (torch.arange(S)[None, :] < torch.from_numpy(lens)[:, None]).to(self.device, torch.long)
         return ids, mask, int(lens.sum())
 
-    def _score_rows(
-        self, enc: _Encoded, C: int, full: torch.Tensor | None, label_ids: torch.Tensor, mbt: int, meter: ScoreOutput
-    ) -> torch.Tensor:
-        """Logits (N*C, K), text-major, for prompts given in full form."""
-        N = len(enc.lengths)
-        out = torch.empty(N * C, len(label_ids), dtype=torch.float32, device=self.device)
-        for rows in self._micro_batches(enc.lengths, C, mbt):
-            rows_t = torch.from_numpy(rows).to(self.device)
-            t_idx, c_idx = rows // C, torch.from_numpy(rows % C).to(self.device)
-            ids, mask, ntok = self._batch_inputs(enc, t_idx)
-            per_layer: dict[int, torch.Tensor] = {}
-            if full is not None:
-                chosen = full.index_select(0, c_idx)  # (B, n, D) or (B, L, n, D)
-                per_layer = {0: chosen} if chosen.dim() == 3 else {j: chosen[:, j] for j in range(chosen.shape[1])}
-            hidden = self._forward(ids, mask, enc, per_layer)
-            out[rows_t] = self._answer_logits(hidden, torch.from_numpy(enc.answer[t_idx]), label_ids)
-            meter.forward_passes += 1
-            meter.tokens_processed += ntok
-        return out
-
     def _score_split(
         self, enc: _Encoded, p: PromptBatch, label_ids: torch.Tensor, mbt: int, meter: ScoreOutput
     ) -> torch.Tensor:
@@ -393,8 +267,9 @@ class PromptedLM(LoadedLM):
             per_layer = {j: base[j].expand(B, -1, -1) for j in range(l + 1, self.num_layers)}
             per_layer[l] = cands.index_select(0, c_idx)
             start = prefix[torch.from_numpy(t_idx).to(self.device), : ids.shape[1]]
-            hidden = self._forward(ids, mask, enc, per_layer, start_layer=l, start_hidden=start)
-            out[rows_t] = self._answer_logits(hidden, torch.from_numpy(enc.answer[t_idx]), label_ids)
+            h = self.forward_answer(ids, mask, per_layer, torch.from_numpy(enc.answer[t_idx]),
+                                    slot_start=enc.slot_start, mode=enc.mode, start_layer=l, start_hidden=start)
+            out[rows_t] = self.head_logits(h, label_ids)
             meter.forward_passes += 1
             meter.tokens_processed += ntok
         return out
@@ -492,10 +367,38 @@ class PromptedLM(LoadedLM):
         finally:
             setattr(self._layers_parent, self._layers_attr, self.layers)
 
-    def _answer_logits(self, hidden: torch.Tensor, answer: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
-        """(B, K) float32: the head at each row's answer slot, at the label ids. A tied head is a dot product with
-        the label words' embeddings only (the other 30k columns would be computed and thrown away)."""
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]  # (B, D)
+    def forward_answer(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        per_layer: dict[int, torch.Tensor],
+        answer: torch.Tensor,
+        *,
+        slot_start: int,
+        mode: str = "replace",
+        start_layer: int = 0,
+        start_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, D) last hidden states at each row's ``answer`` slot: :meth:`forward_layers` up to the last layer's
+        input, then that layer at the answer only (:attr:`answer_layer`) when the model has one."""
+        last = self.num_layers - 1
+        if self.answer_layer is None:
+            hidden = self.forward_layers(ids, mask, per_layer, slot_start=slot_start, start_layer=start_layer,
+                                         start_hidden=start_hidden, mode=mode)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), answer.to(hidden.device)]
+        h = self.forward_layers(ids, mask, per_layer, slot_start=slot_start, start_layer=start_layer,
+                                start_hidden=start_hidden, capture_at=last, mode=mode)
+        if last in per_layer and (mode == "add" or last > 0):  # what forward_layers' hook does at that layer
+            p = per_layer[last].to(h.dtype)
+            h = h.clone()
+            if mode == "add":
+                h[:, slot_start : slot_start + p.shape[1]] += p
+            else:
+                h[:, slot_start : slot_start + p.shape[1]] = p
+        return self.answer_layer(h, mask, answer)
+
+    def head_logits(self, h: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) float32 label-word logits from answer-slot hidden states ``h`` (B, D)."""
         if self.tied_head:
             return (h @ self.word_embeddings.weight.index_select(0, label_ids).T).float()
         return self.head(h).index_select(-1, label_ids).float()
@@ -524,32 +427,3 @@ def _expect(arr: np.ndarray | None, ndim: int, label: str, shape: str) -> None:
     if arr is None or arr.ndim != ndim:
         got = None if arr is None else tuple(arr.shape)
         raise InvalidInput(f"{label} must have shape {shape}; got {got}")
-
-
-def _split_template(template: str) -> list[tuple[str, str]]:
-    """[("lit", "..."), ("text", ""), ("mask", ""), ...] in order."""
-    out: list[tuple[str, str]] = []
-    pos = 0
-    for m in _PLACEHOLDER.finditer(template):
-        if m.start() > pos:
-            out.append(("lit", template[pos : m.start()]))
-        kind = m.group(1)
-        out.append(("text" if kind == "text_a" else kind, ""))
-        pos = m.end()
-    if pos < len(template):
-        out.append(("lit", template[pos:]))
-    return out
-
-
-def _truncate_longest_first(slots: dict, room: int, uses: dict) -> dict:
-    """Cut the longest text one token at a time until all slots fit ``room`` (``uses``: times each appears)."""
-    lens = {k: len(v) for k, v in slots.items()}
-    if sum(lens[k] * uses[k] for k in lens) <= room:
-        return slots
-    if len(slots) == 1:
-        ((k, v),) = slots.items()
-        return {k: v[: room // uses[k]]}
-    while sum(lens[k] * uses[k] for k in lens) > room:
-        k = max(lens, key=lens.get)
-        lens[k] -= 1
-    return {k: v[: lens[k]] for k, v in slots.items()}

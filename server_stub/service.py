@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from bbt_client.protocol import (
 from server_stub.batching import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http import Handler, HttpLimits, HttpServer, Request
-from server_stub.model import PromptedLM
+from server_stub.model import PromptedLM, ScoreJob, ScoreOutput
 from server_stub.openai_face import OpenAIFace
 from server_stub.usage import UsageMeter
 
@@ -109,6 +110,9 @@ class ScoringService:
             device=str(lm.device),
             prompt_modes=["replace", "add"],
             default_slot_token_ids=lm.default_slot_token_ids,
+            weight_digests=lm.weight_digests,
+            quantization=lm.quantization,
+            dtype=str(lm.dtype).removeprefix("torch."),
         )
 
     def http_server(self, api_key: str | None, limits: HttpLimits, face: OpenAIFace | None = None) -> HttpServer:
@@ -129,7 +133,7 @@ class ScoringService:
     # ------------------------------------------------------------------ routes
 
     async def health(self, _req: Request) -> tuple[int, Health]:
-        return 200, Health(model=self.lm.name)
+        return 200, Health(model=self.lm.name, quantization=self.lm.quantization)
 
     async def model_info(self, _req: Request) -> tuple[int, ModelInfo]:
         return 200, self.info
@@ -146,7 +150,7 @@ class ScoringService:
         if len(body.texts) > self.limits.max_texts:
             raise InvalidInput(f"{len(body.texts)} texts in one request; this server accepts at most "
                                f"{self.limits.max_texts}: split the batch")
-        return 200, await self.worker.submit(self._score, body)
+        return 200, await self.worker.submit_group(self._score_group, body)
 
     async def layer_stats(self, req: Request) -> tuple[int, LayerStatsResponse]:
         body = req.json(LayerStatsRequest)
@@ -172,15 +176,40 @@ class ScoringService:
         counts = [len(ids) for ids in self.lm.text_ids(body.texts)] if body.texts else []
         return TokenizeResponse(words=words, text_token_counts=counts)
 
-    def _score(self, body: ScoreRequest) -> ScoreResponse:
-        prompts = self._decode_prompt(body.prompt)
-        out = self.lm.score(
-            body.template, body.texts, body.label_words, prompts,
-            text_pairs=body.text_pairs,
-            max_batch_tokens=self.limits.max_batch_tokens,
-            max_candidates=self.limits.max_candidates,
-        )
-        usage = Usage(candidates=prompts.num_candidates, sequences=out.sequences,
+    def _score_group(self, bodies: Sequence[ScoreRequest]) -> list[ScoreResponse | Exception]:
+        """Score queued requests together (:mod:`server_stub.shared_batches`); one response or error each.
+
+        Each request is validated on its own first, so a bad one fails alone; if a shared pass itself fails,
+        its requests are retried one by one so that only the one that breaks the model fails."""
+        results: list[ScoreResponse | Exception | None] = [None] * len(bodies)
+        jobs: dict[int, ScoreJob] = {}
+        for i, body in enumerate(bodies):
+            try:
+                jobs[i] = self.lm.prepare_score(body.template, body.texts, body.label_words,
+                                                self._decode_prompt(body.prompt), text_pairs=body.text_pairs,
+                                                max_candidates=self.limits.max_candidates)
+            except Exception as exc:
+                results[i] = exc
+        try:
+            self.lm.run_score_jobs(list(jobs.values()), self.limits.max_batch_tokens)
+        except Exception as exc:
+            if len(jobs) == 1:
+                results[next(iter(jobs))] = exc
+                jobs.clear()
+            else:
+                log.warning("a shared pass of %d requests failed (%s); scoring them one by one", len(jobs), exc)
+                for i, job in list(jobs.items()):
+                    try:
+                        self.lm.run_score_jobs([job], self.limits.max_batch_tokens)
+                    except Exception as one:
+                        results[i] = one
+                        del jobs[i]
+        for i, job in jobs.items():
+            results[i] = self._respond(bodies[i], job.out)
+        return results  # type: ignore[return-value]
+
+    def _respond(self, body: ScoreRequest, out: ScoreOutput) -> ScoreResponse:
+        usage = Usage(candidates=out.logits.shape[0], sequences=out.sequences,
                       forward_passes=out.forward_passes, tokens_processed=out.tokens_processed)
         self.meter.add(requests=1, candidates=usage.candidates, sequences=usage.sequences,
                        tokens=usage.tokens_processed)

@@ -274,7 +274,7 @@ def test_concurrent_clients_all_answered_correctly(strict_server):
 
 def test_unexpected_exception_is_500_and_server_keeps_serving(tiny_bert_dir, monkeypatch):
     lm = PromptedLM(tiny_bert_dir, device="cpu")
-    real = lm.score
+    real = lm.run_score_jobs  # what /v1/score runs (possibly for several queued requests at once)
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -283,7 +283,7 @@ def test_unexpected_exception_is_500_and_server_keeps_serving(tiny_bert_dir, mon
             raise RuntimeError("boom: simulated model failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(lm, "score", flaky)
+    monkeypatch.setattr(lm, "run_score_jobs", flaky)
     with run_server(tiny_bert_dir, lm=lm, threads=1) as url:
         r = httpx.post(url + "/v1/score", json=good_request(), timeout=60)
         msg = assert_error(r, 500, code="internal_error")

@@ -383,3 +383,27 @@ def test_text_used_twice_is_truncated_to_fit(tiny_server):
     r = score(tiny_server, ScoreRequest(template="{text} {text} It was {mask} .", texts=[long], label_words=WORDS))
     assert r.usage.tokens_processed <= 128  # the tiny model's max_seq_len
     assert np.isfinite(r.logits.to_array()).all()
+
+
+def test_last_layer_runs_at_the_answer_only_where_it_reproduces_the_model(
+        tiny_bert_dir, tiny_gpt2_dir, tiny_roberta_dir, monkeypatch):
+    import server_stub.answer_layer as answer_layer
+
+    bert = PromptedLM(tiny_bert_dir, device="cpu")
+    assert bert.answer_layer is not None and PromptedLM(tiny_roberta_dir, device="cpu").answer_layer is not None
+    assert PromptedLM(tiny_gpt2_dir, device="cpu").answer_layer is None  # causal: every position, as before
+    # Padded rows of different lengths, add-mode prompts at every layer (the last one included).
+    enc = bert.encode(MASKED_TEMPLATE, TEXTS, None, N_PROMPT, slot_ids=bert.default_slot_token_ids[:N_PROMPT],
+                      mode="add")
+    ids, mask, _ = bert._batch_inputs(enc, np.arange(len(TEXTS)))
+    assert not bool(mask.all())
+    gen = torch.Generator().manual_seed(0)
+    per_layer = {j: torch.randn(len(TEXTS), N_PROMPT, bert.hidden_size, generator=gen) for j in range(3)}
+    answer = torch.from_numpy(enc.answer)
+    with torch.inference_mode():
+        fast = bert.forward_answer(ids, mask, per_layer, answer, slot_start=enc.slot_start, mode="add")
+        full = bert.forward_layers(ids, mask, per_layer, slot_start=enc.slot_start, mode="add")
+    np.testing.assert_allclose(fast.numpy(), full[torch.arange(len(TEXTS)), answer].numpy(), rtol=0, atol=1e-5)
+    # A twin that does not reproduce the layer is caught at load time and not used.
+    monkeypatch.setattr(answer_layer, "bert_answer_layer", lambda layer: lambda h, m, a: h[:, 0] * 0)
+    assert PromptedLM(tiny_bert_dir, device="cpu").answer_layer is None

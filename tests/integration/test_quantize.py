@@ -1,0 +1,88 @@
+"""``--quantize int8``: dynamic int8 linear layers keep every prompt path working (the injection hooks sit on
+the layer modules, which quantization rewrites inside) and agree with float32 on labels; CUDA is refused."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from bbt_client.protocol import PromptBatch
+from server_stub.__main__ import parse_args
+from server_stub.loading import check_precision
+from server_stub.model import PromptedLM
+from server_stub.testing import run_server
+
+TEXTS = ["a great movie , loved it", "the plot was slow and dull", "terrible", "good actors but a bad film",
+         "one of the best films this year", "i wanted my money back", "fine", "an utter mess"]
+WORDS = ["great", "bad"]
+TEMPLATE = "{text} It was {mask} ."
+
+
+def _prompt_batches(lm: PromptedLM, seed: int) -> dict[str, PromptBatch]:
+    """Prompts large enough (a few embedding stds) that labels depend on them: broken hooks would show."""
+    rng = np.random.default_rng(seed)
+    D, L, n, C = lm.hidden_size, lm.num_layers, 4, 6
+    s = 3 * lm.embedding_std
+    base = rng.normal(0, s, (L, n, D)).astype(np.float32)
+    return {
+        "shallow": PromptBatch("shallow", candidates=rng.normal(0, s, (C, n, D)).astype(np.float32)),
+        "deep": PromptBatch("deep", candidates=rng.normal(0, s, (C, L, n, D)).astype(np.float32)),
+        "deep-split": PromptBatch("deep", base=base, layer=1, candidates=rng.normal(0, s, (C, n, D)).astype(np.float32)),
+        "add": PromptBatch("shallow", candidates=rng.normal(0, s, (C, n, D)).astype(np.float32), mode="add"),
+        "deep-add": PromptBatch("deep", candidates=rng.normal(0, s, (C, L, n, D)).astype(np.float32), mode="add"),
+    }
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_int8_agrees_with_float32_on_labels_for_every_prompt_path(which, tiny_bert_dir, default_model_dir):
+    path = tiny_bert_dir if which == "tiny" else default_model_dir
+    torch.manual_seed(0)
+    fp32 = PromptedLM(path, device="cpu")
+    int8 = PromptedLM(path, device="cpu", quantize="int8")
+    assert int8.quantization == "int8" and fp32.quantization is None
+    assert int8.answer_layer is not None  # checked in float32 before quantizing, then follows the int8 modules
+    assert isinstance(int8.layers[0].intermediate.dense, torch.ao.nn.quantized.dynamic.Linear)
+    agree, diffs, signal = {}, [], {}
+    for kind, batch in _prompt_batches(fp32, seed=3).items():
+        a = fp32.score(TEMPLATE, TEXTS, WORDS, batch).logits
+        b = int8.score(TEMPLATE, TEXTS, WORDS, batch).logits
+        assert a.shape == b.shape == (batch.num_candidates, len(TEXTS), len(WORDS))
+        agree[kind] = float((a.argmax(-1) == b.argmax(-1)).mean())
+        diffs.append(float(np.abs(a - b).max()))
+        signal[kind] = float(np.corrcoef(_candidate_effect(a), _candidate_effect(b))[0, 1])
+    assert max(diffs) > 0  # the int8 path really is a different computation
+    assert np.mean(list(agree.values())) >= 0.95 and min(agree.values()) >= 0.9, agree
+    if which == "tiny":
+        # What each candidate prompt changes survives quantization: the hooks act on the int8 model. (On MiniLM
+        # int8 noise is as large as these differences -- a finding for tuning, see benchmarks/server_throughput.)
+        assert min(v for k, v in signal.items() if k != "deep-split") >= 0.8, signal
+
+
+def _candidate_effect(logits: np.ndarray) -> np.ndarray:
+    """Each candidate's label margin minus the mean over candidates, per text: what the prompt alone changes."""
+    margin = logits[..., 0] - logits[..., 1]
+    return (margin - margin.mean(0, keepdims=True)).ravel()
+
+
+def test_server_reports_int8_in_model_and_health(tiny_bert_dir):
+    with run_server(tiny_bert_dir, quantize="int8", threads=1) as url:
+        assert httpx.get(url + "/v1/model").json()["quantization"] == "int8"
+        assert httpx.get(url + "/v1/health").json()["quantization"] == "int8"
+    with run_server(tiny_bert_dir, threads=1) as url:
+        info = httpx.get(url + "/v1/model").json()
+        assert info["quantization"] is None and info["dtype"] == "float32"
+
+
+def test_cli_flag_and_refusals():
+    assert parse_args(["--quantize", "int8"]).quantize == "int8"
+    assert parse_args([]).quantize is None
+    with pytest.raises(ValueError, match="CPU only"):
+        check_precision(torch.device("cuda"), "float32", "int8")
+    with pytest.raises(ValueError, match="float16 is for CUDA"):
+        check_precision(torch.device("cpu"), "float16", None)
+    with pytest.raises(ValueError, match="quantizes float32"):
+        check_precision(torch.device("cpu"), "bfloat16", "int8")
+    check_precision(torch.device("cpu"), "bfloat16", None)  # allowed, only slower here
+    check_precision(torch.device("cuda"), "float16", None)
