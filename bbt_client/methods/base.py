@@ -16,6 +16,16 @@ import numpy as np
 from bbt_client.backends.base import PromptBatch, PromptKind
 
 
+def check_losses(losses: np.ndarray, expected: int) -> np.ndarray:
+    """``tell``'s argument as (C,) float64, or ValueError for a wrong length or NaN/inf (the contract above)."""
+    f = np.asarray(losses, dtype=np.float64).reshape(-1)
+    if f.shape[0] != expected:
+        raise ValueError(f"expected {expected} losses (one per candidate), got {f.shape[0]}")
+    if not np.all(np.isfinite(f)):
+        raise ValueError(f"losses must be finite; NaN/inf at positions {np.flatnonzero(~np.isfinite(f)).tolist()}")
+    return f
+
+
 class Tuner(abc.ABC):
     """Base class of BBT, BBTv2 and GDFO tuners."""
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
-from bbt_client.methods.base import Tuner
+from bbt_client.methods.base import Tuner, check_losses
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
@@ -138,15 +138,6 @@ def _check_state(state: dict[str, Any], version: int, identity: dict[str, Any]) 
         )
 
 
-def _check_losses(losses: np.ndarray, expected: int) -> np.ndarray:
-    f = np.asarray(losses, dtype=np.float64).reshape(-1)
-    if f.shape[0] != expected:
-        raise ValueError(f"expected {expected} losses (one per candidate), got {f.shape[0]}")
-    if not np.all(np.isfinite(f)):
-        raise ValueError(f"losses must be finite; NaN/inf at positions {np.flatnonzero(~np.isfinite(f)).tolist()}")
-    return f
-
-
 def init_prompt(kind: str, seed: int, shape: tuple[int, int], std: float) -> np.ndarray:
     """p0 (n, D) float32: zeros, or seeded N(0, std²)."""
     if kind == "zeros":
@@ -231,7 +222,7 @@ class BBTTuner(Tuner):
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending_z is None:
             raise ValueError("tell() without a pending ask(): call ask() first")
-        f = _check_losses(losses, self._pending_z.shape[0])
+        f = check_losses(losses, self._pending_z.shape[0])
         self._es.tell(f)
         i = int(np.argmin(f))
         if f[i] < self._best_loss:

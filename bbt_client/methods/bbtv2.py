@@ -29,13 +29,12 @@ import numpy as np
 from pydantic import Field
 
 from bbt_client.backends.base import PromptBatch
-from bbt_client.methods.base import Tuner
+from bbt_client.methods.base import Tuner, check_losses
 from bbt_client.methods.bbt import (
     STREAM_CMA,
     STREAM_INIT_PROMPT,
     STREAM_PROJECTION,
     PromptSearchConfig,
-    _check_losses,
     _check_state,
     _make_cmaes,
     _resolve_config,
@@ -170,7 +169,7 @@ class BBTv2Tuner(Tuner):
         if self._pending is None:
             raise ValueError("tell() without a pending ask(): call ask() first")
         z, candidates = self._pending
-        f = _check_losses(losses, z.shape[0])
+        f = check_losses(losses, z.shape[0])
         layer = self._layer
         es = self._optimisers[layer]
         es.tell(f)

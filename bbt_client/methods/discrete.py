@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
-from bbt_client.methods.base import Tuner
+from bbt_client.methods.base import Tuner, check_losses
 from bbt_client.prompt_vocab import build_vocabulary, render_prompt
 
 STATE_VERSION = 1
@@ -148,11 +148,7 @@ class DiscretePromptTuner(Tuner):
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending is None:
             raise ValueError("tell() without a pending ask(): call ask() first")
-        f = np.asarray(losses, dtype=np.float64).reshape(-1)
-        if f.shape[0] != self._pending.shape[0]:
-            raise ValueError(f"expected {self._pending.shape[0]} losses (one per candidate), got {f.shape[0]}")
-        if not np.all(np.isfinite(f)):
-            raise ValueError(f"losses must be finite; NaN/inf at positions {np.flatnonzero(~np.isfinite(f)).tolist()}")
+        f = check_losses(losses, self._pending.shape[0])
         self._update(self._pending, f)
         i = int(np.argmin(f))
         if f[i] < self._best_loss:

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
-from bbt_client.methods.base import Tuner
+from bbt_client.methods.base import Tuner, check_losses
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
@@ -231,11 +231,7 @@ class GDFOTuner(Tuner):
             raise ValueError("tell() without a pending ask(): call ask() first")
         x = self._pending_x
         C, N, K = x.shape[0], len(self.labels), self.num_labels
-        f = np.asarray(losses, dtype=np.float64).reshape(-1)
-        if f.shape != (C,):
-            raise ValueError(f"expected {C} losses, got {f.shape[0]}")
-        if not np.all(np.isfinite(f)):
-            raise ValueError("losses must be finite (NaN/inf means a broken endpoint, not a bad prompt)")
+        f = check_losses(losses, C)
         if logits is None:
             raise ValueError("GDFO distils the teacher's label-word logits: pass logits (C, N, K) to tell()")
         t = np.asarray(logits, dtype=np.float32)
