@@ -37,10 +37,15 @@ def test_bbtv2_beats_zero_shot_and_evaluate_reproduces_it(live_server, tmp_path,
 
 
 @pytest.mark.slow
-def test_gdfo_beats_zero_shot_with_student_figures(live_server, tmp_path):
+def test_gdfo_with_an_independent_student_runs_within_budget_and_does_not_regress(live_server, tmp_path):
+    """GDFO end to end with its default student (e5-small, not the served MiniLM), verified independent against
+    the real server's weight digests. No margin over zero-shot is asserted: with the leaking MiniLM student this
+    run gained 11-13 points; with the independent one it measured 0.260 against zero-shot 0.245 (seed 42,
+    8-shot, 144 calls) -- the old lead was the leak, see README "GDFO: paper vs ours"."""
     pytest.importorskip("torch")
     result = _tune(live_server, tmp_path / "gdfo", "gdfo")
     assert result["api_calls_used"] <= 160
-    assert result["test_accuracy"] >= result["zero_shot_test_accuracy"] + MARGIN, result
+    assert result["test_accuracy"] >= result["zero_shot_test_accuracy"], result
     metrics = result["metrics"]
+    assert metrics["student_shared_weight_tensors"] == 0  # digests listed by the server, none shared
     assert metrics["gradient_steps"] > 0 and metrics["distill_kl"] >= 0 and 0 <= metrics["student_accuracy"] <= 1
