@@ -275,8 +275,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "result", **summary}), flush=True)
     else:
         print(_format_table([summary]))
-        if summary.get("prompt_text") is not None:
+        if summary.get("prompt_text"):
             print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
+        elif summary.get("prompt_text") is not None:
+            print("\nprompt_text '': no tuned prompt beat the bare template on dev; send the template as it is")
         if cfg.out is not None:
             print(f"\nwrote {cfg.out}/result.json" + ("" if summary.get("prompt_text") is not None
                                                      else f" and {cfg.out}/prompt.npy"))

@@ -73,6 +73,10 @@ def build_vocabulary(texts: Sequence[str], size: int = 200, *, max_ngram: int = 
     return [" ".join(g) for g in ranked[:size]]
 
 
+#: A slot index meaning "no entry": a prompt of only these is the empty prompt (the bare template).
+EMPTY_SLOT = -1
+
+
 def render_prompt(vocabulary: Sequence[str], indices: Sequence[int]) -> str:
-    """The prompt string of one choice per slot: the chosen entries joined by single spaces."""
-    return " ".join(vocabulary[int(i)] for i in indices)
+    """The prompt string of one choice per slot: the chosen entries joined by single spaces (empty slots skipped)."""
+    return " ".join(vocabulary[int(i)] for i in indices if int(i) != EMPTY_SLOT)

@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result.method} on {result.task} via {endpoint.backend} ({result.model}): zero-shot "
           f"{result.zero_shot_test_accuracy:.3f} -> tuned {result.test_accuracy:.3f}; {result.api_calls_used} API calls, "
           f"{result.tokens_used} tokens, {result.wall_seconds:.0f} s")
-    if result.prompt_text is not None:
+    if result.prompt_text:
         print(f"tuned prompt (put it before each input): {result.prompt_text!r}")
+    elif result.prompt_text is not None:
+        print("no tuned prompt beat the bare template on dev: send the template as it is")
     return 0
 
 

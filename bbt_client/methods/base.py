@@ -62,6 +62,11 @@ class Tuner(abc.ABC):
     def best_prompt(self) -> np.ndarray:
         """The lowest-training-loss prompt seen so far: (n, D) shallow or (L, n, D) deep."""
 
+    def empty_prompt(self) -> np.ndarray | None:
+        """A prompt that means "no prompt", where the method's prompts can say so (text methods: every slot
+        empty); the job then keeps it unless a tuned prompt beats it on dev. None: no such prompt."""
+        return None
+
     def last_candidate_prompts(self) -> np.ndarray:
         """Full prompts of the generation last told, (C, n, D) or (C, L, n, D), for dev evaluation."""
         raise NotImplementedError

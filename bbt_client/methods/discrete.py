@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses
-from bbt_client.prompt_vocab import build_vocabulary, render_prompt
+from bbt_client.prompt_vocab import EMPTY_SLOT, build_vocabulary, render_prompt
 
 STATE_VERSION = 1
 
@@ -40,6 +40,9 @@ class DiscretePromptConfig(BaseModel):
     max_ngram: int = Field(3, ge=1, le=10)
     #: Content-free calibration of the label scores (Zhao et al. 2021), for training, dev, test and zero-shot.
     calibrate: bool = True
+    #: Score the bare template (every slot empty) on dev first and keep it unless a tuned prompt beats it there:
+    #: on a model where calibrated zero-shot is strong, a search can end below it; this makes that impossible on dev.
+    empty_prompt_baseline: bool = True
 
 
 def _vocab_digest(vocabulary: list[str]) -> str:
@@ -109,9 +112,15 @@ class DiscretePromptTuner(Tuner):
     def prompt_text(self, prompt: np.ndarray) -> str:
         """The prompt string of indices (n,): the string sent before every rendered text."""
         idx = np.asarray(prompt).reshape(-1)
-        if idx.shape[0] != self.num_slots or np.any(idx < 0) or np.any(idx >= len(self.vocabulary)):
-            raise ValueError(f"a prompt is {self.num_slots} indices into a vocabulary of {len(self.vocabulary)}")
+        if idx.shape[0] != self.num_slots or np.any(idx < EMPTY_SLOT) or np.any(idx >= len(self.vocabulary)):
+            raise ValueError(f"a prompt is {self.num_slots} indices into a vocabulary of {len(self.vocabulary)} "
+                             f"({EMPTY_SLOT}: an empty slot)")
         return render_prompt(self.vocabulary, idx.astype(np.int64))
+
+    def empty_prompt(self) -> np.ndarray | None:
+        """The prompt with every slot empty, i.e. the bare (calibrated) template: the baseline a tuned prompt must
+        beat on dev to be kept (the job scores it first); None when ``empty_prompt_baseline`` is off."""
+        return np.full(self.num_slots, EMPTY_SLOT, dtype=np.int64) if self.config.empty_prompt_baseline else None
 
     def text_batch(self, prompts: np.ndarray) -> PromptBatch:
         """(C, n) or (n,) indices as a ``text`` batch."""

@@ -147,4 +147,9 @@ def test_tunes_a_text_prompt_through_the_servers_openai_face(example, live_serve
     assert rc == 0, capsys.readouterr().err
     result = load_result(tmp_path / "run")
     assert result.method == "bdpl" and result.prompt_kind == "text" and result.api_calls_used <= 12
-    assert result.prompt_text and f"tuned prompt (put it before each input): {result.prompt_text!r}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert result.prompt_text is not None
+    if result.prompt_text:
+        assert f"tuned prompt (put it before each input): {result.prompt_text!r}" in out
+    else:  # the bare template won on dev (2-shot): that is said, not printed as an empty prompt
+        assert "no tuned prompt beat the bare template on dev" in out and result.best_generation == 0

@@ -3,10 +3,13 @@ each candidate's call, calls are counted per candidate, result.json carries prom
 
 The toy endpoint prefers class 0 by a wide margin whatever the input (as the bundled tied-head model prefers one
 AG News class), and the text's true label adds a smaller margin, so raw accuracy is the class-0 share while
-calibrated accuracy is perfect: what calibration is for.
+calibrated accuracy is perfect: what calibration is for. A longer prompt widens the true label's margin, so
+the search has something to find beyond the bare template (which the job keeps unless a prompt beats it on dev).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pytest
@@ -44,13 +47,24 @@ class TextToyBackend(Backend):
         c, n = len(prompts), len(job.texts)
         logits = np.zeros((c, n, 2), np.float32)
         logits[..., 0] = 4.0  # the template's bias
-        for i, t in enumerate(job.texts):
-            if t in self.labels:
-                logits[:, i, self.labels[t]] += 2.0
-        for k, p in enumerate(prompts):  # a prompt nudges by its length: something for the search to find
-            logits[k, :, 1] += 0.01 * len(p)
+        for k, p in enumerate(prompts):
+            for i, t in enumerate(job.texts):
+                if t in self.labels:
+                    logits[k, i, self.labels[t]] += 2.0 + self.prompt_effect(p, t)
         self.calls += c
         return ScoreResult(logits=logits, tokens=c * n * 5)
+
+    @staticmethod
+    def prompt_effect(prompt: str, text: str) -> float:
+        return 0.02 * len(prompt)  # a longer prompt is surer of the right label: lower loss, same accuracy
+
+
+class HarmfulPromptBackend(TextToyBackend):
+    """Every non-empty prompt scrambles the label margin text by text: no prompt beats the bare template."""
+
+    @staticmethod
+    def prompt_effect(prompt: str, text: str) -> float:
+        return 0.0 if not prompt else -4.0 * (zlib.crc32(f"{prompt}|{text}".encode()) % 2)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +100,17 @@ async def test_calibrated_text_run_and_evaluate(tmp_path, labels_by_text, method
     assert load_result(cfg.out).prompt_text == result.prompt_text and not (cfg.out / "prompt.npy").exists()
     again = await evaluate_run(cfg.out, backend=TextToyBackend(labels_by_text))
     assert again["matches"] and again["test_accuracy"] == 1.0
+
+
+async def test_the_bare_template_is_kept_when_no_prompt_beats_it_on_dev(tmp_path, labels_by_text):
+    backend = HarmfulPromptBackend(labels_by_text)
+    cfg = _config(tmp_path)
+    result = await tune(cfg, backend=backend)
+    assert result.prompt_text == "" and result.best_generation == 0  # the empty prompt, chosen before generation 1
+    assert result.generations > 0 and result.api_calls_used == backend.calls <= 40  # it still searched, in budget
+    assert result.test_accuracy == result.zero_shot_calibrated_test_accuracy == 1.0
+    again = await evaluate_run(cfg.out, backend=HarmfulPromptBackend(labels_by_text))
+    assert again["matches"]
 
 
 async def test_uncalibrated_run_scores_only_the_texts(tmp_path, labels_by_text):
