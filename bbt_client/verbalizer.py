@@ -37,8 +37,10 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, label_words: Sequence[str],
                     per_class: int = 40) -> list[str]:
     """The task's label words as given, then for each class the ``per_class`` lower-cased words most
-    over-represented in its texts (document frequency in the class minus in the others). Deterministic; order:
-    label words, then class by class."""
+    over-represented in its texts (document frequency in the class minus in the others), words in two or more
+    of the class's texts before words seen once, and ties to the word in more of them. Deterministic; order:
+    label words, then class by class. (Without the tie-break, the many words seen once broke ties alphabetically
+    and "afar", "ancestor", "abandoning" filled the list.)"""
     docs = [set(w.lower() for w in _WORD.findall(t)) - _STOPWORDS for t in texts]
     labels = np.asarray(labels)
     out = list(dict.fromkeys(label_words))
@@ -47,7 +49,7 @@ def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, 
         inside = Counter(w for d, y in zip(docs, labels) if y == k for w in d)
         outside = Counter(w for d, y in zip(docs, labels) if y != k for w in d)
         n_in, n_out = max(1, int((labels == k).sum())), max(1, int((labels != k).sum()))
-        ranked = sorted(inside, key=lambda w: (-(inside[w] / n_in - outside[w] / n_out), w))
+        ranked = sorted(inside, key=lambda w: (inside[w] < 2, -(inside[w] / n_in - outside[w] / n_out), -inside[w], w))
         for w in ranked[:per_class]:
             if w not in seen and len(w) > 2:
                 out.append(w)

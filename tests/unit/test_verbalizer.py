@@ -17,6 +17,14 @@ def test_candidates_start_with_the_label_words_and_prefer_class_specific_words()
     assert "goal" in words and "stocks" in words and "the" not in words  # stop words never compete
 
 
+def test_candidates_seen_in_two_class_texts_come_first_and_ties_go_to_the_more_frequent_word():
+    texts = ["oil prices rose", "oil output fell again", "aardvark oil exports", "zebra prices climbed",
+             "the match ended", "the team won"]
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    words = candidate_words(texts, labels, 2, ["Business", "Sports"], per_class=2)
+    assert words[2:4] == ["oil", "prices"]  # 3 and 2 class texts; the once-seen "aardvark" does not lead
+
+
 def test_selection_takes_each_class_its_most_discriminative_words_without_sharing():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 10)
