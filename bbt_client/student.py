@@ -234,20 +234,37 @@ class Student:
         head = self.embeddings.weight[torch.as_tensor(list(label_ids))]  # (K, D)
         return h_mask @ head.T
 
-    def mask_states(self, prompts, enc: EncodedTexts):
-        """(C, N, D) last hidden states at the mask slot: what the tied head reads."""
+    def mask_states(self, prompts, enc: EncodedTexts, bucket: int = 8):
+        """(C, N, D) last hidden states at the mask slot: what the tied head reads.
+
+        The texts run in length-sorted groups of ``bucket``, each cut to its own longest text: padded to the
+        longest of all, 64 AG News texts held 2.4x their real tokens, and one forward+backward pass (2 prompts,
+        e5-3) took 2.7 s against 0.86 s grouped, same numbers to the bit."""
         torch = self._torch
         C, n, _ = prompts.shape
-        N = enc.input_ids.shape[0]
         if n != enc.n_prompt:
             raise ValueError(f"prompts have {n} tokens but the texts were encoded for {enc.n_prompt}")
-        words = self.embeddings(enc.input_ids)  # (N, T, D)
+        lengths = enc.attention_mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for start in range(0, len(order), bucket):
+            idx = order[start:start + bucket]
+            width = int(lengths[idx].max())
+            parts.append(self._mask_states(prompts, enc.input_ids[idx, :width], enc.attention_mask[idx, :width],
+                                           enc.mask_pos[idx]))
+        return torch.cat(parts, dim=1)[:, torch.argsort(order)]
+
+    def _mask_states(self, prompts, input_ids, attention_mask, mask_pos):
+        torch = self._torch
+        C, n, _ = prompts.shape
+        N = input_ids.shape[0]
+        words = self.embeddings(input_ids)  # (N, T, D)
         embeds = words.unsqueeze(0).expand(C, -1, -1, -1)
         embeds = torch.cat([embeds[:, :, :1], prompts.unsqueeze(1).expand(-1, N, -1, -1), embeds[:, :, 1 + n:]], dim=2)
         embeds = embeds.reshape(C * N, embeds.shape[2], embeds.shape[3])
-        attn = enc.attention_mask.repeat(C, 1)
+        attn = attention_mask.repeat(C, 1)
         hidden = self.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state  # (C*N, T, D)
-        return hidden[torch.arange(C * N), enc.mask_pos.repeat(C)].reshape(C, N, -1)
+        return hidden[torch.arange(C * N), mask_pos.repeat(C)].reshape(C, N, -1)
 
 
 def _encoder_layers(model):
