@@ -220,6 +220,18 @@ def test_student_encoding_places_prompt_slots_and_mask():
     assert not torch.allclose(out[0], out[1])
 
 
+def test_length_buckets_give_the_states_of_one_padded_batch_in_the_texts_order():
+    st = Student("minilm", num_layers=1)
+    texts = ["short", "a much longer text about markets and oil prices " * 3, "mid length text", "x " * 40, "ok"]
+    enc = st.encode("{text} It was {mask} .", texts, n_prompt=3)
+    p = torch.randn(2, 3, st.hidden_size) * st.embedding_std
+    with torch.no_grad():
+        whole = st.mask_states(p, enc, bucket=len(texts))  # one batch padded to the longest text
+        grouped = st.mask_states(p, enc, bucket=2)  # three length groups, each cut to its own longest
+    assert grouped.shape == (2, len(texts), st.hidden_size)
+    torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- harmonisation through pycma
 
 
