@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 GroupRunner = Callable[[Sequence[Any]], Sequence[Any]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a job leaves the queue as itself, never compared field by field
 class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -82,7 +82,13 @@ class ModelWorker:
                 raise Overloaded("the model queue is full; retry after a short back-off")
             self._pending.append(job)
             self._cond.notify()
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # the caller left (e.g. its client hung up): the job leaves the queue
+            with self._cond:
+                if job in self._pending:
+                    self._pending.remove(job)
+            raise
 
     @property
     def pending(self) -> int:

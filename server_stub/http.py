@@ -219,7 +219,7 @@ class HttpServer:
                 if ctype != "application/json":
                     raise ServerError(f"content type must be application/json, got {ctype or 'none'!r}",
                                       status=415, code="unsupported_media_type")
-            status, payload = await handler(req)
+            status, payload = await self._unless_client_leaves(handler(req), wire, reader)
             await self._send(wire, writer, status, payload.model_dump_json().encode(), not self._closing)
         except ServerError as exc:
             keep = not self._closing and exc.status not in (408, 411, 413)
@@ -234,6 +234,27 @@ class HttpServer:
                                             keep=not self._closing, path=req.path)
         log.info("%s %s %d %.1f ms", req.method, req.path, status, (time.perf_counter() - started) * 1e3)
         return wire.our_state is h11.DONE and wire.their_state is h11.DONE
+
+    async def _unless_client_leaves(self, work, wire: h11.Connection, reader: asyncio.StreamReader):
+        """Await a handler, cancelling it if the client closes the connection meanwhile: a queued model job whose
+        caller gave up (a client timeout, a killed job) is then dropped instead of computed for nobody. Bytes a
+        pipelining client sends meanwhile go to h11 for the next request."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                watch = asyncio.ensure_future(reader.read(_READ_SIZE))
+                await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not watch.done():
+                    watch.cancel()
+                    return task.result()
+                data = watch.result()
+                if not data:  # end of stream: nobody is left to answer
+                    raise ConnectionError("the client closed the connection while its request was being served")
+                wire.receive_data(data)
+                if task.done():
+                    return task.result()
+        finally:
+            task.cancel()
 
     async def _next_event(self, wire: h11.Connection, reader: asyncio.StreamReader, timeout: float):
         """The next h11 event, reading from the socket as needed for at most ``timeout`` seconds in all."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -162,6 +163,46 @@ def test_full_queue_answers_503_overloaded_and_later_requests_succeed(tiny_bert_
                 assert held.result().status_code == 200 and queued.status_code == 200
             gate.release()
             assert post().status_code == 200
+        finally:
+            gate.open()
+
+
+def _usage(url: str) -> dict:
+    return httpx.get(url + "/v1/usage", timeout=30).json()
+
+
+def _until(check, what: str, tries: int = 500) -> None:
+    """Poll a server-side fact until it holds (each poll is a round trip; no sleeps, no elapsed-time limit)."""
+    for _ in range(tries):
+        if check():
+            return
+    raise AssertionError(f"never observed: {what}")
+
+
+def test_a_queued_request_whose_client_hangs_up_is_dropped_not_computed(tiny_bert_dir):
+    from server_stub.testing import run_server
+
+    gate = RequestGate()
+    body = _score_body()
+    with run_server(tiny_bert_dir, threads=1, before_job=gate) as url:
+        port = int(url.rsplit(":", 1)[1])
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(httpx.post, url + "/v1/score", content=body,
+                                   headers={"content-type": "application/json"}, timeout=120)
+                gate.wait_entered(1)  # request 1 holds the model thread
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # request 2, then hang up
+                    s.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+                    _until(lambda: _usage(url)["queue_depth"] == 1, "request 2 queued behind request 1")
+                _until(lambda: _usage(url)["queue_depth"] == 0, "request 2 leaving the queue after the hang-up")
+                gate.release()
+                assert held.result().status_code == 200
+            gate.release()
+            assert httpx.post(url + "/v1/score", content=body, headers={"content-type": "application/json"},
+                              timeout=120).status_code == 200
+            assert gate.entered == 2  # requests 1 and 3 reached the model; request 2 never did
+            assert _usage(url)["requests"] == 2
         finally:
             gate.open()
 
