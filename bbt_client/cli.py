@@ -151,7 +151,8 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", type=Path, nargs="+", action="extend",
                      help="run directories: one = its loss and accuracy curves; several = one line per method and "
                           "variant with a band over seeds")
-    src.add_argument("--sweep", type=Path, metavar="DIR", help="a bbt sweep directory: test accuracy vs API calls")
+    src.add_argument("--sweep", type=Path, nargs="+", metavar="DIR",
+                     help="bbt sweep directories (several: one picture): test accuracy vs API calls")
     p.add_argument("--metric", choices=["dev", "train"], default="dev",
                    help="several runs: dev accuracy at each dev check, or best train accuracy per generation")
     p.add_argument("--band", choices=["minmax", "std"], default="minmax", help="band over seeds")

@@ -228,19 +228,35 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
 # ---------------------------------------------------------------- a sweep
 
 
-def plot_sweep(sweep_dir: Path | str, out: Path | str | None = None, *, band: str = "minmax",
-               ceiling: float | None = None) -> Path:
-    """Test accuracy at each budget of a sweep against the mean API calls used: one panel per task, one
-    colour per method/variant, mean over seeds with a min-max (or ±std) band, zero-shot as a dotted line."""
+def _merged_summaries(sweep_dirs: Sequence[Path]) -> dict:
+    """The groups of several sweeps in one summary (each sweep a set of variants); zero-shot lines once each."""
     from bbt_client.sweep import load_summary
 
+    groups, zero_shot, seen = [], [], set()
+    for d in sweep_dirs:
+        summary = load_summary(Path(d))
+        groups += summary["groups"]
+        for z in summary["zero_shot"]:
+            key = (z["task"], z["variant"], round(z["mean"], 6))
+            if key not in seen:
+                seen.add(key)
+                zero_shot.append(z)
+    return {"groups": groups, "zero_shot": zero_shot}
+
+
+def plot_sweep(sweep_dir: Path | str | Sequence[Path | str], out: Path | str | None = None, *,
+               band: str = "minmax", ceiling: float | None = None) -> Path:
+    """Test accuracy at each budget of a sweep (or of several, in one picture) against the mean API calls used:
+    one panel per task, one colour per method/variant, mean over seeds with a min-max (or ±std) band, zero-shot
+    as a dotted line."""
     plt = _pyplot()
-    summary = load_summary(Path(sweep_dir))
+    dirs = [Path(sweep_dir)] if isinstance(sweep_dir, (str, Path)) else [Path(d) for d in sweep_dir]
+    summary = _merged_summaries(dirs)
     tasks = list(dict.fromkeys(g["task"] for g in summary["groups"] if g["budgets"]))
     if not tasks:
-        raise CheckpointError(f"{sweep_dir} has no finished results to plot yet")
+        raise CheckpointError(f"{', '.join(map(str, dirs))}: no finished results to plot yet")
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
-    path = Path(out) if out is not None else Path(sweep_dir) / "accuracy_vs_calls.png"
+    path = Path(out) if out is not None else dirs[0] / "accuracy_vs_calls.png"
     for ax, task in zip(axes[0], tasks):
         colours = iter(plt.get_cmap("tab10")(i % 10) for i in range(1000))
         for g in (g for g in summary["groups"] if g["task"] == task and g["budgets"]):

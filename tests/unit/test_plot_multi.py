@@ -81,6 +81,21 @@ def test_sweep_plot_is_written_next_to_the_summary(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG
 
 
+def test_several_sweeps_in_one_picture_keep_every_group_and_one_zero_shot_line(tmp_path, capsys):
+    from bbt_client.plot import _merged_summaries
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    _summary(a)
+    _summary(b)
+    merged = _merged_summaries([a, b])
+    assert len(merged["groups"]) == 4 and len(merged["zero_shot"]) == 1
+    out = tmp_path / "both.png"
+    assert cli.main(["plot", "--sweep", str(a), str(b), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG
+
+
 def test_sweep_plot_without_summary_exits_4(tmp_path, capsys):
     assert cli.main(["plot", "--sweep", str(tmp_path)]) == 4
     assert "bbt sweep" in capsys.readouterr().err
