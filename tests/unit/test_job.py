@@ -205,3 +205,17 @@ async def test_label_word_search_spends_one_call_and_the_words_are_kept_for_eval
     assert backend.calls == result.api_calls_used <= 60
     again = await evaluate_run(cfg.out, backend=ToyBackend(labels_by_text))
     assert again["matches"], again
+
+
+async def test_an_int8_endpoint_is_warned_about_before_tuning(tmp_path, labels_by_text, caplog):
+    class Int8Toy(ToyBackend):
+        async def model_info(self):
+            return (await super().model_info()).model_copy(update={"quantization": "int8"})
+
+    with caplog.at_level("WARNING", logger="bbt_client.job"):
+        await tune(_config(tmp_path, calls=20), backend=Int8Toy(labels_by_text))
+    assert any("int8" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bbt_client.job"):
+        await tune(_config(tmp_path / "fp32", calls=20), backend=ToyBackend(labels_by_text))
+    assert not any("int8" in r.getMessage() for r in caplog.records)
