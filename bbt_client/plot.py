@@ -229,7 +229,8 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
 
 
 def _merged_summaries(sweep_dirs: Sequence[Path]) -> dict:
-    """The groups of several sweeps in one summary (each sweep a set of variants); zero-shot lines once each."""
+    """The groups of several sweeps in one summary (each sweep a set of variants); one zero-shot line per task
+    and accuracy (variants that share the template share it)."""
     from bbt_client.sweep import load_summary
 
     groups, zero_shot, seen = [], [], set()
@@ -237,7 +238,7 @@ def _merged_summaries(sweep_dirs: Sequence[Path]) -> dict:
         summary = load_summary(Path(d))
         groups += summary["groups"]
         for z in summary["zero_shot"]:
-            key = (z["task"], z["variant"], round(z["mean"], 6))
+            key = (z["task"], round(z["mean"], 6))
             if key not in seen:
                 seen.add(key)
                 zero_shot.append(z)
