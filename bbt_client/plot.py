@@ -229,20 +229,24 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
 
 
 def _merged_summaries(sweep_dirs: Sequence[Path]) -> dict:
-    """The groups of several sweeps in one summary (each sweep a set of variants); one zero-shot line per task
-    and accuracy (variants that share the template share it)."""
+    """The groups of several sweeps in one summary; a (task, method, variant) found in several keeps the one that
+    reached more budgets; one zero-shot line per task and accuracy (variants sharing the template share it)."""
     from bbt_client.sweep import load_summary
 
-    groups, zero_shot, seen = [], [], set()
+    groups: dict[tuple, dict] = {}  # a group in several sweeps: the one that reached more budgets
+    zero_shot, seen = [], set()
     for d in sweep_dirs:
         summary = load_summary(Path(d))
-        groups += summary["groups"]
+        for g in summary["groups"]:
+            key = (g["task"], g["method"], g["variant"])
+            if key not in groups or len(g["budgets"]) > len(groups[key]["budgets"]):
+                groups[key] = g
         for z in summary["zero_shot"]:
             key = (z["task"], round(z["mean"], 6))
             if key not in seen:
                 seen.add(key)
                 zero_shot.append(z)
-    return {"groups": groups, "zero_shot": zero_shot}
+    return {"groups": list(groups.values()), "zero_shot": zero_shot}
 
 
 def plot_sweep(sweep_dir: Path | str | Sequence[Path | str], out: Path | str | None = None, *,

@@ -89,8 +89,13 @@ def test_several_sweeps_in_one_picture_keep_every_group_and_one_zero_shot_line(t
     b.mkdir()
     _summary(a)
     _summary(b)
+    summary = json.loads((b / "summary.json").read_text())
+    summary["groups"][0]["budgets"]["400"] = dict(summary["groups"][0]["budgets"]["200"], api_calls_used=386)
+    summary["groups"].append({**summary["groups"][1], "variant": "other"})
+    write_summary(b, summary)
     merged = _merged_summaries([a, b])
-    assert len(merged["groups"]) == 4 and len(merged["zero_shot"]) == 1
+    assert len(merged["groups"]) == 3 and len(merged["zero_shot"]) == 1  # bbt/default once: b's, to 400 calls
+    assert [len(g["budgets"]) for g in merged["groups"]] == [3, 2, 2]
     out = tmp_path / "both.png"
     assert cli.main(["plot", "--sweep", str(a), str(b), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
