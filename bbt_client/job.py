@@ -374,7 +374,8 @@ class _Context:
                 self._checkpoint()
             empty = self.tuner.empty_prompt()
             if st.generation == 0 and empty is not None and st.zero_shot_dev_accuracy is None:
-                st.zero_shot_dev_accuracy = await self._dev_check(reserve_after=self.final_calls, prompt=empty)
+                st.zero_shot_dev_accuracy, _ = await self._score_dev(empty, reserve_after=self.final_calls)
+                self._progress("eval", message="empty prompt (the baseline)")
                 self._checkpoint()
             while True:
                 dev_due = (st.generation + 1) % cfg.eval_every == 0
@@ -409,23 +410,25 @@ class _Context:
         self.st.history.append(rec)
         self._progress("generation", rec)
 
-    async def _dev_check(self, reserve_after: int, prompt: np.ndarray | None = None) -> float:
-        """Dev accuracy of ``prompt`` (default: the tuner's best), kept as the dev-best when it is one."""
+    async def _dev_check(self, reserve_after: int) -> None:
+        """Dev check of the tuner's best prompt, recorded on the last generation's history row."""
         st = self.st
-        baseline = prompt is not None  # the empty prompt, before any generation: no history row to annotate
-        prompt = self.tuner.best_prompt() if prompt is None else prompt
+        acc, loss = await self._score_dev(self.tuner.best_prompt(), reserve_after)
+        st.last_dev_generation = st.generation
+        st.history[-1].dev_accuracy, st.history[-1].dev_loss = acc, loss
+        self._progress("eval", st.history[-1])
+
+    async def _score_dev(self, prompt: np.ndarray, reserve_after: int) -> tuple[float, float]:
+        """Dev accuracy and loss of ``prompt``, which becomes the dev-best when it beats it (ties: lower loss)."""
+        st = self.st
         acc, loss = await self.evaluate("dev", prompt, reserve_after)
-        if not baseline:
-            st.last_dev_generation = st.generation
-            st.history[-1].dev_accuracy, st.history[-1].dev_loss = acc, loss
         better = st.best_dev_accuracy is None or acc > st.best_dev_accuracy or (
             acc == st.best_dev_accuracy and loss < (st.best_dev_loss or np.inf))
         if better:
             st.best_dev_accuracy, st.best_dev_loss = acc, loss
             dtype = np.int64 if self.tuner.prompt_kind == "text" else np.float32  # text: vocabulary indices
             st.best_prompt, st.best_generation = np.array(prompt, dtype=dtype), st.generation
-        self._progress("eval", None if baseline else st.history[-1], "empty prompt (the baseline)" if baseline else "")
-        return acc
+        return acc, loss
 
     def _checkpoint(self) -> None:
         self.st.wall_seconds = self.elapsed()
