@@ -246,6 +246,7 @@ class HttpServer:
                 await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if not watch.done():
                     watch.cancel()
+                    await asyncio.wait({watch})  # its read lets go of the stream before the next request reads it
                     return task.result()
                 data = watch.result()
                 if not data:  # end of stream: nobody is left to answer
