@@ -39,8 +39,8 @@ def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, 
     """The task's label words as given, then for each class the ``per_class`` lower-cased words most
     over-represented in its texts (document frequency in the class minus in the others), words in two or more
     of the class's texts before words seen once, and ties to the word in more of them. Deterministic; order:
-    label words, then class by class. (Without the tie-break, the many words seen once broke ties alphabetically
-    and "afar", "ancestor", "abandoning" filled the list.)"""
+    label words, then class by class. (Words seen once tie with each other and break ties alphabetically, so
+    they come after every word seen twice; before, "afar", "ancestor", "abandoning" led the list.)"""
     docs = [set(w.lower() for w in _WORD.findall(t)) - _STOPWORDS for t in texts]
     labels = np.asarray(labels)
     out = list(dict.fromkeys(label_words))
