@@ -9,8 +9,9 @@ words it is asked about:
 1. candidates: the task's own label words plus the words that are frequent in one class's training texts and
    rare in the others' (never the dev or test texts);
 2. one call scores every candidate at the answer slot for the training texts with no prompt (N × V logits);
-3. each candidate's logits are standardised across the texts, and its score for class k is the mean over class
-   k's texts minus the mean over the rest; each class takes its ``m`` best words, no word serving two classes.
+3. each text's row is centred (a per-text shift, the only difference between raw logits and the log-probs a text
+   API returns, then cannot change the choice), each candidate's scores are standardised across the texts, and
+   its score for class k is the mean over class k's texts minus the mean over the rest; each class takes its ``m`` best words, no word serving two classes.
 
 A class's logit is then the mean of its words' logits (the loss, accuracy and every method see K numbers as
 before). Pure: the job does the scoring call and its budget.
@@ -65,6 +66,7 @@ def select_words(logits: np.ndarray, labels: np.ndarray, words: Sequence[str], n
     if z.ndim != 2 or z.shape[1] != len(words):
         raise ValueError(f"logits must be (N, {len(words)}), got {z.shape}")
     labels = np.asarray(labels)
+    z = z - z.mean(1, keepdims=True)
     z = (z - z.mean(0)) / (z.std(0) + 1e-9)
     scores = np.stack([z[labels == k].mean(0) - z[labels != k].mean(0) for k in range(num_classes)])  # (K, V)
     chosen: list[list[int]] = [[] for _ in range(num_classes)]

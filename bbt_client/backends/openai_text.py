@@ -7,7 +7,10 @@ scoring of a template and discrete *text* prompts (``bdpl``, ``cmaes-tokens``): 
 rendered text), and the label words are scored as the next token with ``max_tokens=1``, ``logprobs`` and
 ``logit_bias`` (+``label_bias`` on the label tokens, so all of them appear in the top logprobs; an equal shift
 keeps their differences, which is what accuracy and cross-entropy use). A label still missing from the top-k gets
-the floor ``lowest returned logprob - missing_margin`` (counted in ``ScoreResult.extra``).
+the floor ``lowest returned logprob - missing_margin`` (counted in ``ScoreResult.extra``). An endpoint returns at
+most ``max_logprobs`` per token (vLLM's ``--max-logprobs``, 20 by default; OpenAI Chat 20, OpenAI's legacy
+Completions 5): more label words than that (a label-word search scores hundreds) go out in rounds of requests,
+each biasing its own words plus an anchor word, and are aligned on the anchor; every round's tokens are counted.
 
 C candidate prompts × N texts are C·N sequences: ``api="completions"`` (default) batches
 ``prompts_per_request`` of them per request (``prompt`` is a list); ``api="chat"`` sends one request per
@@ -103,6 +106,7 @@ class OpenAITextBackend(HttpBackend):
         max_retries: int = 5,
         retry: RetryPolicy | None = None,
         top_logprobs: int = 5,
+        max_logprobs: int = 20,
         label_bias: float = 100.0,
         label_token_ids: dict[str, int] | None = None,
         missing_margin: float = 1.0,
@@ -114,12 +118,16 @@ class OpenAITextBackend(HttpBackend):
             raise ConfigError("the openai backend needs the model name: options.model (e.g. gpt-4o-mini)")
         if api not in APIS:
             raise ConfigError(f"api must be one of {', '.join(APIS)}, got {api!r}")
-        if prompts_per_request < 1 or top_logprobs < 1:
-            raise ConfigError("prompts_per_request and top_logprobs must be at least 1")
+        if prompts_per_request < 1 or top_logprobs < 1 or max_logprobs < 2:
+            raise ConfigError("prompts_per_request and top_logprobs must be at least 1, max_logprobs at least 2")
+        if top_logprobs > max_logprobs:
+            raise ConfigError(f"top_logprobs={top_logprobs} exceeds max_logprobs={max_logprobs}, the most the "
+                              "endpoint returns")
         if tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
         self.model, self.api = model, api
         self.top_logprobs = int(top_logprobs)
+        self.max_logprobs = int(max_logprobs)
         self.label_bias = float(label_bias)
         self.missing_margin = float(missing_margin)
         self.prompts_per_request = int(prompts_per_request)
@@ -153,8 +161,8 @@ class OpenAITextBackend(HttpBackend):
                          max_texts=100_000, max_body_bytes=2**31 - 1, device="remote openai-compatible")
 
     async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
-        ids = await self._label_ids(words) if words else None
-        return TokenizeResponse(words=[WordTokens(word=w, ids=[ids[w]] if ids and w in ids else []) for w in words],
+        pieces = await self._word_pieces(words) if words else None
+        return TokenizeResponse(words=[WordTokens(word=w, ids=ids) for w, ids in zip(words, pieces or [[]] * len(words))],
                                 text_token_counts=await self._count(texts))
 
     async def _count(self, texts: Sequence[str]) -> list[int]:
@@ -190,17 +198,20 @@ class OpenAITextBackend(HttpBackend):
         self._endpoint_ids.update(zip(todo, (a.tokens for a in answers)))
         return [self._endpoint_ids[t] for t in texts]
 
+    async def _word_pieces(self, words: Sequence[str]) -> list[list[int]] | None:
+        """Token ids of each word as a label (after a space), or None when they cannot be known."""
+        if all(w in self._label_token_ids for w in words):
+            return [[int(self._label_token_ids[w])] for w in words]
+        if self._encoding is not None:
+            return [self._encoding.encode_ordinary(label_text(w)) for w in words]
+        if self.token_counter == "endpoint":
+            return await self._endpoint_tokenize([label_text(w) for w in words])
+        return None
+
     async def _label_ids(self, words: Sequence[str]) -> dict[str, int] | None:
         """Token id per label word for logit_bias, or None when they cannot be known."""
-        if all(w in self._label_token_ids for w in words):
-            return {w: int(self._label_token_ids[w]) for w in words}
-        if self._encoding is not None:
-            pieces = [self._encoding.encode_ordinary(label_text(w)) for w in words]
-        elif self.token_counter == "endpoint":
-            pieces = await self._endpoint_tokenize([label_text(w) for w in words])
-            if pieces is None:
-                return None
-        else:
+        pieces = await self._word_pieces(words)
+        if pieces is None:
             return None
         out = {}
         for w, ids in zip(words, pieces):
@@ -248,7 +259,7 @@ class OpenAITextBackend(HttpBackend):
                       for p, pc in zip(prompts, prompt_token_counts) for c in per_text]
         else:
             counts = tok.byte_upper_bound(self._sequences(job))
-        return sum(counts) + per_seq * len(counts)
+        return (sum(counts) + per_seq * len(counts)) * len(self.label_rounds(len(job.label_words)))
 
     def _refuse(self, kind: str) -> None:
         raise UnsupportedError(
@@ -257,23 +268,48 @@ class OpenAITextBackend(HttpBackend):
             "text-prompt methods bdpl and cmaes-tokens. For continuous prompts use a vLLM server with "
             "--enable-prompt-embeds (backend 'vllm', method bbt) or the bbt server (backend 'server').")
 
+    def label_rounds(self, k: int) -> list[list[int]]:
+        """Which of ``k`` label words each request round scores: all at once when the endpoint returns that many
+        log-probs, else word 0 (the anchor) plus up to ``max_logprobs - 1`` others per round."""
+        cap = min(self.max_logprobs, 20) if self.api == "chat" else self.max_logprobs
+        if k <= cap:
+            return [list(range(k))]
+        return [[0, *range(a, min(k, a + cap - 1))] for a in range(1, k, cap - 1)]
+
     async def score(self, job: ScoreJob) -> ScoreResult:
+        """More label words than the endpoint returns log-probs (a label-word search, a large verbalizer) are
+        scored in rounds, each biasing its own words; a log-prob is only comparable within its round (each round's
+        normaliser differs), so every round carries the anchor word and is shifted to agree with round 0 on it."""
         if job.prompts.kind not in self.supported_prompts:
             self._refuse(job.prompts.kind)
         check_causal_template(job.template)
-        label_ids = await self._label_ids(job.label_words)
+        words = list(job.label_words)
+        label_ids = await self._label_ids(words)
         seqs = self._sequences(job)
-        bias = {str(i): self.label_bias for i in label_ids.values()} if label_ids else None
+        rounds = self.label_rounds(len(words)) if label_ids else [list(range(len(words)))]
+        parts = await asyncio.gather(*(self._score_round(seqs, [words[i] for i in r], label_ids) for r in rounds))
+        logits = parts[0][0]
+        if len(rounds) > 1:
+            logits = np.empty((len(seqs), len(words)), np.float32)
+            for r, (part, _, _, _) in zip(rounds, parts):
+                logits[:, r] = part - part[:, :1] + parts[0][0][:, :1]
+        return ScoreResult(logits=logits.reshape(job.num_calls, len(job.texts), len(words)),
+                           tokens=sum(p[1] for p in parts),
+                           extra={"requests": sum(p[3] for p in parts), "label_rounds": len(rounds),
+                                  "missing_label_logprobs": sum(p[2] for p in parts),
+                                  "logit_bias": label_ids is not None})
+
+    async def _score_round(self, seqs: list[str], words: list[str],
+                           label_ids: dict[str, int] | None) -> tuple[np.ndarray, int, int, int]:
+        """(len(seqs), len(words)) log-probs of ``words`` with only their tokens biased, tokens, missing, requests."""
+        bias = {str(label_ids[w]): self.label_bias for w in words} if label_ids else None
         if self.api == "completions":
             groups = [seqs[i:i + self.prompts_per_request] for i in range(0, len(seqs), self.prompts_per_request)]
-            parts = await asyncio.gather(*(self._completions(g, job.label_words, bias) for g in groups))
+            parts = await asyncio.gather(*(self._completions(g, words, bias) for g in groups))
         else:
-            parts = await asyncio.gather(*(self._chat(p, job.label_words, bias) for p in seqs))
-        logits = np.concatenate([p[0] for p in parts], axis=0)
-        logits = logits.reshape(job.num_calls, len(job.texts), len(job.label_words))
-        return ScoreResult(logits=logits, tokens=sum(p[1] for p in parts),
-                           extra={"requests": len(parts), "missing_label_logprobs": sum(p[2] for p in parts),
-                                  "logit_bias": bias is not None})
+            parts = await asyncio.gather(*(self._chat(p, words, bias) for p in seqs))
+        return (np.concatenate([p[0] for p in parts], axis=0), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                len(parts))
 
     def completions_body(self, prompts: Sequence[str], k: int, bias: dict[str, float] | None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "prompt": list(prompts), "max_tokens": 1, "temperature": 0,

@@ -307,3 +307,18 @@ async def test_openai_backend_zero_shot_scores_like_v1(face):
     assert res.extra["logit_bias"] and res.extra["missing_label_logprobs"] == 0
     np.testing.assert_allclose(centred(res.logits), centred(v1_logits(face, TEXTS)), atol=2e-4)
     assert res.tokens > 0
+
+
+async def test_openai_backend_scores_more_labels_than_the_logprob_cap_in_aligned_rounds(face):
+    """4 label words, 3 log-probs per request: rounds [0,1,2] and [0,3], aligned on word 0, must give the
+    differences /v1/score gives; both rounds' tokens are metered and the estimate covers them."""
+    b = make_backend("openai", face, api_key=KEY, model=NAME, top_logprobs=3, max_logprobs=3)
+    assert b.label_rounds(4) == [[0, 1, 2], [0, 3]]
+    job = ScoreJob(TEMPLATE, TEXTS, WORDS, PromptBatch.zero_shot())
+    res = await b.score(job)
+    assert res.extra["label_rounds"] == 2 and res.extra["missing_label_logprobs"] == 0
+    np.testing.assert_allclose(centred(res.logits), centred(v1_logits(face, TEXTS)), atol=2e-4)
+    one_round = await make_backend("openai", face, api_key=KEY, model=NAME).score(job)
+    assert res.tokens == 2 * one_round.tokens
+    counts = (await b.tokenize(texts=TEXTS)).text_token_counts
+    assert b.estimate_tokens(job, counts) >= res.tokens

@@ -36,6 +36,9 @@ def test_selection_takes_each_class_its_most_discriminative_words_without_sharin
     found = select_words(logits, labels, words, 3, per_class=2)
     assert set(found[0]) == {"a0", "a1"} and set(found[1]) == {"b0", "b1"}  # scale-free: separation counts
     assert found[2][0] == "c0" and len(set(flat_words(found))) == 6  # every word serves one class only
+    # log-probs (what a text API returns) differ from logits by a per-text shift: the same words are chosen
+    shifted = logits + rng.normal(0, 50, (30, 1))
+    assert select_words(shifted, labels, words, 3, per_class=2) == found
 
 
 def test_class_logits_average_each_class_words():

@@ -162,6 +162,8 @@ def test_text_prompt_estimate_from_endpoint_counts_covers_the_prompt():
 async def test_config_refusals():
     with pytest.raises(ConfigError, match="model"):
         OpenAITextBackend(URL)
+    with pytest.raises(ConfigError, match="exceeds max_logprobs=5"):
+        OpenAITextBackend(URL, model="gpt-4", top_logprobs=6, max_logprobs=5)
     with pytest.raises(ConfigError, match="end"):
         await backend().score(ScoreJob("{text} was {mask} !", ["x"], WORDS, PromptBatch.zero_shot()))
     with pytest.raises(ConfigError, match="single-token"):
