@@ -78,6 +78,8 @@ class _State:
     endpoint_tokens: int = 0
     #: Label words per class found on the training texts (``search_label_words``), fixed for the run.
     verbalizer: tuple[tuple[str, ...], ...] | None = None
+    #: ``calibrate="auto"``: whether the run calibrates, chosen on dev before generation 1 (None: not yet).
+    calibrated: bool | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
@@ -229,8 +231,11 @@ class _Context:
     @property
     def calibrate(self) -> bool:
         """Content-free calibration (Zhao et al. 2021) of every scoring but the label-word search: the method's
-        ``calibrate`` option (on by default for the text methods)."""
-        return bool(getattr(getattr(self.tuner, "config", None), "calibrate", False))
+        ``calibrate`` option; ``"auto"`` (the text methods' default) scores both ways until the dev choice."""
+        option = getattr(getattr(self.tuner, "config", None), "calibrate", False)
+        if option == "auto":
+            return True if self.st.calibrated is None else self.st.calibrated
+        return option is True
 
     # -------------------------------------------------------------- scoring under the budget
 
@@ -374,7 +379,7 @@ class _Context:
                 self._checkpoint()
             empty = self.tuner.empty_prompt()
             if st.generation == 0 and empty is not None and st.zero_shot_dev_accuracy is None:
-                st.zero_shot_dev_accuracy, _ = await self._score_dev(empty, reserve_after=self.final_calls)
+                st.zero_shot_dev_accuracy, _ = await self._score_baseline(empty, reserve_after=self.final_calls)
                 self._progress("eval", message="empty prompt (the baseline)")
                 self._checkpoint()
             while True:
@@ -418,17 +423,35 @@ class _Context:
         st.history[-1].dev_accuracy, st.history[-1].dev_loss = acc, loss
         self._progress("eval", st.history[-1])
 
+    async def _score_baseline(self, empty: np.ndarray, reserve_after: int) -> tuple[float, float]:
+        """The bare template on dev, kept as the dev-best so far; with ``calibrate="auto"`` the same call is read
+        raw and calibrated and the run keeps the reading with the better dev accuracy (ties: lower loss)."""
+        if getattr(self.tuner.config, "calibrate", None) != "auto" or self.st.calibrated is not None:
+            return await self._score_dev(empty, reserve_after)
+        raw, cal = await self.score_both("dev", self._batch_of(empty), reserve_after)
+        labels = self.data.dev.labels
+        (ra, rl), (ca, cl) = [(float(accuracy(x, labels)[0]), float(self.loss_fn(x, labels)[0])) for x in (raw, cal)]
+        self.st.calibrated = (ca, -cl) >= (ra, -rl)
+        log.info("calibrate=auto: bare template on dev %.3f raw, %.3f calibrated; the run %s", ra, ca,
+                 "calibrates" if self.st.calibrated else "scores raw")
+        acc, loss = (ca, cl) if self.st.calibrated else (ra, rl)
+        self._keep_if_dev_best(empty, acc, loss)
+        return acc, loss
+
     async def _score_dev(self, prompt: np.ndarray, reserve_after: int) -> tuple[float, float]:
         """Dev accuracy and loss of ``prompt``, which becomes the dev-best when it beats it (ties: lower loss)."""
-        st = self.st
         acc, loss = await self.evaluate("dev", prompt, reserve_after)
+        self._keep_if_dev_best(prompt, acc, loss)
+        return acc, loss
+
+    def _keep_if_dev_best(self, prompt: np.ndarray, acc: float, loss: float) -> None:
+        st = self.st
         better = st.best_dev_accuracy is None or acc > st.best_dev_accuracy or (
             acc == st.best_dev_accuracy and loss < (st.best_dev_loss or np.inf))
         if better:
             st.best_dev_accuracy, st.best_dev_loss = acc, loss
             dtype = np.int64 if self.tuner.prompt_kind == "text" else np.float32  # text: vocabulary indices
             st.best_prompt, st.best_generation = np.array(prompt, dtype=dtype), st.generation
-        return acc, loss
 
     def _checkpoint(self) -> None:
         self.st.wall_seconds = self.elapsed()

@@ -19,8 +19,8 @@ Deviations from the paper and its code (also in README "Deviations"):
   entry j as well, which the simplex projection largely cancels but not exactly;
 - Adam's state and the sampler's RNG are checkpointed, so a resumed run continues bit-identically;
 - defaults are sized for a 400-call budget (n = 5 slots, V = 50 entries, C = 10 samples, lr = 0.03) instead of
-  the paper's 8,000 calls; the vocabulary excludes the label words, and calibration (Zhao et al. 2021) is on by
-  default (the paper scores raw label probabilities).
+  the paper's 8,000 calls; the vocabulary excludes the label words, and calibration (Zhao et al. 2021) is chosen
+  on dev by default (the paper scores raw label probabilities).
 """
 
 from __future__ import annotations

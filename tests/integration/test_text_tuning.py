@@ -24,7 +24,7 @@ def _tune(url: str, out, *extra: str, method: str = "bdpl") -> dict:
     argv = ["tune", "--backend", "openai", "--endpoint", url, "--backend-opt", f"model={MODEL}", "--task", "agnews",
             "--template", TEMPLATE, "--method", method, "--shots", "2", "--seed", "42", "--test-limit", "16",
             "--eval-every", "1", "--opt", "popsize=4", "--opt", "prompt_tokens=2", "--opt", "vocab_size=10",
-            "--opt", "empty_prompt_baseline=false",  # the plumbing of a real prompt is under test here
+            "--opt", "empty_prompt_baseline=false", "--opt", "calibrate=true",  # a real prompt's plumbing is under test
             "--out", str(out), "--quiet", *extra]
     assert main(argv) == 0
     return json.loads((out / "result.json").read_text())

@@ -19,6 +19,7 @@ from bbt_client.calibration import CONTENT_FREE_INPUTS
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import UnsupportedError
 from bbt_client.job import evaluate_run, tune
+from bbt_client.methods.registry import make_config
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 from bbt_client.results import load_result
 from bbt_client.tasks import load_task_data
@@ -67,6 +68,20 @@ class HarmfulPromptBackend(TextToyBackend):
         return 0.0 if not prompt else -4.0 * (zlib.crc32(f"{prompt}|{text}".encode()) % 2)
 
 
+class MisleadingContentFreeBackend(TextToyBackend):
+    """No template bias on real texts, but the content-free inputs lean to class 1: calibrating would subtract a
+    bias the texts do not have."""
+
+    async def score(self, job: ScoreJob) -> ScoreResult:
+        res = await super().score(job)
+        logits = res.logits.copy()
+        logits[..., 0] -= 4.0
+        for i, t in enumerate(job.texts):
+            if t in CONTENT_FREE_INPUTS:
+                logits[:, i, 1] += 6.0
+        return ScoreResult(logits=logits, tokens=res.tokens)
+
+
 @pytest.fixture(scope="module")
 def labels_by_text():
     cfg = TaskConfig(name="sst2", shots=4, test_limit=40)
@@ -111,6 +126,20 @@ async def test_the_bare_template_is_kept_when_no_prompt_beats_it_on_dev(tmp_path
     assert result.test_accuracy == result.zero_shot_calibrated_test_accuracy == 1.0
     again = await evaluate_run(cfg.out, backend=HarmfulPromptBackend(labels_by_text))
     assert again["matches"]
+
+
+async def test_auto_calibration_reads_raw_when_calibrating_hurts_on_dev(tmp_path, labels_by_text):
+    backend = MisleadingContentFreeBackend(labels_by_text)
+    result = await tune(_config(tmp_path), backend=backend)
+    assert result.calibrated is False and result.test_accuracy == 1.0
+    assert result.zero_shot_test_accuracy == 1.0 > result.zero_shot_calibrated_test_accuracy  # both were read
+    gen_jobs = [j for j in backend.jobs if j.prompts.kind == "text" and j.prompts.num_candidates == 4]
+    assert gen_jobs and not any("N/A" in j.texts for j in gen_jobs)  # decided before generation 1: no extra tokens
+    again = await evaluate_run(cfg_out := tmp_path / "run", backend=MisleadingContentFreeBackend(labels_by_text))
+    assert again["matches"] and load_result(cfg_out).calibrated is False
+    with pytest.raises(ValueError, match="empty_prompt_baseline"):
+        make_config("bdpl", {"empty_prompt_baseline": False})
+    assert make_config("bdpl", {"empty_prompt_baseline": False, "calibrate": True}).calibrate is True
 
 
 async def test_uncalibrated_run_scores_only_the_texts(tmp_path, labels_by_text):
