@@ -11,7 +11,8 @@ words it is asked about:
 2. one call scores every candidate at the answer slot for the training texts with no prompt (N × V logits);
 3. each text's row is centred (a per-text shift, the only difference between raw logits and the log-probs a text
    API returns, then cannot change the choice), each candidate's scores are standardised across the texts, and
-   its score for class k is the mean over class k's texts minus the mean over the rest; each class takes its ``m`` best words, no word serving two classes.
+   its score for class k is the mean over class k's texts minus the mean over the rest; each class takes its
+   ``m`` best words, no word serving two classes.
 
 A class's logit is then the mean of its words' logits (the loss, accuracy and every method see K numbers as
 before). Pure: the job does the scoring call and its budget.

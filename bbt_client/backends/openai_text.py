@@ -162,7 +162,8 @@ class OpenAITextBackend(HttpBackend):
 
     async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
         pieces = await self._word_pieces(words) if words else None
-        return TokenizeResponse(words=[WordTokens(word=w, ids=ids) for w, ids in zip(words, pieces or [[]] * len(words))],
+        pieces = pieces or [[] for _ in words]
+        return TokenizeResponse(words=[WordTokens(word=w, ids=ids) for w, ids in zip(words, pieces)],
                                 text_token_counts=await self._count(texts))
 
     async def _count(self, texts: Sequence[str]) -> list[int]:
