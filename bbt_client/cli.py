@@ -153,8 +153,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           "variant with a band over seeds")
     src.add_argument("--sweep", type=Path, nargs="+", metavar="DIR",
                      help="bbt sweep directories (several: one picture): test accuracy vs API calls")
-    p.add_argument("--metric", choices=["dev", "train"], default="dev",
-                   help="several runs: dev accuracy at each dev check, or best train accuracy per generation")
+    p.add_argument("--metric", choices=["dev", "train", "loss"], default="dev",
+                   help="several runs: dev accuracy at each dev check, best train accuracy or best train loss per "
+                        "generation")
     p.add_argument("--band", choices=["minmax", "std"], default="minmax", help="band over seeds")
     p.add_argument("--ceiling", type=float, help="draw a reference line at this accuracy (e.g. the white-box ceiling)")
     p.add_argument("--out", type=Path, help="PNG path (default RUN/curve.png, DIR/accuracy_vs_calls.png)")

@@ -163,9 +163,14 @@ def _run_label(run_dir: Path) -> str:
     return json.loads(cfg.read_text()).get("method", run_dir.name) if cfg.exists() else run_dir.name
 
 
+_METRIC_LABELS = {"dev": "dev accuracy", "train": "best train accuracy", "loss": "best train loss per generation"}
+
+
 def _curve(history: list[GenerationRecord], metric: str) -> tuple[np.ndarray, np.ndarray]:
     if metric == "dev":
         pts = [(h.calls, h.dev_accuracy) for h in history if h.dev_accuracy is not None]
+    elif metric == "loss":  # this generation's best, not best-so-far: a search that drifts away shows as a rise
+        pts = [(h.calls, h.best_loss) for h in history]
     else:
         pts = [(h.calls, h.best_train_accuracy) for h in history]
     return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
@@ -199,11 +204,11 @@ def _finish(fig, ax, out: Path, ceiling: float | None, title: str) -> Path:
 
 def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, metric: str = "dev",
               band: str = "minmax", ceiling: float | None = None) -> Path:
-    """Dev accuracy (or best train accuracy) against API calls of several runs: one colour per method/variant,
-    its mean over the runs (seeds) and a min-max (or ±std) band."""
+    """Dev accuracy, best train accuracy or best train loss per generation against API calls of several runs:
+    one colour per method/variant, its mean over the runs (seeds) and a min-max (or ±std) band."""
     plt = _pyplot()
-    if metric not in ("dev", "train") or band not in ("minmax", "std"):
-        raise ConfigError("metric must be dev or train, band minmax or std")
+    if metric not in _METRIC_LABELS or band not in ("minmax", "std"):
+        raise ConfigError(f"metric must be one of {', '.join(_METRIC_LABELS)}; band minmax or std")
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for d in map(Path, run_dirs):
         x, y = _curve(read_history(d), metric)
@@ -219,10 +224,10 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
             lo = values.min(axis=0) if band == "minmax" else values.mean(axis=0) - values.std(axis=0)
             hi = values.max(axis=0) if band == "minmax" else values.mean(axis=0) + values.std(axis=0)
             ax.fill_between(x, lo, hi, step="post", color=colour, alpha=0.2, lw=0)
-    ax.set_ylabel("dev accuracy" if metric == "dev" else "best train accuracy")
+    ax.set_ylabel(_METRIC_LABELS[metric])
     path = Path(out) if out is not None else Path(run_dirs[0]).parent / "curves.png"
     band_name = "min-max" if band == "minmax" else "±std"
-    return _finish(fig, ax, path, ceiling, f"{metric} accuracy vs API calls: mean over runs, {band_name} band")
+    return _finish(fig, ax, path, ceiling, f"{_METRIC_LABELS[metric]} vs API calls: mean over runs, {band_name} band")
 
 
 # ---------------------------------------------------------------- a sweep

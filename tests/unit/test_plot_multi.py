@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 
 from bbt_client import cli  # noqa: E402
 from bbt_client.errors import CheckpointError  # noqa: E402
-from bbt_client.plot import _step_mean, plot_runs, plot_sweep  # noqa: E402
+from bbt_client.plot import _curve, _step_mean, plot_runs, plot_sweep  # noqa: E402
 from bbt_client.results import GenerationRecord, write_history  # noqa: E402
 from bbt_client.sweep import write_summary  # noqa: E402
 
@@ -38,7 +38,7 @@ def test_step_mean_holds_each_curve_between_its_points():
     assert v.tolist() == [[0.1, 0.2, 0.2, 0.3], [0.5, 0.5, 0.6, 0.6]]
 
 
-@pytest.mark.parametrize("metric, band", [("dev", "minmax"), ("train", "std")])
+@pytest.mark.parametrize("metric, band", [("dev", "minmax"), ("train", "std"), ("loss", "minmax")])
 def test_several_runs_in_one_png_via_the_cli(tmp_path, capsys, metric, band):
     runs = [tmp_path / f"r{i}" for i in range(4)]
     for i, r in enumerate(runs):
@@ -48,6 +48,14 @@ def test_several_runs_in_one_png_via_the_cli(tmp_path, capsys, metric, band):
             "--out", str(out)]
     assert cli.main(argv) == 0
     assert out.read_bytes()[:8] == PNG and f"wrote {out}" in capsys.readouterr().out
+
+
+def test_loss_curve_is_each_generations_best_so_a_drift_upwards_shows():
+    losses = [1.3, 1.2, 1.25, 1.33]  # GDFO's old failure: the search's best rose after the first generations
+    history = [GenerationRecord(generation=g, calls=20 * g, tokens=0, phase="", best_loss=loss, mean_loss=loss + 0.1,
+                                best_train_accuracy=0.5, wall_seconds=g) for g, loss in enumerate(losses, 1)]
+    x, y = _curve(history, "loss")
+    assert x.tolist() == [20, 40, 60, 80] and y.tolist() == losses
 
 
 def test_runs_without_dev_checks_are_a_clear_error(tmp_path):
