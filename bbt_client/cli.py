@@ -20,6 +20,7 @@ from bbt_client import checkpoint as ckpt
 from bbt_client.config import TuneConfig, parse_config
 from bbt_client.errors import BBTError, CheckpointError, ConfigError, EndpointError
 from bbt_client.job import Progress, TuningJob, evaluate_run
+from bbt_client.plot import RUN_METRICS
 
 CONFIG_FILE = "config.json"
 log = logging.getLogger("bbt_client.cli")
@@ -153,7 +154,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "variant with a band over seeds")
     src.add_argument("--sweep", type=Path, nargs="+", metavar="DIR",
                      help="bbt sweep directories (several: one picture): test accuracy vs API calls")
-    p.add_argument("--metric", choices=["dev", "train", "loss"], default="dev",
+    p.add_argument("--metric", choices=list(RUN_METRICS), default="dev",
                    help="several runs: dev accuracy at each dev check, best train accuracy or best train loss per "
                         "generation")
     p.add_argument("--band", choices=["minmax", "std"], default="minmax", help="band over seeds")

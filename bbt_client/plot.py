@@ -163,7 +163,8 @@ def _run_label(run_dir: Path) -> str:
     return json.loads(cfg.read_text()).get("method", run_dir.name) if cfg.exists() else run_dir.name
 
 
-_METRIC_LABELS = {"dev": "dev accuracy", "train": "best train accuracy", "loss": "best train loss per generation"}
+#: ``bbt plot --run A B ... --metric`` choices and their axis labels.
+RUN_METRICS = {"dev": "dev accuracy", "train": "best train accuracy", "loss": "best train loss per generation"}
 
 
 def _curve(history: list[GenerationRecord], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -207,8 +208,8 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
     """Dev accuracy, best train accuracy or best train loss per generation against API calls of several runs:
     one colour per method/variant, its mean over the runs (seeds) and a min-max (or ±std) band."""
     plt = _pyplot()
-    if metric not in _METRIC_LABELS or band not in ("minmax", "std"):
-        raise ConfigError(f"metric must be one of {', '.join(_METRIC_LABELS)}; band minmax or std")
+    if metric not in RUN_METRICS or band not in ("minmax", "std"):
+        raise ConfigError(f"metric must be one of {', '.join(RUN_METRICS)}; band minmax or std")
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for d in map(Path, run_dirs):
         x, y = _curve(read_history(d), metric)
@@ -224,10 +225,10 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
             lo = values.min(axis=0) if band == "minmax" else values.mean(axis=0) - values.std(axis=0)
             hi = values.max(axis=0) if band == "minmax" else values.mean(axis=0) + values.std(axis=0)
             ax.fill_between(x, lo, hi, step="post", color=colour, alpha=0.2, lw=0)
-    ax.set_ylabel(_METRIC_LABELS[metric])
+    ax.set_ylabel(RUN_METRICS[metric])
     path = Path(out) if out is not None else Path(run_dirs[0]).parent / "curves.png"
     band_name = "min-max" if band == "minmax" else "±std"
-    return _finish(fig, ax, path, ceiling, f"{_METRIC_LABELS[metric]} vs API calls: mean over runs, {band_name} band")
+    return _finish(fig, ax, path, ceiling, f"{RUN_METRICS[metric]} vs API calls: mean over runs, {band_name} band")
 
 
 # ---------------------------------------------------------------- a sweep
