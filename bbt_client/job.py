@@ -400,12 +400,15 @@ class _Context:
 
     async def _generation(self, reserve_after: int) -> None:
         t0 = time.monotonic()
-        batch = self.tuner.pending_batch() or self.tuner.ask()  # a budget stop may have left one asked
+        # ask/tell run off the event loop: GDFO's student is seconds of torch per generation, and on the loop it
+        # would stall every other job's HTTP in a sweep (torch releases the GIL, so the jobs overlap). A budget
+        # stop may have left a batch asked and unscored: that one goes first.
+        batch = self.tuner.pending_batch() or await asyncio.to_thread(self.tuner.ask)
         logits = await self.score("train", batch, reserve_after)
         labels = self.data.train.labels
         losses = self.loss_fn(logits, labels)
         accs = accuracy(logits, labels)
-        self.tuner.tell(losses, logits)
+        await asyncio.to_thread(self.tuner.tell, losses, logits)
         self.st.generation += 1
         self._gen_seconds.append(time.monotonic() - t0)
         rec = GenerationRecord(

@@ -7,6 +7,7 @@ loop's wiring without a real model.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import zlib
@@ -19,6 +20,7 @@ from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError
 from bbt_client.job import TuningJob, evaluate_run, tune
+from bbt_client.methods.bbt import BBTTuner
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 from bbt_client.results import load_result, read_history, read_prompt
 from bbt_client.tasks import load_task_data
@@ -219,3 +221,26 @@ async def test_an_int8_endpoint_is_warned_about_before_tuning(tmp_path, labels_b
     with caplog.at_level("WARNING", logger="bbt_client.job"):
         await tune(_config(tmp_path / "fp32", calls=20), backend=ToyBackend(labels_by_text))
     assert not any("int8" in r.getMessage() for r in caplog.records)
+
+
+async def test_ask_and_tell_leave_the_event_loop_free(tmp_path, labels_by_text, monkeypatch):
+    """GDFO's student spends seconds of torch in ask/tell; on the event loop that would stall every other job
+    of a sweep. Each patched call below needs the loop to run a coroutine before it returns, which can only
+    happen if the call runs on another thread (on the loop's own thread it would wait out its 30 s and fail)."""
+    loop = asyncio.get_running_loop()
+    calls = []
+
+    async def loop_is_free():
+        return True
+
+    def needs_the_loop(original):
+        def wrapped(self, *args, **kwargs):
+            calls.append(original.__name__)
+            assert asyncio.run_coroutine_threadsafe(loop_is_free(), loop).result(timeout=30)
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(BBTTuner, "ask", needs_the_loop(BBTTuner.ask))
+    monkeypatch.setattr(BBTTuner, "tell", needs_the_loop(BBTTuner.tell))
+    result = await tune(_config(tmp_path, calls=30), backend=ToyBackend(labels_by_text))
+    assert result.generations == calls.count("tell") >= 3 and calls.count("ask") >= calls.count("tell")
