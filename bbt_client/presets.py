@@ -29,9 +29,9 @@ defaults. Pure data plus one resolver: no I/O.
     MiniLM: RoBERTa's BPE label ids with a leading space (``Ġgreat``; WordPiece has no such variant, and
     the uncased vocabulary lower-cases "World"); zeroing ``lm_head.bias`` (our tied head,
     logits = h · Eᵀ, has no bias: it is zero already); the reference's dev selection on strict improvement
-    only (ours breaks ties by dev loss); dev checks not charged to the budget (ours are). GDFO's config has
-    no prompt mode in this version: for GDFO the preset sets what its config accepts (σ0, α, popsize,
-    template) and lists the rest as skipped.
+    only (ours breaks ties by dev loss); dev checks not charged to the budget (ours are). For GDFO the preset
+    sets what its config has (add mode, σ0, α, popsize, template; its student adds its prompt to slot tokens
+    of its own vocabulary) and lists the rest as skipped.
 """
 
 from __future__ import annotations

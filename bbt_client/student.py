@@ -12,6 +12,8 @@ scoring so that what the student learns transfers:
 the n prompt vectors replace the *word* embeddings of n slots after [CLS] (position, token-type embeddings
 and LayerNorm are then added by the model as for any token); the answer is read at [MASK]:
 ``logits = h_mask · E[label_ids]^T`` with ``E`` the word-embedding matrix (the MLM decoder tied to E).
+In ``add`` mode (the server's, and the reference code's) the slots hold real tokens of the student's own
+vocabulary and the prompt is added to their states after the embedding LayerNorm: z = 0 is the plain model.
 
 torch and transformers are imported lazily: the plain client does not need them.
 """
@@ -96,13 +98,15 @@ def default_student_path() -> Path:
 class EncodedTexts:
     """Token ids of N texts laid out for scoring, with ``n_prompt`` placeholder slots after [CLS].
 
-    ``input_ids`` (N, T) int64 (pad 0); ``attention_mask`` (N, T); ``mask_pos`` (N,) index of [MASK].
+    ``input_ids`` (N, T) int64 (pad 0); ``attention_mask`` (N, T); ``mask_pos`` (N,) index of [MASK];
+    ``mode``: "replace" (the slots' word embeddings are the prompt) or "add" (slots hold real tokens).
     """
 
     input_ids: Any
     attention_mask: Any
     mask_pos: Any
     n_prompt: int
+    mode: str = "replace"
 
 
 class Student:
@@ -180,12 +184,36 @@ class Student:
             raise ConfigError(f"label words {list(words)} collide in the student's vocabulary")
         return ids
 
+    def default_slot_ids(self, n: int) -> list[int]:
+        """``add`` mode's slot tokens: the first n whole-word pieces from id 1000 on, as the server picks its
+        own (the reference code decodes ids 1000..1000+n): no specials, sub-word pieces or punctuation."""
+        tok = self.tokenizer
+        special = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id,
+                   getattr(tok, "unk_token_id", None)}
+        vocab = min(int(self.embeddings.weight.shape[0]), len(tok))  # e5 pads its embedding rows
+        start = min(1000, vocab // 2)
+        pieces = tok.convert_ids_to_tokens(list(range(start, vocab)))
+        # SentencePiece/BPE mark a word's first piece ("▁", "Ġ"); WordPiece marks the others ("##")
+        marked = any(p[:1] in ("\u2581", "\u0120") for p in pieces[:200])
+        out: list[int] = []
+        for i, piece in enumerate(pieces, start):
+            whole = piece[:1] in ("\u2581", "\u0120") if marked else not piece.startswith("##")
+            word = piece[1:] if marked else piece
+            if i not in special and whole and word.isascii() and word.isalpha() and len(word) > 1:
+                out.append(i)
+                if len(out) == n:
+                    return out
+        raise ConfigError(f"the student's vocabulary has fewer than {n} whole-word tokens to hold the prompt slots")
+
     def encode(self, template: str, texts: Sequence[str], n_prompt: int,
-               text_pairs: Sequence[str] | None = None) -> EncodedTexts:
+               text_pairs: Sequence[str] | None = None, slot_ids: Sequence[int] | None = None) -> EncodedTexts:
         """Lay out ``texts`` in ``template`` ({text}/{text_a}, optional {text_b}, {mask}) behind n prompt slots.
 
-        Texts are truncated (never the template) so every sequence fits the model.
+        The slots hold ``slot_ids`` (``add`` mode) or padding, whose embeddings the prompt replaces. Texts are
+        truncated (never the template) so every sequence fits the model.
         """
+        if slot_ids is not None and len(slot_ids) != n_prompt:
+            raise ConfigError(f"{len(slot_ids)} slot ids for {n_prompt} prompt tokens")
         torch = self._torch
         tok = self.tokenizer
         tpl = template.replace("{text_a}", "{text}")
@@ -210,7 +238,7 @@ class Student:
             if room < 0:
                 raise ConfigError(f"the template and {n_prompt} prompt tokens do not fit the student's {self.max_len} positions")
             free = _truncate(free, room)
-            ids = [tok.cls_token_id] + [tok.pad_token_id or 0] * n_prompt  # slot ids: their embeddings are replaced
+            ids = [tok.cls_token_id] + ([tok.pad_token_id or 0] * n_prompt if slot_ids is None else list(slot_ids))
             for kind, j in order:
                 ids += fixed[j] if kind == "fixed" else free[j]
             ids.append(tok.sep_token_id)
@@ -223,7 +251,8 @@ class Student:
         for i, r in enumerate(rows):
             input_ids[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
-        return EncodedTexts(input_ids, attn, torch.tensor(masks), n_prompt)
+        mode = "replace" if slot_ids is None else "add"
+        return EncodedTexts(input_ids, attn, torch.tensor(masks), n_prompt, mode)
 
     # ---------------------------------------------------------------- forward
 
@@ -250,8 +279,8 @@ class Student:
         for start in range(0, len(order), bucket):
             idx = order[start:start + bucket]
             width = int(lengths[idx].max())
-            parts.append(self._mask_states(prompts, enc.input_ids[idx, :width], enc.attention_mask[idx, :width],
-                                           enc.mask_pos[idx]))
+            run = self._mask_states_added if enc.mode == "add" else self._mask_states
+            parts.append(run(prompts, enc.input_ids[idx, :width], enc.attention_mask[idx, :width], enc.mask_pos[idx]))
         return torch.cat(parts, dim=1)[:, torch.argsort(order)]
 
     def _mask_states(self, prompts, input_ids, attention_mask, mask_pos):
@@ -264,6 +293,28 @@ class Student:
         embeds = embeds.reshape(C * N, embeds.shape[2], embeds.shape[3])
         attn = attention_mask.repeat(C, 1)
         hidden = self.model(inputs_embeds=embeds, attention_mask=attn).last_hidden_state  # (C*N, T, D)
+        return hidden[torch.arange(C * N), mask_pos.repeat(C)].reshape(C, N, -1)
+
+    def _mask_states_added(self, prompts, input_ids, attention_mask, mask_pos):
+        """``add`` mode: the prompt is added to the slot tokens' embedding output (after its LayerNorm), through a
+        hook on the model's embedding module, so the encoder runs exactly as Hugging Face's forward runs it."""
+        torch = self._torch
+        C, n, _ = prompts.shape
+        N = input_ids.shape[0]
+        delta = prompts.unsqueeze(1).expand(-1, N, -1, -1).reshape(C * N, n, -1)
+
+        def add_prompt(_module, _inputs, out):
+            return torch.cat([out[:, :1], out[:, 1:1 + n] + delta, out[:, 1 + n:]], dim=1)
+
+        embeddings = getattr(self.model, "embeddings", None)
+        if embeddings is None:
+            raise ConfigError("add mode needs a student whose model has an `embeddings` module (BERT-style)")
+        handle = embeddings.register_forward_hook(add_prompt)
+        try:
+            out = self.model(input_ids=input_ids.repeat(C, 1), attention_mask=attention_mask.repeat(C, 1))
+            hidden = out.last_hidden_state  # (C*N, T, D)
+        finally:
+            handle.remove()
         return hidden[torch.arange(C * N), mask_pos.repeat(C)].reshape(C, N, -1)
 
 

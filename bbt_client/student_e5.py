@@ -194,6 +194,9 @@ class E5Tokenizer:
         ids = self.encode_content(text)
         return {"input_ids": [self.cls_token_id, *ids, self.sep_token_id] if add_special_tokens else ids}
 
+    def __len__(self) -> int:
+        return len(self._pieces)
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._pieces[i] for i in ids]
 

@@ -255,10 +255,15 @@ class LoadedLM:
         punctuation so every slot is a real vocabulary word)."""
         out: list[int] = []
         special = set(self.tokenizer.all_special_ids)
-        for i in range(min(1000, self.vocab_size // 2), self.vocab_size):
+        start = min(1000, self.vocab_size // 2)
+        # SentencePiece/BPE mark a word's first piece ("▁", "Ġ"), WordPiece the others ("##")
+        probe = self.tokenizer.convert_ids_to_tokens(list(range(start, min(start + 200, self.vocab_size))))
+        marked = any((p or "")[:1] in ("Ġ", "▁") for p in probe)
+        for i in range(start, self.vocab_size):
             piece = self.tokenizer.convert_ids_to_tokens(i)
-            word = piece[1:] if piece[:1] in ("Ġ", "▁") else piece
-            if i not in special and word.isascii() and word.isalpha() and len(word) > 1 and not piece.startswith("##"):
+            whole = piece[:1] in ("Ġ", "▁") if marked else not piece.startswith("##")
+            word = piece[1:] if marked else piece
+            if i not in special and whole and word.isascii() and word.isalpha() and len(word) > 1:
                 out.append(i)
                 if len(out) == self.max_prompt_tokens:
                     break

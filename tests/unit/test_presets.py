@@ -29,12 +29,13 @@ def test_reference_preset_is_a_valid_config_for_every_method_and_task(method, ta
     cfg = make_config(method, {**s.method_options, "prompt_tokens": 5})
     assert cfg.sigma0 == (0.2 if (method, task) == ("bbtv2", "agnews") else 1.0)  # the README's AG News command
     assert cfg.popsize == 20 and cfg.intrinsic_dim == 500 and cfg.alpha == cfg.sigma0
+    assert cfg.prompt_mode == "add" and cfg.slot_token_ids is None
     if method in ("bbt", "bbtv2"):
-        assert cfg.prompt_mode == "add" and cfg.slot_token_ids is None and cfg.bound == 0.0
+        assert cfg.bound == 0.0
     if method == "bbtv2":
         assert cfg.hidden_std_source == "train" and cfg.sigma0_deep is None
     if method == "gdfo":
-        assert "prompt_mode" in s.skipped or "prompt_mode" in s.method_options  # applied once GDFO has the field
+        assert s.skipped == () and cfg.bounds is None
     assert s.job == {"loss": "ce"}
     # the reference loaders' templates: " ." right after the prompt, then the built-in template's words
     template = s.task["template"]

@@ -319,3 +319,56 @@ def test_independent_student_passes_the_digest_check(info, minilm_server_digests
     assert tuner.shared_weights == []
     assert tuner.extra_metrics()["student_shared_weight_tensors"] == 0.0
     assert tuner.student_proj is not tuner.teacher_proj
+
+
+# ---------------------------------------------------------------- add mode (the reference code's prompt semantics)
+
+
+def _plain_mask_logits(st, enc, lab, add_at_slots=None):
+    """Independent computation: the student's embedding module on the real slot tokens (its LayerNorm included),
+    ``add_at_slots`` (n, D) added to that output, then the encoder, read at [MASK] through the tied head."""
+    m = st.model
+    h = m.embeddings(input_ids=enc.input_ids)
+    if add_at_slots is not None:
+        h = h.clone()
+        h[:, 1:1 + enc.n_prompt] += add_at_slots
+    ext = (1.0 - enc.attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # additive, 4-D
+    h = m.encoder(h, attention_mask=ext).last_hidden_state
+    head = st.embeddings.weight[torch.as_tensor(lab)]
+    return h[torch.arange(len(h)), enc.mask_pos] @ head.T
+
+
+def test_student_add_mode_is_the_plain_model_at_zero_and_adds_after_the_embedding_layernorm():
+    st = Student("minilm", num_layers=2)
+    slots = st.default_slot_ids(4)
+    pieces = st.tokenizer.convert_ids_to_tokens(slots)
+    assert all(i >= 1000 and p.isalpha() and not p.startswith("##") for i, p in zip(slots, pieces))
+    enc = st.encode("{text} It was {mask} .", TEXTS[:3], n_prompt=4, slot_ids=slots)
+    assert enc.mode == "add" and enc.input_ids[:, 1:5].tolist() == [slots] * 3
+    lab = st.label_ids(["bad", "great"])
+    p = torch.randn(1, 4, st.hidden_size) * 0.5
+    with torch.no_grad():
+        zero = st.label_logits(torch.zeros(1, 4, st.hidden_size), enc, lab)[0]
+        added = st.label_logits(p, enc, lab)[0]
+        torch.testing.assert_close(zero, _plain_mask_logits(st, enc, lab), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(added, _plain_mask_logits(st, enc, lab, add_at_slots=p[0]), rtol=1e-4, atol=1e-4)
+        # what "before the LayerNorm" would give is measurably different: the test tells the two apart
+        words = st.embeddings(enc.input_ids).clone()
+        words[:, 1:5] += p[0]
+        before = st.model(inputs_embeds=words, attention_mask=enc.attention_mask).last_hidden_state
+        before = before[torch.arange(3), enc.mask_pos] @ st.embeddings.weight[torch.as_tensor(lab)].T
+    assert not torch.allclose(added, before, atol=1e-3)
+
+
+def test_gdfo_add_mode_sends_added_prompts_and_needs_an_endpoint_that_adds(info):
+    with pytest.raises(ConfigError, match="prompt_mode='add' is not supported"):
+        make(info, prompt_mode="add")
+    adds = info.model_copy(update={"prompt_modes": ["replace", "add"]})
+    tuner = make(adds, prompt_mode="add", slot_token_ids=(1010, 1011, 1012, 1013, 1014))
+    assert tuner._enc.mode == "add"
+    batch = run_generation(tuner, prompt_dependent_logits)
+    assert batch.mode == "add" and tuple(batch.slot_token_ids) == (1010, 1011, 1012, 1013, 1014)
+    again = tuner.ask()
+    assert tuner.pending_batch().mode == again.mode == "add"
+    with pytest.raises(ConfigError, match="slot_token_ids need prompt_mode='add'"):
+        make(adds, slot_token_ids=(1, 2, 3, 4, 5))
