@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt_client.backends.base import PromptBatch
+from bbt_client.compass import CompassSearch, load_optimiser
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses
 from bbt_client.optim import CMAES
@@ -24,6 +25,7 @@ from bbt_client.protocol import ModelInfo
 STREAM_PROJECTION = 0
 STREAM_CMA = 1
 STREAM_INIT_PROMPT = 2
+STREAM_LOCAL = 3
 
 STATE_VERSION = 1
 
@@ -63,6 +65,22 @@ class PromptSearchConfig(BaseModel):
     #: (``ModelInfo.hidden_std``); "train" = measured on this job's training texts in its template, clipped
     #: at μ ± 3σ five times (the reference code's way; needs a server with ``/v1/layer_stats``).
     hidden_std_source: Literal["model", "train"] = "model"
+    #: Two-stage search (BBT-RGB): after this many calls of CMA-ES, every layer's search goes on as a compass
+    #: search from its CMA-ES best point (:mod:`bbt_client.compass`, the stand-in for their COBYLA stage).
+    #: None: CMA-ES throughout.
+    local_after_calls: int | None = Field(None, ge=1)
+    #: The compass search's first step in z (BBT-RGB's COBYLA starts at rhobeg = 1, in the same units as σ0).
+    local_step: float = Field(1.0, gt=0)
+
+    def identity(self, exclude: set[str] = frozenset()) -> dict[str, Any]:
+        """The config as a checkpoint's identity. The two-stage fields are left out while unused, so
+        checkpoints written before they existed still resume."""
+        unused = {"local_after_calls", "local_step"} if self.local_after_calls is None else set()
+        return self.model_dump(exclude=set(exclude) | unused)
+
+    def local_due(self, calls_told: int) -> bool:
+        """Whether the second (compass) stage starts now."""
+        return self.local_after_calls is not None and calls_told >= self.local_after_calls
 
     @model_validator(mode="after")
     def _check_slots(self) -> "PromptSearchConfig":
@@ -209,7 +227,8 @@ class BBTTuner(Tuner):
 
     @property
     def phase(self) -> str:
-        return f"generation {self._generation + 1}"
+        stage = ", compass search" if isinstance(self._es, CompassSearch) else ""
+        return f"generation {self._generation + 1}{stage}"
 
     # ------------------------------------------------------------------ ask / tell
 
@@ -240,6 +259,10 @@ class BBTTuner(Tuner):
         self._last_prompts = self._pending_prompts
         self._pending_z = self._pending_prompts = None
         self._generation += 1
+        if isinstance(self._es, CMAES) and self.config.local_due(self._generation * self.popsize):
+            # the objective does not move in BBT: the best point's loss is known, no call re-measures it
+            self._es = CompassSearch(self._es.best_x, popsize=self.popsize, step=self.config.local_step,
+                                     seed=derive_seed(self.seed, STREAM_LOCAL), centre_loss=self._es.best_f)
 
     # ------------------------------------------------------------------ results
 
@@ -264,7 +287,7 @@ class BBTTuner(Tuner):
         return {
             "method": self.method,
             "seed": self.seed,
-            "config": self.config.model_dump(),
+            "config": self.config.identity(),
             "hidden_size": self.model_info.hidden_size,
             "embedding_std": self.model_info.embedding_std,
         }
@@ -287,7 +310,7 @@ class BBTTuner(Tuner):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_state(state, STATE_VERSION, self._identity())
-        self._es = CMAES.from_bytes(state["es"])
+        self._es = load_optimiser(state["es"])
         self._pending_z = state["pending_z"]
         self._pending_prompts = state["pending_prompts"]
         self._last_prompts = state["last_prompts"]

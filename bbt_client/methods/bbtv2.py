@@ -33,6 +33,7 @@ from bbt_client.methods.base import Tuner, check_losses
 from bbt_client.methods.bbt import (
     STREAM_CMA,
     STREAM_INIT_PROMPT,
+    STREAM_LOCAL,
     STREAM_PROJECTION,
     PromptSearchConfig,
     _check_state,
@@ -40,6 +41,7 @@ from bbt_client.methods.bbt import (
     _resolve_config,
     init_prompt,
 )
+from bbt_client.compass import CompassSearch, load_optimiser
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
@@ -141,7 +143,8 @@ class BBTv2Tuner(Tuner):
 
     @property
     def phase(self) -> str:
-        return f"layer {self._layer + 1}/{self.num_layers}, round {self._round + 1}"
+        stage = ", compass search" if isinstance(self._optimisers[0], CompassSearch) else ""
+        return f"layer {self._layer + 1}/{self.num_layers}, round {self._round + 1}{stage}"
 
     def current_prompt(self) -> np.ndarray:
         """(L, n, D) the prompts every layer currently holds (the ``base`` of the next ask)."""
@@ -184,6 +187,8 @@ class BBTv2Tuner(Tuner):
         self._base[layer] = self._project(layer, held)
         self._pending = None
         self._generation += 1
+        if isinstance(es, CMAES) and self.config.local_due(self._generation * self.popsize):
+            self._start_local_stage()
         self._visit_generations += 1
         if self._visit_generations >= self.config.generations_per_layer:
             self._visit_generations = 0
@@ -192,6 +197,16 @@ class BBTv2Tuner(Tuner):
             self._layer = (layer + 1) % self.num_layers
             if self._layer == 0:
                 self._round += 1
+
+    def _start_local_stage(self) -> None:
+        """Every layer's CMA-ES hands over to a compass search from the point the layer holds. The other layers
+        move between two visits of a layer, so its centre is re-measured in each generation (row 0)."""
+        self._optimisers = [
+            CompassSearch(es.best_x if self.config.keep == "best" and es.best_x is not None else es.mean,
+                          popsize=self.popsize, step=self.config.local_step,
+                          seed=derive_seed(self.seed, STREAM_LOCAL, layer), remeasure_centre=True)
+            for layer, es in enumerate(self._optimisers)
+        ]
 
     # ------------------------------------------------------------------ results
 
@@ -216,7 +231,7 @@ class BBTv2Tuner(Tuner):
         return {
             "method": self.method,
             "seed": self.seed,
-            "config": self.config.model_dump(exclude={"projection_cache_mib"}),
+            "config": self.config.identity(exclude={"projection_cache_mib"}),
             "hidden_size": self.model_info.hidden_size,
             "num_layers": self.model_info.num_layers,
             "target_std": self.target_std,
@@ -240,7 +255,7 @@ class BBTv2Tuner(Tuner):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_state(state, STATE_VERSION, self._identity())
-        self._optimisers = [CMAES.from_bytes(b) for b in state["optimisers"]]
+        self._optimisers = [load_optimiser(b) for b in state["optimisers"]]
         self._base = np.array(state["base"], dtype=np.float32)
         self._layer = int(state["layer"])
         self._visit_generations = int(state["visit_generations"])

@@ -106,3 +106,36 @@ def test_config_validation(model_info):
         BBTConfig(popsize=1)
     with pytest.raises(Exception):
         BBTConfig(unknown=1)
+
+
+def test_two_stage_continues_as_a_compass_search_from_the_cma_best_and_resumes_exactly(model_info, straight_and_resumed):
+    from bbt_client.compass import CompassSearch
+
+    target = np.random.default_rng(5).normal(size=(4, 16)).astype(np.float32) * 0.05
+    cfg = {**SMALL, "local_after_calls": 3 * 8, "local_step": 0.5}
+    t = BBTTuner(model_info, cfg, seed=8)
+    for _ in range(3):
+        c = t.ask().candidates
+        t.tell(distance_loss(c, target))
+    assert isinstance(t._es, CompassSearch) and t.phase.endswith("compass search")
+    at_switch = t.best_loss
+    centre = t._es.mean
+    np.testing.assert_allclose(t.prompts(centre), t.best_prompt(), atol=1e-6)  # it starts at the CMA-ES best
+    t.ask()
+    steps = t._pending_z - centre
+    assert np.all((steps != 0).sum(axis=1) == 1) and np.allclose(np.abs(steps[steps != 0]), 0.5)
+    t.tell(distance_loss(t._pending_prompts, target))
+    for _ in range(20):
+        t.tell(distance_loss(t.ask().candidates, target))
+    assert t.best_loss < at_switch  # the local stage keeps improving the loss
+
+    def gen(tuner):
+        c = tuner.ask().candidates
+        tuner.tell(distance_loss(c, target))
+        return c
+
+    full, resumed = straight_and_resumed(lambda: BBTTuner(model_info, cfg, seed=8), gen, generations=7, split=4)
+    assert all(np.array_equal(x, y) for x, y in zip(full, resumed))
+    plain = BBTTuner(model_info, SMALL, seed=8)
+    with pytest.raises(ConfigError):  # a checkpoint of the two-stage run does not resume a one-stage config
+        plain.load_state_dict(t.state_dict())

@@ -97,3 +97,30 @@ def test_keep_mean_holds_cma_mean(model_info):
     expected = t._project(0, t._optimisers[0].mean)
     assert np.array_equal(t.current_prompt()[0], expected)
     assert BBTv2Config().generations_per_layer == 1
+
+
+def test_two_stage_re_measures_each_layers_held_prompt_then_probes_single_axes(model_info, straight_and_resumed):
+    from bbt_client.compass import CompassSearch
+
+    target = np.random.default_rng(5).normal(size=(3, 4, 16)).astype(np.float32)
+    cfg = {**SMALL, "local_after_calls": 4 * 8}
+
+    def gen(tuner):
+        b = tuner.ask()
+        full = b.full()
+        tuner.tell(((full - target[None]) ** 2).reshape(len(full), -1).mean(axis=1))
+        return b
+
+    t = BBTv2Tuner(model_info, cfg, seed=8)
+    for _ in range(4):
+        gen(t)
+    assert all(isinstance(es, CompassSearch) for es in t._optimisers) and "compass search" in t.phase
+    at_switch = t.best_loss
+    for _ in range(9):
+        b = gen(t)
+        np.testing.assert_allclose(b.candidates[0], b.base[b.layer], atol=1e-5)  # row 0: the held prompt, again
+        assert not np.array_equal(b.candidates[1], b.base[b.layer])
+    assert t.best_loss < at_switch
+    full, resumed = straight_and_resumed(lambda: BBTv2Tuner(model_info, cfg, seed=8), gen, generations=8, split=3)
+    for x, y in zip(full, resumed):
+        assert x.layer == y.layer and np.array_equal(x.base, y.base) and np.array_equal(x.candidates, y.candidates)
