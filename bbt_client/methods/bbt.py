@@ -67,7 +67,7 @@ class PromptSearchConfig(BaseModel):
     hidden_std_source: Literal["model", "train"] = "model"
     #: Two-stage search (BBT-RGB): after this many calls of CMA-ES, every layer's search goes on as a compass
     #: search from its CMA-ES best point (:mod:`bbt_client.compass`, the stand-in for their COBYLA stage).
-    #: None: CMA-ES throughout.
+    #: None: CMA-ES throughout. ``bound`` confines the CMA-ES stage only.
     local_after_calls: int | None = Field(None, ge=1)
     #: The compass search's first step in z (BBT-RGB's COBYLA starts at rhobeg = 1, in the same units as σ0).
     local_step: float = Field(1.0, gt=0)
