@@ -289,7 +289,10 @@ class GDFOTuner(Tuner):
     def extra_metrics(self) -> dict[str, float]:
         out = {"distill_kl": float("nan"), "student_accuracy": float("nan"), "gradient_steps": 0.0,
                # -1: the endpoint lists no weight digests, so independence is unverified (see README)
-               "student_shared_weight_tensors": -1.0 if self.shared_weights is None else float(len(self.shared_weights))}
+               "student_shared_weight_tensors": -1.0 if self.shared_weights is None else float(len(self.shared_weights)),
+               # the student's float sums depend on torch's thread count, and with them the whole run: a rerun
+               # reproduces these results only with as many threads
+               "student_torch_threads": float(self._torch.get_num_threads())}
         out.update(self._metrics)
         return out
 

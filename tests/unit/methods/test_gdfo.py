@@ -88,6 +88,7 @@ def test_distillation_kl_falls_over_steps(info):
     assert all(np.isfinite(kls))
     assert kls[-1] < 0.6 * kls[0] and np.mean(kls[-3:]) < np.mean(kls[:3]), kls
     assert tuner.extra_metrics()["gradient_steps"] == 0
+    assert tuner.extra_metrics()["student_torch_threads"] == torch.get_num_threads() == 1  # recorded: it shapes the run
 
 
 def test_gradient_descent_lowers_the_student_task_loss(info):
