@@ -150,6 +150,12 @@ class BBTv2Tuner(Tuner):
         """(L, n, D) the prompts every layer currently holds (the ``base`` of the next ask)."""
         return self._base.copy()
 
+    def _held_z(self, es: Any) -> np.ndarray:
+        """The z a layer holds while others move: its optimiser's best point (``keep="best"``, once it has one)
+        or its mean."""
+        best = es.best_x if self.config.keep == "best" else None
+        return es.mean if best is None else best
+
     def _project(self, layer: int, z: np.ndarray) -> np.ndarray:
         return self.projections[layer](z) + self.p0[layer]
 
@@ -183,8 +189,7 @@ class BBTv2Tuner(Tuner):
             best[layer] = candidates[i]
             self._best_prompt = best
         self._last = (self._base.copy(), layer, candidates)
-        held = es.best_x if self.config.keep == "best" else es.mean
-        self._base[layer] = self._project(layer, held)
+        self._base[layer] = self._project(layer, self._held_z(es))
         self._pending = None
         self._generation += 1
         if isinstance(es, CMAES) and self.config.local_due(self._generation * self.popsize):
@@ -202,8 +207,7 @@ class BBTv2Tuner(Tuner):
         """Every layer's CMA-ES hands over to a compass search from the point the layer holds. The other layers
         move between two visits of a layer, so its centre is re-measured in each generation (row 0)."""
         self._optimisers = [
-            CompassSearch(es.best_x if self.config.keep == "best" and es.best_x is not None else es.mean,
-                          popsize=self.popsize, step=self.config.local_step,
+            CompassSearch(self._held_z(es), popsize=self.popsize, step=self.config.local_step,
                           seed=derive_seed(self.seed, STREAM_LOCAL, layer), remeasure_centre=True)
             for layer, es in enumerate(self._optimisers)
         ]
