@@ -71,11 +71,17 @@ class PromptSearchConfig(BaseModel):
     local_after_calls: int | None = Field(None, ge=1)
     #: The compass search's first step in z (BBT-RGB's COBYLA starts at rhobeg = 1, in the same units as σ0).
     local_step: float = Field(1.0, gt=0)
+    #: Content-free calibration (Zhao et al. 2021; :mod:`bbt_client.calibration`): every candidate is also scored
+    #: on "N/A" and "" in the same call, and loss, accuracy and the result read the calibrated label scores. Off
+    #: by default; it takes out the label prior a prompt has not yet learnt to undo (AG News zero-shot: the
+    #: default model answers one class).
+    calibrate: bool = False
 
     def identity(self, exclude: set[str] = frozenset()) -> dict[str, Any]:
-        """The config as a checkpoint's identity. The two-stage fields are left out while unused, so
-        checkpoints written before they existed still resume."""
+        """The config as a checkpoint's identity. The two-stage and calibration fields are left out while
+        unused, so checkpoints written before they existed still resume."""
         unused = {"local_after_calls", "local_step"} if self.local_after_calls is None else set()
+        unused |= set() if self.calibrate else {"calibrate"}
         return self.model_dump(exclude=set(exclude) | unused)
 
     def local_due(self, calls_told: int) -> bool:

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from bbt_client.budget import BudgetLimits
+from bbt_client.calibration import CONTENT_FREE_INPUTS
 from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError
 from bbt_client.job import TuningJob, evaluate_run, tune
 from bbt_client.methods.bbt import BBTTuner
+from bbt_client.methods.registry import make_config
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 from bbt_client.results import load_result, read_history, read_prompt
 from bbt_client.tasks import load_task_data
@@ -37,6 +39,7 @@ class ToyBackend(Backend):
         self.calls = 0  # candidates scored, i.e. API calls actually spent
         self.requests = 0
         self.fail_after = fail_after
+        self.prior = 0.0  # a label prior every input shares, prompted or not (what calibration divides out)
 
     async def model_info(self) -> ModelInfo:
         return ModelInfo(name="toy", kind="masked", architecture="Toy", hidden_size=D, num_layers=L,
@@ -58,15 +61,18 @@ class ToyBackend(Backend):
             strength = np.zeros(C, np.float32)
         else:
             strength = full.reshape(C, -1, D).mean(axis=1) @ self.w
-        sign = np.array([1.0 if self.labels[t] == 1 else -1.0 for t in job.texts], np.float32)
-        offset = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 for t in job.texts],
-                          np.float32)
+        # texts the task does not have (calibration's content-free inputs) lean to no class
+        sign = np.array([0.0 if t not in self.labels else 1.0 if self.labels[t] == 1 else -1.0 for t in job.texts],
+                        np.float32)
+        offset = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 if t in self.labels
+                           else 0.0 for t in job.texts], np.float32)
         margin = strength[:, None] * sign[None, :] * 10 + offset[None, :]
         # word j leans to class 1 ("great" for sst2) or 0 ("bad"), with its own small offset
         leaning = np.array([(1.0 if w == "great" else -1.0) if w in ("great", "bad") else
                             (1.0 if zlib.crc32(w.encode()) % 2 else -1.0) for w in job.label_words], np.float32)
         shift = np.array([zlib.crc32(w.encode()) % 97 / 970 for w in job.label_words], np.float32)
         logits = (margin[..., None] / 2 * leaning + shift).astype(np.float32)
+        logits[..., 0] += self.prior
         self.calls += C
         return ScoreResult(logits=logits, tokens=C * len(job.texts) * 10)
 
@@ -178,6 +184,43 @@ def test_result_json_has_the_issue_fields(tmp_path, labels_by_text):
     for key in ("method", "task", "seed", "shots", "budget_calls", "api_calls_used", "tokens_used",
                 "best_dev_accuracy", "test_accuracy", "zero_shot_test_accuracy", "wall_seconds"):
         assert key in data
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2"])
+async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labels_by_text, method):
+    """``calibrate=true``: the content-free inputs ride in every call (calls unchanged) and every score is read
+    through them, so a label prior that every input shares changes nothing: the run with it searches and ends
+    exactly as the run without it, while read raw it decides zero-shot."""
+    def backend(prior: float) -> ToyBackend:
+        b = ToyBackend(labels_by_text)
+        b.prior, b.jobs, score = prior, [], b.score
+        b.score = lambda job: (b.jobs.append(job), score(job))[1]
+        return b
+
+    def config(name: str, **opts) -> TuneConfig:
+        cfg = _config(tmp_path / name, method, calls=100)
+        return cfg.model_copy(update={"method_options": {**cfg.method_options, **opts}})
+
+    biased, fair = backend(5.0), backend(0.0)
+    cal = await tune(config("cal", calibrate=True), backend=biased)
+    same = await tune(config("fair", calibrate=True), backend=fair)
+    raw = await tune(config("raw"), backend=backend(5.0))
+    n_train = len(load_task_data(TaskConfig(name="sst2", shots=4, test_limit=40), 7).train.texts)
+    gens = [j for j in biased.jobs if j.prompts.num_candidates > 1]
+    assert gens and all(list(j.texts[n_train:]) == list(CONTENT_FREE_INPUTS) for j in gens)
+    assert cal.api_calls_used == biased.calls <= 100 and cal.calibrated and not raw.calibrated
+    history, fair_history = (read_history(tmp_path / name / "run") for name in ("cal", "fair"))
+    assert [(h.calls, h.phase) for h in history] == [(h.calls, h.phase) for h in fair_history]
+    assert [h.best_loss for h in history] == pytest.approx([h.best_loss for h in fair_history], rel=1e-4, abs=1e-6)
+    assert (cal.test_accuracy, cal.zero_shot_calibrated_test_accuracy) == (same.test_accuracy,
+                                                                           same.zero_shot_calibrated_test_accuracy)
+    share0 = np.mean([labels_by_text[t] == 0 for t in load_task_data(TaskConfig(name="sst2", shots=4,
+                                                                                test_limit=40), 7).test.texts])
+    assert raw.zero_shot_test_accuracy == pytest.approx(share0) != cal.zero_shot_calibrated_test_accuracy
+    again = await evaluate_run(tmp_path / "cal" / "run", backend=backend(5.0))
+    assert again["matches"] and again["test_accuracy"] == cal.test_accuracy
+    assert "calibrate" not in make_config(method, {}).identity()  # checkpoints from before the option resume
+    assert make_config(method, {"calibrate": True}).identity()["calibrate"] is True
 
 
 def test_budget_exhausted_names_its_cap():
