@@ -14,6 +14,7 @@ import sys
 
 from server_stub.app import ServerOptions, serve
 from server_stub.gate import FifoGate
+from server_stub.loading import QUANTIZATIONS
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
@@ -26,9 +27,11 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
                    help="weights and activations: float32 (default); float16/bfloat16 on CUDA (bfloat16 also runs on "
                         "a CPU, but slower than float32 there unless the CPU has AMX)")
-    p.add_argument("--quantize", default=d.quantize, choices=["int8"],
+    p.add_argument("--quantize", default=d.quantize, choices=list(QUANTIZATIONS),
                    help="int8: dynamic int8 linear layers (CPU only; ~1.5x faster, but its logit noise cost BBTv2 "
-                        "ten points of AG News accuracy in tuning: for serving a tuned prompt, not for tuning)")
+                        "ten points of AG News accuracy in tuning: for serving a tuned prompt, not for tuning); "
+                        "int8-partial: the same with each feed-forward output linear kept float32 (less noise, "
+                        "less speed)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps; prefer --api-key-env)")
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")

@@ -31,7 +31,8 @@ class ServerOptions:
     port: int = 8080
     device: str = "auto"
     dtype: str = "float32"
-    #: None (default) or "int8": dynamic int8 linear layers, CPU only (:func:`server_stub.loading.quantize_linear_int8`).
+    #: None (default), "int8" or "int8-partial": dynamic int8 linear layers, CPU only
+    #: (:func:`server_stub.loading.quantize_linear_int8`).
     quantize: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024

@@ -60,6 +60,21 @@ def test_int8_agrees_with_float32_on_labels_for_every_prompt_path(which, tiny_be
         assert min(v for k, v in signal.items() if k != "deep-split") >= 0.8, signal
 
 
+def test_int8_partial_keeps_the_feed_forward_outputs_float(tiny_bert_dir):
+    fp32 = PromptedLM(tiny_bert_dir, device="cpu")
+    part = PromptedLM(tiny_bert_dir, device="cpu", quantize="int8-partial")
+    assert part.quantization == "int8-partial" and part.answer_layer is not None
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    for layer in part.layers:
+        assert type(layer.output.dense) is torch.nn.Linear  # the feed-forward output: float32
+        assert all(isinstance(m, dynamic) for m in (layer.intermediate.dense, layer.attention.output.dense,
+                                                    layer.attention.self.query, layer.attention.self.value))
+    batch = _prompt_batches(fp32, seed=3)["deep"]
+    a, b = (lm.score(TEMPLATE, TEXTS, WORDS, batch).logits for lm in (fp32, part))
+    assert 0 < np.abs(a - b).max() and (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+    assert parse_args(["--quantize", "int8-partial"]).quantize == "int8-partial"
+
+
 def _candidate_effect(logits: np.ndarray) -> np.ndarray:
     """Each candidate's label margin minus the mean over candidates, per text: what the prompt alone changes."""
     margin = logits[..., 0] - logits[..., 1]

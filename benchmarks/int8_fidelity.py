@@ -1,0 +1,107 @@
+"""Where int8's logit noise enters: fp32 against dynamic int8 with different sets of linear layers quantized.
+
+Why: ``--quantize int8`` keeps labels mostly equal to fp32's but cost BBTv2 ten points of AG News accuracy
+(README, "Server speed"). What CMA-ES needs is the *ranking* of close candidates, so besides label agreement
+this measures, for C deep candidates drawn close together (a CMA-ES population late in a run: a shared
+base plus a small spread, per layer scaled by the model's hidden-state std), the correlation across
+candidates of their training loss under int8 with their loss under fp32. Accuracy only, so a busy machine
+does not change the figures. In-process, on the bundled model (or ``--model``), AG News training texts.
+
+Last line: one JSON object ``{"variants": {name: {"linears", "label_agreement", "max_abs_logit_diff",
+"loss_corr": [per draw]}}, ...}``; draws alternate spread 0.1 (close) and 0.5 (wide).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TEMPLATE, WORDS = "{mask} News: {text}", ["World", "Sports", "Business", "Tech"]
+CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def second_ffn(name: str) -> bool:
+    """BERT-style ``layer.i.output.dense`` (the feed-forward block's second linear), not the attention's."""
+    return name.endswith("output.dense") and "attention" not in name
+
+
+#: Which linear layers (by module name) each variant quantizes.
+VARIANTS = {
+    "all": lambda name, last: True,
+    "all_but_last_layer": lambda name, last: f"layer.{last}." not in name,
+    "all_but_second_ffn": lambda name, last: not second_ffn(name),
+    "first_ffn_only": lambda name, last: "intermediate" in name,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--texts", type=int, default=32)
+    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--prompt-tokens", type=int, default=5)
+    ap.add_argument("--draws", type=int, default=3, help="draws of each spread (0.1 and 0.5)")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from bbt_client.protocol import PromptBatch
+    from server_stub.app import ServerOptions, load_model
+
+    warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+    torch.manual_seed(0)
+    with gzip.open(REPO / "bbt_client/data/agnews/train.tsv.gz", "rt", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    pick = np.random.default_rng(0).choice(len(rows), args.texts, replace=False)
+    texts, labels = [rows[i][0] for i in pick], np.array([CLASSES.index(rows[i][1]) for i in pick])
+
+    fp32 = load_model(ServerOptions(model=args.model, device="cpu"))
+    L, D, n, C = fp32.num_layers, fp32.hidden_size, args.prompt_tokens, args.candidates
+    std = np.asarray(fp32.hidden_std)[:, None, None]  # what ModelInfo reports: BBTv2 scales by it
+    draws = []
+    for k in range(args.draws):
+        for spread in (0.1, 0.5):
+            r = np.random.default_rng(1000 * k + int(spread * 10))
+            base = r.normal(0, 1, (1, L, n, D)) * std
+            draws.append((base + spread * r.normal(0, 1, (C, L, n, D)) * std).astype(np.float32))
+
+    def score(lm, prompts):
+        return lm.score(TEMPLATE, texts, WORDS, PromptBatch(kind="deep", candidates=prompts)).logits
+
+    def loss(logits):
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -logp[:, np.arange(len(labels)), labels].mean(-1)
+
+    ref = [score(fp32, p) for p in draws]
+    out = {}
+    for name, keep in VARIANTS.items():
+        lm = load_model(ServerOptions(model=args.model, device="cpu"))
+        spec = {m: torch.ao.quantization.default_dynamic_qconfig for m, mod in lm.base_model.named_modules()
+                if isinstance(mod, nn.Linear) and keep(m, L - 1)}
+        torch.ao.quantization.quantize_dynamic(lm.base_model, spec, dtype=torch.qint8, inplace=True)
+        got = [score(lm, p) for p in draws]
+        agree = np.mean([(g.argmax(-1) == r.argmax(-1)).mean() for g, r in zip(got, ref)])
+        out[name] = {
+            "linears": len(spec),
+            "label_agreement": round(float(agree), 4),
+            "max_abs_logit_diff": round(float(max(abs(g - r).max() for g, r in zip(got, ref))), 3),
+            "loss_corr": [round(float(np.corrcoef(loss(g), loss(r))[0, 1]), 3) for g, r in zip(got, ref)],
+        }
+        print(f"{name:20s} {out[name]}", flush=True)
+    print(json.dumps({"texts": args.texts, "candidates": C, "prompt_tokens": n, "spreads": [0.1, 0.5],
+                      "variants": out}))
+
+
+if __name__ == "__main__":
+    main()
