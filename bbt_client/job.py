@@ -21,11 +21,12 @@ from bbt_client import calibration
 from bbt_client import checkpoint as ckpt
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
-from bbt_client.budget import Budget, BudgetUsage, Reservation
+from bbt_client.budget import Budget, BudgetUsage
 from bbt_client.config import TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
 from bbt_client.ledger import BudgetLedger, LedgerTotals
 from bbt_client.losses import accuracy, cross_entropy, hinge
+from bbt_client.metered import MeteredScorer
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_config, make_tuner
 from bbt_client.protocol import ModelInfo
@@ -133,7 +134,6 @@ class TuningJob:
         self._progress = progress or (lambda p: None)
         self._api_key = api_key
         self.run_dir = Path(config.out) if config.out is not None else None
-        self._token_counts: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ public
 
@@ -222,8 +222,9 @@ class _Context:
     def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner | None,
                  data: TaskData, info: ModelInfo, st: _State, elapsed: Callable[[], float],
                  ledger: BudgetLedger | None = None):
-        self.job, self.cfg, self.backend, self.budget, self.ledger = job, job.config, backend, budget, ledger
+        self.job, self.cfg, self.backend, self.budget = job, job.config, backend, budget
         self.tuner, self.data, self.info, self.st, self.elapsed = tuner, data, info, st, elapsed
+        self.scorer = MeteredScorer(backend, budget, ledger, elapsed)
         self.loss_fn = _loss_fn(self.cfg.loss)
         self.final_calls = 1 + (1 if self.cfg.evaluate_test else 0)  # last dev check + test evaluation
         self._gen_seconds: list[float] = []
@@ -238,24 +239,6 @@ class _Context:
         return option is True
 
     # -------------------------------------------------------------- scoring under the budget
-
-    async def _token_counts(self, split_name: str, texts) -> list[int]:
-        cache = self.job._token_counts
-        if split_name not in cache:
-            resp = await self.backend.tokenize(texts=list(texts))
-            cache[split_name] = list(resp.text_token_counts)
-        return cache[split_name]
-
-    async def _estimate(self, split_name: str, job: ScoreJob) -> int:
-        lim = self.budget.limits
-        if lim.tokens is None and lim.cost is None:
-            return 0  # uncapped: metered usage is still recorded on commit
-        key = split_name + ("+content-free" if len(job.texts) != len(getattr(self.data, split_name).texts) else "")
-        counts = await self._token_counts(key, job.texts)
-        if job.prompts.kind == "text":  # the prompt strings are counted too (not billed: /tokenize does no work)
-            prompt_counts = (await self.backend.tokenize(texts=list(job.prompts.texts))).text_token_counts
-            return self.backend.estimate_tokens(job, counts, prompt_token_counts=prompt_counts)
-        return self.backend.estimate_tokens(job, counts)
 
     async def score(self, split_name: str, prompts: PromptBatch, reserve_after: int = 0,
                     words: Sequence[str] | None = None) -> np.ndarray:
@@ -308,39 +291,10 @@ class _Context:
         return found
 
     async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:
-        tokens = await self._estimate(split_name, job)
-        cap = self.budget.blocking_cap(job.num_calls + reserve_after, tokens)
-        if cap is not None:
-            raise BudgetExhausted(cap, f"not enough {cap} budget left for the next step")
-        r: Reservation = self.budget.reserve(job.num_calls, tokens)
-        rid = self.ledger.reserve(r, split_name) if self.ledger is not None else None  # durable before sending
-        remaining = None
-        if self.budget.limits.wall_seconds is not None:
-            remaining = max(0.0, self.budget.limits.wall_seconds - self.elapsed())
-        try:
-            result = await asyncio.wait_for(self.backend.score(job), timeout=remaining)
-        except asyncio.TimeoutError:
-            self._spend(r, rid)  # the endpoint may have done the work: count it
-            raise BudgetExhausted("time", "wall-time cap reached while a request was in flight") from None
-        except Exception:
-            self.budget.release(r)  # answered with an error or never reached: nothing to bill
-            if rid is not None:
-                self.ledger.release(rid)
-            raise
-        except BaseException:
-            self._spend(r, rid)  # cancelled or interrupted mid-flight: the endpoint may have done the work
-            raise
-        self._spend(r, rid, result.tokens if result.tokens else None)
+        result = await self.scorer.score(split_name, job, reserve_after)
         self.st.endpoint_calls += result.endpoint_calls if result.endpoint_calls is not None else job.num_calls
         self.st.endpoint_tokens += int(result.tokens)
         return result.logits
-
-    def _spend(self, r: Reservation, rid: int | None, tokens: int | None = None) -> None:
-        """Commit ``r`` in memory and settle it in the ledger at the same figures."""
-        self.budget.commit(r, tokens=tokens)
-        if rid is not None:
-            t = r.tokens if tokens is None else int(tokens)
-            self.ledger.settle(rid, t, self.budget.cost_of(t))
 
     def _batch_of(self, prompt: np.ndarray | None) -> PromptBatch:
         if prompt is not None and self.tuner.prompt_kind == "text":

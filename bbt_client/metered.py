@@ -1,0 +1,76 @@
+"""Scoring under a budget: estimate, reserve, record durably, send, settle.
+
+Its own module because the order of these steps is what keeps the budget honest across errors, timeouts and
+crashes: the reservation is in the ledger before the request leaves; an endpoint that answered with an error
+(or was never reached) bills nothing, so the reservation is released; a request that may have done its work
+(timed out by the wall-time cap, cancelled, interrupted) is charged in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
+from bbt_client.budget import Budget, Reservation
+from bbt_client.errors import BudgetExhausted
+from bbt_client.ledger import BudgetLedger
+
+
+class MeteredScorer:
+    """Sends :class:`ScoreJob`\\ s to ``backend`` within ``budget``; ``ledger`` (None: no run directory) makes
+    each reservation durable before the request is sent. ``elapsed`` is the run's wall time so far."""
+
+    def __init__(self, backend: Backend, budget: Budget, ledger: BudgetLedger | None, elapsed: Callable[[], float]):
+        self.backend, self.budget, self.ledger, self.elapsed = backend, budget, ledger, elapsed
+        self._text_token_counts: dict[tuple[str, int], list[int]] = {}
+
+    async def score(self, label: str, job: ScoreJob, reserve_after: int = 0) -> ScoreResult:
+        """The backend's answer to ``job``, paid for; ``reserve_after`` calls must stay free after it.
+        ``label`` names the ledger entry and keys the cached token counts of the job's texts."""
+        tokens = await self._estimate(label, job)
+        cap = self.budget.blocking_cap(job.num_calls + reserve_after, tokens)
+        if cap is not None:
+            raise BudgetExhausted(cap, f"not enough {cap} budget left for the next step")
+        r: Reservation = self.budget.reserve(job.num_calls, tokens)
+        rid = self.ledger.reserve(r, label) if self.ledger is not None else None  # durable before sending
+        remaining = None
+        if self.budget.limits.wall_seconds is not None:
+            remaining = max(0.0, self.budget.limits.wall_seconds - self.elapsed())
+        try:
+            result = await asyncio.wait_for(self.backend.score(job), timeout=remaining)
+        except asyncio.TimeoutError:
+            self._spend(r, rid)  # the endpoint may have done the work: count it
+            raise BudgetExhausted("time", "wall-time cap reached while a request was in flight") from None
+        except Exception:
+            self.budget.release(r)  # answered with an error or never reached: nothing to bill
+            if rid is not None:
+                self.ledger.release(rid)
+            raise
+        except BaseException:
+            self._spend(r, rid)  # cancelled or interrupted mid-flight: the endpoint may have done the work
+            raise
+        self._spend(r, rid, result.tokens if result.tokens else None)
+        return result
+
+    async def _estimate(self, label: str, job: ScoreJob) -> int:
+        """An upper bound on the job's tokens, for token and cost caps (0 when neither is set)."""
+        lim = self.budget.limits
+        if lim.tokens is None and lim.cost is None:
+            return 0  # uncapped: metered usage is still recorded on commit
+        key = (label, len(job.texts))  # a split with or without the content-free inputs
+        if key not in self._text_token_counts:
+            resp = await self.backend.tokenize(texts=list(job.texts))
+            self._text_token_counts[key] = list(resp.text_token_counts)
+        counts = self._text_token_counts[key]
+        if job.prompts.kind == "text":  # the prompt strings are counted too (not billed: /tokenize does no work)
+            prompt_counts = (await self.backend.tokenize(texts=list(job.prompts.texts))).text_token_counts
+            return self.backend.estimate_tokens(job, counts, prompt_token_counts=prompt_counts)
+        return self.backend.estimate_tokens(job, counts)
+
+    def _spend(self, r: Reservation, rid: int | None, tokens: int | None = None) -> None:
+        """Commit ``r`` in memory and settle it in the ledger at the same figures."""
+        self.budget.commit(r, tokens=tokens)
+        if rid is not None:
+            t = r.tokens if tokens is None else int(tokens)
+            self.ledger.settle(rid, t, self.budget.cost_of(t))
