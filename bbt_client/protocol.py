@@ -129,7 +129,7 @@ class ModelInfo(_Model):
     #: model (GDFO's student) shares no weights with this one. None: the server does not say.
     weight_digests: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] | None = None
     #: None: weights as trained (in ``dtype``); "int8": linear layers quantized (logits differ slightly);
-    #: "int8-partial": the same but each feed-forward output linear.
+    #: "int8-partial": the same with each feed-forward output linear kept in float32.
     quantization: str | None = None
     #: Weight/activation dtype the server computes in (older servers: not said).
     dtype: str | None = None

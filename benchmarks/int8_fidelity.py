@@ -4,8 +4,8 @@ Why: ``--quantize int8`` keeps labels mostly equal to fp32's but cost BBTv2 ten 
 (README, "Server speed"). What CMA-ES needs is the *ranking* of close candidates, so besides label agreement
 this measures, for C deep candidates drawn close together (a CMA-ES population late in a run: a shared
 base plus a small spread, per layer scaled by the model's hidden-state std), the correlation across
-candidates of their training loss under int8 with their loss under fp32. Accuracy only, so a busy machine
-does not change the figures. In-process, on the bundled model (or ``--model``), AG News training texts.
+candidates of their training loss under int8 with their loss under fp32. No timing, so a busy machine does
+not bias the figures (two runs on different days differed in the second digit; cause not isolated). In-process, on the bundled model (or ``--model``), AG News training texts.
 
 Last line: one JSON object ``{"variants": {name: {"linears", "label_agreement", "max_abs_logit_diff",
 "loss_corr": [per draw]}}, ...}``; draws alternate spread 0.1 (close) and 0.5 (wide).
@@ -24,20 +24,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from server_stub.loading import is_ffn_out  # noqa: E402  (after the path insert)
+
 TEMPLATE, WORDS = "{mask} News: {text}", ["World", "Sports", "Business", "Tech"]
 CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-def second_ffn(name: str) -> bool:
-    """BERT-style ``layer.i.output.dense`` (the feed-forward block's second linear), not the attention's."""
-    return name.endswith("output.dense") and "attention" not in name
-
-
-#: Which linear layers (by module name) each variant quantizes.
+#: Which linear layers (by module name) each variant quantizes; "all" is ``--quantize int8`` and
+#: "all_but_second_ffn" is ``--quantize int8-partial``.
 VARIANTS = {
     "all": lambda name, last: True,
     "all_but_last_layer": lambda name, last: f"layer.{last}." not in name,
-    "all_but_second_ffn": lambda name, last: not second_ffn(name),
+    "all_but_second_ffn": lambda name, last: not is_ffn_out(name),
     "first_ffn_only": lambda name, last: "intermediate" in name,
 }
 

@@ -36,13 +36,13 @@ the last layer now runs at the answer slot only (:mod:`server_stub.answer_layer`
 cuts the GEMM cost; cross-request batching lets concurrent jobs share micro-batches.
 
 Int8 on MiniLM: labels mostly agree with fp32 (0.94-1.0 on random prompts) but its logit noise (~0.3) is as large
-as what one candidate prompt changes against another (centred correlation with fp32 0.15-0.7; per-channel
-weights or SmoothQuant scaling did not help: the tied head's logits are small dot products of large hidden
-states). Where the noise enters (AG News, 20 deep BBTv2-scaled candidates close together, 3 draws; training-loss
-correlation with fp32 across the candidates): every linear int8 0.45 / -0.38 / -0.02; all but the last layer
-about the same; all but each layer's second feed-forward linear (whose GELU inputs carry the outliers that one
-per-batch activation scale flattens) 0.54 / 0.31 / 0.28 -- better, still far from fp32's 1, and that linear is
-a third of the GEMM work. The AG News runs (README) measure what this costs in tuning.
+as what one candidate prompt changes against another (per-channel weights or SmoothQuant scaling did not help:
+the tied head's logits are small dot products of large hidden states). ``benchmarks/int8_fidelity.py`` measures
+where the noise enters (training-loss correlation with fp32 across 20 close deep candidates): every linear int8
+0.48 / 0.22 / -0.01 at spread 0.1 (0.62 / 0.84 / 0.56 at 0.5); all but each layer's second feed-forward linear
+(``int8-partial``; its GELU inputs carry the outliers one per-batch activation scale flattens) 0.57 / 0.72 /
+0.51 (0.85 / 0.95 / 0.80) -- better, still short of fp32's 1, and that linear is a third of the GEMM work. The
+AG News runs (README) measure what each costs in tuning.
 
 Prints a table, then as the LAST line one JSON object with the fields above (and the older ``bare_seq_per_s``,
 ``ratio`` = server / bare, ``max_abs_logit_diff`` of the server against the baseline).

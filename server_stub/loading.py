@@ -83,14 +83,15 @@ def quantize_linear_int8(module: nn.Module, *, partial: bool = False) -> None:
     import warnings
 
     spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and not (partial and _is_ffn_out(name))}
+            if isinstance(m, nn.Linear) and not (partial and is_ffn_out(name))}
     with warnings.catch_warnings():  # torch.ao's deprecation notice: the eager API still ships and works
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
     log.info("%d linear layers quantized to dynamic int8 (engine %s)", len(spec), torch.backends.quantized.engine)
 
 
-def _is_ffn_out(name: str) -> bool:
+def is_ffn_out(name: str) -> bool:
+    """Whether module ``name`` is a layer's second feed-forward linear (what ``int8-partial`` keeps float32)."""
     return name.endswith(_FFN_OUT) and "attention" not in name
 
 
