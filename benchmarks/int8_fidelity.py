@@ -5,7 +5,8 @@ Why: ``--quantize int8`` keeps labels mostly equal to fp32's but cost BBTv2 ten 
 this measures, for C deep candidates drawn close together (a CMA-ES population late in a run: a shared
 base plus a small spread, per layer scaled by the model's hidden-state std), the correlation across
 candidates of their training loss under int8 with their loss under fp32. No timing, so a busy machine does
-not bias the figures (two runs on different days differed in the second digit; cause not isolated). In-process, on the bundled model (or ``--model``), AG News training texts.
+not bias the figures (two runs on different days differed in the second digit; cause not isolated).
+In-process, on the bundled model (or ``--model``), AG News training texts.
 
 Last line: one JSON object ``{"variants": {name: {"linears", "label_agreement", "max_abs_logit_diff",
 "loss_corr": [per draw]}}, ...}``; draws alternate spread 0.1 (close) and 0.5 (wide).
