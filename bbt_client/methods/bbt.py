@@ -159,14 +159,22 @@ def _make_cmaes(config: PromptSearchConfig, seed: int, sigma0: float | None = No
     )
 
 
+_MISSING = object()
+
+
 def _check_state(state: dict[str, Any], version: int, identity: dict[str, Any]) -> None:
     """Refuse a tuner state of another version or made by another method/seed/config/model."""
     if state.get("version") != version:
         raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {version})")
-    if state.get("identity") != identity:
-        raise ConfigError(
-            "checkpoint was made with a different method, seed, config or model; resume with the same job config"
-        )
+    saved = state.get("identity")
+    if saved != identity:
+        was, now = (saved or {}).get("config") or {}, identity.get("config") or {}
+        # a field missing from an identity is one left out while off (PromptSearchConfig.identity)
+        fields = [f"{k} (checkpoint: {was.get(k, 'off')}, now: {now.get(k, 'off')})"
+                  for k in sorted(set(was) | set(now)) if was.get(k, _MISSING) != now.get(k, _MISSING)]
+        detail = f"; options that differ: {', '.join(fields)}" if fields else ""
+        raise ConfigError("checkpoint was made with a different method, seed, config or model"
+                          f"{detail}; resume with the same job config (set a changed option back with --opt)")
 
 
 def init_prompt(kind: str, seed: int, shape: tuple[int, int], std: float) -> np.ndarray:
