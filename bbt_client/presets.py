@@ -17,6 +17,7 @@ defaults. Pure data plus one resolver: no I/O.
       from 1000 on), layer 0 after the embedding LayerNorm (the server's ``add`` mode does that);
     - BBTv2's deeper-layer σ̂ measured on the job's own training texts in its template, clipped at μ ± 3σ
       five times (``hidden_std_source="train"``), one σ0 for every layer (``sigma0_deep`` unset);
+    - no content-free calibration (the code scores raw label logits);
     - CMA-ES and projection as the code's argument defaults: ``--sigma 1 --alpha 1 --popsize 20 --bound 0``
       (unbounded), ``--random_proj normal`` (the designed N(0, (α·σ̂/(√d·σ0))²)), d = 500, ``--loss_type ce``;
       BBTv2 on AG News uses the README's AG News command instead: ``--sigma 0.2 --alpha 0.2``;
@@ -52,9 +53,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "default": {"methods": {}, "tasks": {}, "job": {}},
     "reference": {
         "methods": {
-            "bbt": {**_REFERENCE_SEARCH, "bound": 0.0, "projection": "normal"},
-            "bbtv2": {**_REFERENCE_SEARCH, "bound": 0.0, "hidden_std_source": "train", "sigma0_deep": None,
-                      "generations_per_layer": 1, "keep": "best"},
+            "bbt": {**_REFERENCE_SEARCH, "bound": 0.0, "projection": "normal", "calibrate": False},
+            "bbtv2": {**_REFERENCE_SEARCH, "bound": 0.0, "calibrate": False, "hidden_std_source": "train",
+                      "sigma0_deep": None, "generations_per_layer": 1, "keep": "best"},
             "gdfo": {**_REFERENCE_SEARCH, "bounds": None},
         },
         "method_task": {("bbtv2", "agnews"): {"sigma0": 0.2, "alpha": 0.2}},

@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
     p.add_argument("--quantize", default=d.quantize, choices=list(QUANTIZATIONS),
                    help="int8: dynamic int8 linear layers (CPU only; ~1.5x faster, but its logit noise cost BBTv2 "
                         "ten points of AG News accuracy in tuning: for serving a tuned prompt, not for tuning); "
-                        "int8-partial: the same with each feed-forward output linear kept float32 (less noise, "
-                        "less speed)")
+                        "int8-partial: the same with each feed-forward output linear kept float32 (less logit "
+                        "noise, less speed, and tuning lost as much: also not for tuning)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps; prefer --api-key-env)")
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")

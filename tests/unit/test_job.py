@@ -204,7 +204,7 @@ async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labe
     biased, fair = backend(5.0), backend(0.0)
     cal = await tune(config("cal", calibrate=True), backend=biased)
     same = await tune(config("fair", calibrate=True), backend=fair)
-    raw = await tune(config("raw"), backend=backend(5.0))
+    raw = await tune(config("raw", calibrate=False), backend=backend(5.0))
     n_train = len(load_task_data(TaskConfig(name="sst2", shots=4, test_limit=40), 7).train.texts)
     gens = [j for j in biased.jobs if j.prompts.num_candidates > 1]
     assert gens and all(list(j.texts[n_train:]) == list(CONTENT_FREE_INPUTS) for j in gens)
@@ -219,8 +219,9 @@ async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labe
     assert raw.zero_shot_test_accuracy == pytest.approx(share0) != cal.zero_shot_calibrated_test_accuracy
     again = await evaluate_run(tmp_path / "cal" / "run", backend=backend(5.0))
     assert again["matches"] and again["test_accuracy"] == cal.test_accuracy
-    assert "calibrate" not in make_config(method, {}).identity()  # checkpoints from before the option resume
+    assert "calibrate" not in make_config(method, {"calibrate": False}).identity()  # older checkpoints resume
     assert make_config(method, {"calibrate": True}).identity()["calibrate"] is True
+    assert make_config(method, {}).calibrate is True  # the default: README, Results
 
 
 def test_budget_exhausted_names_its_cap():

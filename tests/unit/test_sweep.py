@@ -61,7 +61,8 @@ class ToyBackend(Backend):
         full = job.prompts.full()
         C = job.prompts.num_candidates
         strength = np.zeros(C, np.float32) if full is None else full.reshape(C, -1, D).mean(axis=1) @ self.w
-        sign = np.array([1.0 if self.labels[t] == 1 else -1.0 for t in job.texts], np.float32)
+        sign = np.array([0.0 if t not in self.labels else 1.0 if self.labels[t] == 1 else -1.0 for t in job.texts],
+                        np.float32)  # 0: the content-free inputs of a calibrated run
         offset = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 for t in job.texts],
                           np.float32)
         margin = strength[:, None] * sign[None, :] * 10 + offset[None, :]
