@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         from server_stub.testing import spawn_server
 
         extra = ["--threads", str(args.threads)] if args.threads else []
+        # a SIGTERM (kill, a scheduler) unwinds instead of exiting at once, so the server below is stopped too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         with spawn_server("default", *extra) as url:
             code = cli.main(_sweep_argv(args, url))
     if code not in (0, 1):  # 1: some jobs failed, the rest are summarised
