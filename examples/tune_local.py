@@ -96,7 +96,9 @@ def summary(result: RunResult) -> str:
 
     return "\n".join([
         f"{result.method} on {result.task} ({result.shots}-shot, seed {result.seed}) against {result.model}",
-        f"  zero-shot test accuracy  {pct(result.zero_shot_test_accuracy)}",
+        f"  zero-shot test accuracy  {pct(result.zero_shot_test_accuracy)}" + (
+            f"   ({pct(result.zero_shot_calibrated_test_accuracy)} calibrated, as the tuned prompt is read)"
+            if result.calibrated and result.zero_shot_calibrated_test_accuracy is not None else ""),
         f"  tuned test accuracy      {pct(result.test_accuracy)}   (best dev {pct(result.best_dev_accuracy)}, "
         f"{result.test_examples} test examples)",
         f"  API calls                {result.api_calls_used} of {result.budget_calls}  "
