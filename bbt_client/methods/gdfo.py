@@ -108,6 +108,11 @@ class GDFOConfig(BaseModel):
     #: longer) or "point" (x_gd itself, force=True). Either way its black-box rank decides its weight.
     gd_injection: Literal["direction", "point"] = "direction"
 
+    #: Content-free calibration (as BBT's ``calibrate``; :mod:`bbt_client.calibration`): the teacher's logits are
+    #: read through "N/A" and "" scored in the same call, for the losses CMA-ES ranks, the logits the student
+    #: distils, dev checks and the test evaluation. Off by default for GDFO (README, Results).
+    calibrate: bool = False
+
     @model_validator(mode="before")
     @classmethod
     def _removed_options(cls, data: Any) -> Any:
@@ -148,7 +153,7 @@ class GDFOTuner(Tuner):
         check_endpoint_prompt(cfg, model_info)
         torch = require_torch()
         self._torch = torch
-        self.cfg, self.info, self.seed = cfg, model_info, int(seed)
+        self.config, self.info, self.seed = cfg, model_info, int(seed)
         self.labels = np.array(train.labels, dtype=np.int64)  # own writable copy
         self.num_labels = len(task.label_words)
 
@@ -210,7 +215,7 @@ class GDFOTuner(Tuner):
 
     @property
     def phase(self) -> str:
-        return "dfo" if self.generation < self.cfg.gd_start else "gd+dfo"
+        return "dfo" if self.generation < self.config.gd_start else "gd+dfo"
 
     def ask(self) -> PromptBatch:
         if self._pending_x is not None:
@@ -220,14 +225,14 @@ class GDFOTuner(Tuner):
         if gd is not None and not np.any(gd != mean):
             gd = None  # gradient descent did not move: nothing to propose
         if gd is not None:
-            if self.cfg.gd_injection == "point":
+            if self.config.gd_injection == "point":
                 self.cma.inject(gd)
             else:
                 self.cma.inject_direction(gd - mean)
         x = self.cma.ask()
         self._asked_gd = None
         if gd is not None:
-            self._asked_gd = np.array([_find_injected(x, mean, gd, self.cfg.gd_injection)], dtype=np.int64)
+            self._asked_gd = np.array([_find_injected(x, mean, gd, self.config.gd_injection)], dtype=np.int64)
         self._gd_proposal = None
         self._pending_x = x
         self._pending_prompts = self.teacher_proj(x)
@@ -239,8 +244,8 @@ class GDFOTuner(Tuner):
         return self._batch(self._pending_prompts.copy())
 
     def _batch(self, prompts: np.ndarray) -> PromptBatch:
-        return PromptBatch(kind="shallow", candidates=prompts, mode=self.cfg.prompt_mode,
-                           slot_token_ids=self.cfg.slot_token_ids)
+        return PromptBatch(kind="shallow", candidates=prompts, mode=self.config.prompt_mode,
+                           slot_token_ids=self.config.slot_token_ids)
 
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending_x is None:
@@ -270,8 +275,8 @@ class GDFOTuner(Tuner):
             metrics.update(self._judge_proposal(x, f))
         metrics["cma_sigma"] = self.cma.sigma
         metrics.update(self._distil(x, f, t))
-        if self.cfg.gd_steps > 0 and self.generation >= self.cfg.gd_start and (
-                (self.generation - self.cfg.gd_start) % self.cfg.gd_every == 0):
+        if self.config.gd_steps > 0 and self.generation >= self.config.gd_start and (
+                (self.generation - self.config.gd_start) % self.config.gd_every == 0):
             metrics.update(self._gradient_descent())
         metrics["gradient_steps"] = float(self.gradient_steps)
         self._metrics = {**self._metrics, **metrics}
@@ -310,22 +315,22 @@ class GDFOTuner(Tuner):
 
     def _student_logits(self, z):
         """Student logits (C, N, K) for z (C, d) torch float32; differentiable in z and the student."""
-        prompts = (z @ self._A_S).reshape(z.shape[0], self.cfg.prompt_tokens, self.student.hidden_size)
+        prompts = (z @ self._A_S).reshape(z.shape[0], self.config.prompt_tokens, self.student.hidden_size)
         return self.student.label_logits(prompts, self._enc, self._label_ids)
 
     def _distil(self, x: np.ndarray, f: np.ndarray, t: np.ndarray) -> dict[str, float]:
         """KD on a few told candidates: best one plus random others, teacher logits reused from the call."""
         torch, F = self._torch, self._torch.nn.functional
         order = np.argsort(f, kind="stable")
-        k = min(self.cfg.kd_candidates, len(f))
+        k = min(self.config.kd_candidates, len(f))
         rest = self._rng.permutation(order[1:])[: k - 1]
         pick = np.concatenate([order[:1], rest]).astype(np.int64)
         z = torch.from_numpy(x[pick].astype(np.float32))
         tgt = torch.from_numpy(t[pick])
-        T = self.cfg.kd_temperature
+        T = self.config.kd_temperature
         p_t = F.softmax(tgt / T, dim=-1)
         first_kl = first_agree = None
-        for _ in range(self.cfg.kd_steps):
+        for _ in range(self.config.kd_steps):
             s = self._student_logits(z)
             kl = (p_t * (F.log_softmax(tgt / T, dim=-1) - F.log_softmax(s / T, dim=-1))).sum(-1).mean() * T * T
             if first_kl is None:  # measured on fresh prompts before fitting them: an honest fit estimate
@@ -341,12 +346,12 @@ class GDFOTuner(Tuner):
         """Adam on z from the CMA mean, minimising the student's task loss; proposes the result."""
         torch, F = self._torch, self._torch.nn.functional
         z = torch.tensor(self.cma.mean, dtype=torch.float32).unsqueeze(0).requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=self.cfg.gd_lr)
+        opt = torch.optim.Adam([z], lr=self.config.gd_lr)
         for p in self.student.trainable_parameters():
             p.requires_grad_(False)
         try:
             losses = []
-            for _ in range(self.cfg.gd_steps):
+            for _ in range(self.config.gd_steps):
                 s = self._student_logits(z)[0]  # (N, K)
                 loss = self._task_loss(s, F)
                 losses.append(float(loss.detach()))
@@ -389,12 +394,17 @@ class GDFOTuner(Tuner):
             "last_x": self._last_x, "best_x": self.best_x, "best_loss": self.best_loss,
             "generation": self.generation, "gradient_steps": self.gradient_steps, "kd_steps": self.kd_steps,
             "gd_accepted": self.gd_accepted, "gd_proposed": self.gd_proposed, "metrics": dict(self._metrics),
+            "calibrate": self.config.calibrate,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch = self._torch
         if state.get("method") != self.method:
             raise ValueError(f"not a GDFO state (method={state.get('method')!r})")
+        was = bool(state.get("calibrate", False))  # states written before the option existed: off
+        if was != self.config.calibrate:  # the losses and distilled logits would change meaning mid-run
+            raise ConfigError(f"checkpoint was made with a different config; options that differ: calibrate "
+                              f"(checkpoint: {was}, now: {self.config.calibrate}); set it back with --opt")
         self.cma = CMAES.from_bytes(state["cma"])
         self.student.load_trainable_state(state["student"])
         self._kd_opt.load_state_dict(torch.load(io.BytesIO(state["kd_optimizer"]), weights_only=True))

