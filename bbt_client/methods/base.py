@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from bbt_client.backends.base import PromptBatch, PromptKind
+from bbt_client.errors import ConfigError
 
 
 def check_losses(losses: np.ndarray, expected: int) -> np.ndarray:
@@ -24,6 +25,25 @@ def check_losses(losses: np.ndarray, expected: int) -> np.ndarray:
     if not np.all(np.isfinite(f)):
         raise ValueError(f"losses must be finite; NaN/inf at positions {np.flatnonzero(~np.isfinite(f)).tolist()}")
     return f
+
+
+_MISSING = object()
+
+
+def check_state(state: dict[str, Any], version: int, identity: dict[str, Any]) -> None:
+    """Refuse a tuner state of another version, or one whose identity (method, seed, config, model, data) differs;
+    the refusal names the config options that differ, so the user knows which ``--opt`` to set back."""
+    if state.get("version") != version:
+        raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {version})")
+    saved = state.get("identity")
+    if saved != identity:
+        was, now = (saved or {}).get("config") or {}, identity.get("config") or {}
+        # a field missing from an identity is one left out while off (PromptSearchConfig.identity)
+        fields = [f"{k} (checkpoint: {was.get(k, 'off')}, now: {now.get(k, 'off')})"
+                  for k in sorted(set(was) | set(now)) if was.get(k, _MISSING) != now.get(k, _MISSING)]
+        detail = f"; options that differ: {', '.join(fields)}" if fields else ""
+        raise ConfigError("checkpoint was made with a different method, seed, config, model or training data"
+                          f"{detail}; resume with the same job config (set a changed option back with --opt)")
 
 
 class Tuner(abc.ABC):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bbt_client.backends.base import PromptBatch
 from bbt_client.compass import CompassSearch, load_optimiser
 from bbt_client.errors import ConfigError
-from bbt_client.methods.base import Tuner, check_losses
+from bbt_client.methods.base import Tuner, check_losses, check_state
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
@@ -159,24 +159,6 @@ def _make_cmaes(config: PromptSearchConfig, seed: int, sigma0: float | None = No
         seed=seed % (2**31 - 2) + 1,
         bounds=(-config.bound, config.bound) if config.bound > 0 else None,
     )
-
-
-_MISSING = object()
-
-
-def _check_state(state: dict[str, Any], version: int, identity: dict[str, Any]) -> None:
-    """Refuse a tuner state of another version or made by another method/seed/config/model."""
-    if state.get("version") != version:
-        raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {version})")
-    saved = state.get("identity")
-    if saved != identity:
-        was, now = (saved or {}).get("config") or {}, identity.get("config") or {}
-        # a field missing from an identity is one left out while off (PromptSearchConfig.identity)
-        fields = [f"{k} (checkpoint: {was.get(k, 'off')}, now: {now.get(k, 'off')})"
-                  for k in sorted(set(was) | set(now)) if was.get(k, _MISSING) != now.get(k, _MISSING)]
-        detail = f"; options that differ: {', '.join(fields)}" if fields else ""
-        raise ConfigError("checkpoint was made with a different method, seed, config or model"
-                          f"{detail}; resume with the same job config (set a changed option back with --opt)")
 
 
 def init_prompt(kind: str, seed: int, shape: tuple[int, int], std: float) -> np.ndarray:
@@ -325,7 +307,7 @@ class BBTTuner(Tuner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, STATE_VERSION, self._identity())
+        check_state(state, STATE_VERSION, self._identity())
         self._es = load_optimiser(state["es"])
         self._pending_z = state["pending_z"]
         self._pending_prompts = state["pending_prompts"]

@@ -29,14 +29,13 @@ import numpy as np
 from pydantic import Field
 
 from bbt_client.backends.base import PromptBatch
-from bbt_client.methods.base import Tuner, check_losses
+from bbt_client.methods.base import Tuner, check_losses, check_state
 from bbt_client.methods.bbt import (
     STREAM_CMA,
     STREAM_INIT_PROMPT,
     STREAM_LOCAL,
     STREAM_PROJECTION,
     PromptSearchConfig,
-    _check_state,
     _make_cmaes,
     _resolve_config,
     init_prompt,
@@ -258,7 +257,7 @@ class BBTv2Tuner(Tuner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(state, STATE_VERSION, self._identity())
+        check_state(state, STATE_VERSION, self._identity())
         self._optimisers = [load_optimiser(b) for b in state["optimisers"]]
         self._base = np.array(state["base"], dtype=np.float32)
         self._layer = int(state["layer"])

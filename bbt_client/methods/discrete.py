@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
-from bbt_client.methods.base import Tuner, check_losses
+from bbt_client.methods.base import Tuner, check_losses, check_state
 from bbt_client.prompt_vocab import EMPTY_SLOT, build_vocabulary, render_prompt
 
 STATE_VERSION = 1
@@ -198,11 +198,7 @@ class DiscretePromptTuner(Tuner):
                 "best_loss": self._best_loss, "generation": self._generation, "search": self._search_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"tuner state version {state.get('version')} is not supported (expected {STATE_VERSION})")
-        if state.get("identity") != self._identity():
-            raise ConfigError("checkpoint was made with a different method, seed, config or training data; resume "
-                              "with the same job config")
+        check_state(state, STATE_VERSION, self._identity())
         self._pending, self._last, self._last_losses = state["pending"], state["last"], state["last_losses"]
         self._best, self._best_loss = state["best"], float(state["best_loss"])
         self._generation = int(state["generation"])
