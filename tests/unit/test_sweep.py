@@ -1,27 +1,21 @@
 """``bbt sweep`` against an in-memory toy endpoint: the grid, skipping finished work, nested budgets, the summary,
 and the concurrency limits (synchronised on events, never on time).
 
-The toy model (as in test_job.py): the label-word margin is ``w · mean(prompt)`` signed by the true class plus a
-fixed per-text offset, so the tuners learn something and every figure is deterministic.
+The toy endpoint (tests/unit/toy_backend.py) learns something and makes every figure deterministic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import zlib
 
-import numpy as np
 import pytest
 
 from bbt_client import cli
 from bbt_client.budget import BudgetLimits
-from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
 from bbt_client.config import TaskConfig
 from bbt_client.errors import ConfigError, EndpointError
 from bbt_client.job import tune
-from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 from bbt_client.results import load_result, read_history
 from bbt_client.sweep import (
     SUMMARY_JSON,
@@ -34,41 +28,9 @@ from bbt_client.sweep import (
     result_file,
 )
 from bbt_client.tasks import load_task_data
+from tests.unit.toy_backend import ToyBackend
 
-D, L = 8, 3
 OPTS = {"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6}
-
-
-class ToyBackend(Backend):
-    supported_prompts = frozenset({"none", "shallow", "deep"})
-
-    def __init__(self, labels_by_text: dict[str, int]):
-        self.labels = labels_by_text
-        self.w = np.random.default_rng(0).normal(size=D).astype(np.float32)
-        self.calls = 0
-
-    async def model_info(self) -> ModelInfo:
-        return ModelInfo(name="toy", kind="masked", architecture="Toy", hidden_size=D, num_layers=L,
-                         max_seq_len=128, vocab_size=100, embedding_std=0.05, hidden_std=[0.05, 0.5, 0.5],
-                         max_prompt_tokens=64, max_candidates=64, max_texts=4096, max_body_bytes=1 << 26,
-                         device="cpu")
-
-    async def tokenize(self, words=(), texts=()) -> TokenizeResponse:
-        return TokenizeResponse(words=[WordTokens(word=w, ids=[zlib.crc32(w.lower().encode())]) for w in words],
-                                text_token_counts=[len(t.split()) for t in texts])
-
-    async def score(self, job: ScoreJob) -> ScoreResult:
-        full = job.prompts.full()
-        C = job.prompts.num_candidates
-        strength = np.zeros(C, np.float32) if full is None else full.reshape(C, -1, D).mean(axis=1) @ self.w
-        sign = np.array([0.0 if t not in self.labels else 1.0 if self.labels[t] == 1 else -1.0 for t in job.texts],
-                        np.float32)  # 0: the content-free inputs of a calibrated run
-        offset = np.array([int(hashlib.sha256(t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 for t in job.texts],
-                          np.float32)
-        margin = strength[:, None] * sign[None, :] * 10 + offset[None, :]
-        leaning = np.array([1.0 if w == "great" else -1.0 for w in job.label_words], np.float32)
-        self.calls += C
-        return ScoreResult(logits=(margin[..., None] / 2 * leaning).astype(np.float32), tokens=C * len(job.texts))
 
 
 @pytest.fixture(scope="module")
