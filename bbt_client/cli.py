@@ -228,9 +228,17 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
         data["method_options"] = opts
         if args.preset is not None:
             data = _apply_preset(data, args.preset)
-    elif args.opt or args.task or args.method or args.seed is not None or args.preset is not None:
-        raise ConfigError("--resume continues a run as configured: drop --task/--method/--seed/--opt/--preset "
-                          "(budgets, --endpoint and output modes may change)")
+    elif args.task or args.method or args.seed is not None or args.preset is not None:
+        raise ConfigError("--resume continues a run as configured: drop --task/--method/--seed/--preset "
+                          "(budgets, --endpoint, output modes and --opt pins may change)")
+    elif args.opt:  # pins only: an option the run left at a default that has changed since (the tuner checks it)
+        opts = dict(data.get("method_options") or {})
+        pins = dict(_parse_option(o) for o in args.opt)
+        changed = sorted(k for k in pins if k in opts and opts[k] != pins[k])
+        if changed:
+            raise ConfigError(f"--resume cannot change options the run was made with ({', '.join(changed)}); "
+                              "--opt on --resume only pins an option the run did not set")
+        data["method_options"] = {**opts, **pins}
     budget = dict(data.get("budget") or {"calls": 8000})
     for flag, key in (("budget_calls", "calls"), ("budget_tokens", "tokens"), ("budget_cost", "cost"),
                       ("price_per_1k_tokens", "price_per_1k_tokens"), ("budget_seconds", "wall_seconds")):

@@ -107,6 +107,15 @@ def _loss_fn(name: str):
     return cross_entropy if name == "ce" else hinge
 
 
+def same_run(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config fingerprint admits this resumed config. Method options the checkpoint's config
+    did not name may be added (pinned): a default that changed since the run began is set back that way, and
+    the tuner's own state check, which knows every value the run used, refuses a pin that differs from it."""
+    was, new = dict(saved), dict(now)
+    was_opts, new_opts = was.pop("method_options", None) or {}, new.pop("method_options", None) or {}
+    return was == new and all(k in new_opts and new_opts[k] == v for k, v in was_opts.items())
+
+
 async def _measured_model_info(backend: Backend, info: ModelInfo, method_config: Any, data: TaskData) -> ModelInfo:
     """``info`` with ``hidden_std`` measured on the job's own training texts when the method asks for it
     (``hidden_std_source="train"``, the reference BBTv2 code's statistics); deterministic, so resumes agree."""
@@ -161,7 +170,7 @@ class TuningJob:
         if ckpt.crashed_before_first_checkpoint(self.run_dir):
             return None  # start from scratch; the ledger keeps what the crashed attempt spent
         saved = ckpt.load_checkpoint(self.run_dir)
-        if saved["fingerprint"] != self.config.fingerprint():
+        if not same_run(saved["fingerprint"], self.config.fingerprint()):
             raise ConfigError(
                 "the checkpoint in {} was made with a different configuration; resume with the same task, "
                 "method, seed and options (only budgets, endpoint URL and output may change)".format(self.run_dir)

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
-from bbt_client.methods.base import Tuner, check_losses
+from bbt_client.methods.base import Tuner, check_losses, check_state
 from bbt_client.methods.bbt import check_endpoint_prompt, check_slot_settings
 from bbt_client.optim import CMAES
 from bbt_client.projection import Projection, derive_seed, designed_std
@@ -58,6 +58,7 @@ from bbt_client.weight_digests import shared_digests
 
 # Sub-stream ids for derive_seed: independent randomness per role.
 _STREAM_PROJ_TEACHER, _STREAM_PROJ_STUDENT, _STREAM_CMA, _STREAM_KD = 71, 72, 73, 74
+_STATE_VERSION = 1
 
 
 class GDFOConfig(BaseModel):
@@ -379,6 +380,12 @@ class GDFOTuner(Tuner):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _identity(self) -> dict[str, Any]:
+        """What a resumed state must share with this tuner: any other option or model changes what it means."""
+        off = set() if self.config.calibrate else {"calibrate"}  # a state from before the option: off
+        return {"method": self.method, "seed": self.seed, "config": self.config.model_dump(exclude=off),
+                "hidden_size": self.info.hidden_size, "embedding_std": self.info.embedding_std}
+
     def state_dict(self) -> dict[str, Any]:
         torch = self._torch
         buf = io.BytesIO()
@@ -394,17 +401,18 @@ class GDFOTuner(Tuner):
             "last_x": self._last_x, "best_x": self.best_x, "best_loss": self.best_loss,
             "generation": self.generation, "gradient_steps": self.gradient_steps, "kd_steps": self.kd_steps,
             "gd_accepted": self.gd_accepted, "gd_proposed": self.gd_proposed, "metrics": dict(self._metrics),
-            "calibrate": self.config.calibrate,
+            "version": _STATE_VERSION, "identity": self._identity(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch = self._torch
         if state.get("method") != self.method:
             raise ValueError(f"not a GDFO state (method={state.get('method')!r})")
-        was = bool(state.get("calibrate", False))  # states written before the option existed: off
-        if was != self.config.calibrate:  # the losses and distilled logits would change meaning mid-run
-            raise ConfigError(f"checkpoint was made with a different config; options that differ: calibrate "
-                              f"(checkpoint: {was}, now: {self.config.calibrate}); set it back with --opt")
+        if "identity" in state:
+            check_state(state, _STATE_VERSION, self._identity())
+        elif self.config.calibrate:  # written before GDFO states carried their config (and calibrate): off
+            raise ConfigError("checkpoint was made with a different config; options that differ: calibrate "
+                              "(checkpoint: off, now: True); resume with --opt calibrate=false")
         self.cma = CMAES.from_bytes(state["cma"])
         self.student.load_trainable_state(state["student"])
         self._kd_opt.load_state_dict(torch.load(io.BytesIO(state["kd_optimizer"]), weights_only=True))

@@ -109,3 +109,17 @@ def test_tune_quiet_prints_only_the_table(tiny_server, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0].split()[0] == "method" and len(captured.out.strip().splitlines()) == 2
     assert captured.err == ""
+
+
+def test_resume_refuses_an_opt_that_changes_what_the_run_set(tmp_path, capsys):
+    """--opt on --resume pins an option the run did not name (the job and tuner check the pin); changing one
+    the run named is refused before any call."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = {"endpoint": {"url": "http://127.0.0.1:9"}, "task": {"name": "sst2"}, "method": "bbt",
+           "method_options": {"popsize": 6}, "out": str(run)}
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["tune", "--resume", str(run), "--opt", "popsize=4"]) == 2
+    assert "cannot change options the run was made with (popsize)" in capsys.readouterr().err
+    assert cli.main(["tune", "--resume", str(run), "--seed", "3"]) == 2
+    assert "--resume continues a run as configured" in capsys.readouterr().err

@@ -85,6 +85,25 @@ async def test_resume_refuses_a_different_configuration(tmp_path, labels_by_text
         await tune(other, backend=ToyBackend(labels_by_text), resume=True)
 
 
+async def test_resume_may_pin_an_option_the_run_did_not_set_and_the_tuner_checks_the_pin(tmp_path, labels_by_text):
+    """A default changed since a run began is set back on resume by naming the option (``--opt`` with ``--resume``):
+    the job admits options the checkpoint's config did not name, the tuner's state check refuses a pin that
+    differs from what the run used, and an option the run did name cannot change."""
+    cfg = _config(tmp_path, calls=30)
+    await tune(cfg, backend=ToyBackend(labels_by_text))
+
+    def pinned(**opts) -> TuneConfig:
+        return cfg.model_copy(update={"method_options": {**cfg.method_options, **opts},
+                                      "budget": BudgetLimits(calls=60)})
+
+    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: True, now: off\)"):
+        await tune(pinned(calibrate=False), backend=ToyBackend(labels_by_text), resume=True)
+    with pytest.raises(ConfigError, match="different configuration"):
+        await tune(pinned(popsize=4), backend=ToyBackend(labels_by_text), resume=True)
+    result = await tune(pinned(calibrate=True), backend=ToyBackend(labels_by_text), resume=True)
+    assert 30 < result.api_calls_used <= 60 and result.calibrated
+
+
 async def test_resume_without_checkpoint_is_a_clear_error(tmp_path, labels_by_text):
     with pytest.raises(CheckpointError):
         await tune(_config(tmp_path, calls=30), backend=ToyBackend(labels_by_text), resume=True)
