@@ -56,7 +56,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "bbt": {**_REFERENCE_SEARCH, "bound": 0.0, "projection": "normal", "calibrate": False},
             "bbtv2": {**_REFERENCE_SEARCH, "bound": 0.0, "calibrate": False, "hidden_std_source": "train",
                       "sigma0_deep": None, "generations_per_layer": 1, "keep": "best"},
-            "gdfo": {**_REFERENCE_SEARCH, "bounds": None},
+            "gdfo": {**_REFERENCE_SEARCH, "bounds": None, "calibrate": False},
         },
         "method_task": {("bbtv2", "agnews"): {"sigma0": 0.2, "alpha": 0.2}},
         "tasks": {

@@ -111,8 +111,9 @@ class GDFOConfig(BaseModel):
 
     #: Content-free calibration (as BBT's ``calibrate``; :mod:`bbt_client.calibration`): the teacher's logits are
     #: read through "N/A" and "" scored in the same call, for the losses CMA-ES ranks, the logits the student
-    #: distils, dev checks and the test evaluation. Off by default for GDFO (README, Results).
-    calibrate: bool = False
+    #: distils, dev checks and the test evaluation. On by default, as for BBT and BBTv2: on AG News at 400 calls
+    #: it lifted GDFO on every seed (three-seed mean 0.288 -> 0.394; README, Results).
+    calibrate: bool = True
 
     @model_validator(mode="before")
     @classmethod
