@@ -274,12 +274,20 @@ def _csv(text: str, kind: type = str) -> list:
 def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     mode = "json" if args.json else "quiet" if args.quiet else "human"
+    progress = display = ProgressDisplay(mode)
     if cfg.out is not None:
         ckpt.ensure_writable_dir(cfg.out)
+        save = lambda: ckpt.atomic_write_json(cfg.out / CONFIG_FILE, cfg.model_dump(mode="json"))  # noqa: E731
         if args.resume is None:
             ckpt.refuse_existing_run(cfg.out)
-        ckpt.atomic_write_json(cfg.out / CONFIG_FILE, cfg.model_dump(mode="json"))
-    job = TuningJob(cfg, progress=ProgressDisplay(mode))
+            save()
+        else:  # new budgets and --opt pins are saved once the job has accepted them (its start event): a pin the
+            # run's state refuses must not stay in config.json, where no later --opt could take it back
+            def progress(p) -> None:
+                if p.event == "start":
+                    save()
+                display(p)
+    job = TuningJob(cfg, progress=progress)
     result = asyncio.run(job.run(resume=args.resume is not None))
     summary = result.model_dump(mode="json", exclude={"config"})
     if mode == "json":

@@ -123,3 +123,18 @@ def test_resume_refuses_an_opt_that_changes_what_the_run_set(tmp_path, capsys):
     assert "cannot change options the run was made with (popsize)" in capsys.readouterr().err
     assert cli.main(["tune", "--resume", str(run), "--seed", "3"]) == 2
     assert "--resume continues a run as configured" in capsys.readouterr().err
+
+
+def test_a_refused_pin_on_resume_is_not_saved_and_a_right_one_is(tiny_server, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--budget-calls", "12", "--test-limit", "4", "--quiet"]
+    assert cli.main(["tune", "--endpoint", tiny_server, "--task", "sst2", "--method", "bbt", "--shots", "2",
+                     "--opt", "popsize=4", "--out", str(out), *base]) == 0
+    before = (out / "config.json").read_text()
+    assert cli.main(["tune", "--resume", str(out), "--opt", "calibrate=false", *base]) == 2
+    assert "options that differ: calibrate (checkpoint: True, now: off)" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == before  # so the user can still pin the right value
+    assert cli.main(["tune", "--resume", str(out), "--opt", "calibrate=true", "--budget-calls", "20",
+                     "--test-limit", "4", "--quiet"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["method_options"]["calibrate"] is True and saved["budget"]["calls"] == 20
