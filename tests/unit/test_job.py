@@ -157,8 +157,7 @@ async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labe
     exactly as the run without it, while read raw it decides zero-shot."""
     def backend(prior: float) -> ToyBackend:
         b = ToyBackend(labels_by_text)
-        b.prior, b.jobs, score = prior, [], b.score
-        b.score = lambda job: (b.jobs.append(job), score(job))[1]
+        b.prior = prior
         return b
 
     def config(name: str, **opts) -> TuneConfig:
@@ -265,8 +264,6 @@ async def test_gdfo_job_sends_every_prompt_in_its_mode_and_calibrates_when_asked
             return (await super().model_info()).model_copy(update={"prompt_modes": ["replace", "add"]})
 
     backend = AddingToy(labels_by_text)
-    backend.jobs, score = [], backend.score
-    backend.score = lambda job: (backend.jobs.append(job), score(job))[1]
     cfg = _config(tmp_path, "gdfo", calls=30)
     cfg = cfg.model_copy(update={"method_options": {**cfg.method_options, "popsize": 4, "student_layers": 1,
                                                     "prompt_mode": "add", "slot_token_ids": (10, 11),

@@ -28,6 +28,7 @@ class ToyBackend(Backend):
         self.requests = 0
         self.fail_after = fail_after
         self.prior = 0.0  # a label prior every input shares, prompted or not (what calibration divides out)
+        self.jobs: list[ScoreJob] = []  # every request scored, in order
 
     async def model_info(self) -> ModelInfo:
         return ModelInfo(name="toy", kind="masked", architecture="Toy", hidden_size=D, num_layers=L,
@@ -43,6 +44,7 @@ class ToyBackend(Backend):
         if self.fail_after is not None and self.requests >= self.fail_after:
             raise KeyboardInterrupt  # a crash in the middle of a paid run
         self.requests += 1
+        self.jobs.append(job)
         full = job.prompts.full()
         C = job.prompts.num_candidates
         if full is None:
