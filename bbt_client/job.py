@@ -28,7 +28,7 @@ from bbt_client.ledger import BudgetLedger, LedgerTotals
 from bbt_client.losses import accuracy, cross_entropy, hinge
 from bbt_client.metered import MeteredScorer
 from bbt_client.methods.base import Tuner
-from bbt_client.methods.registry import make_config, make_tuner
+from bbt_client.methods.registry import make_config, make_tuner, tuner_class
 from bbt_client.protocol import ModelInfo
 from bbt_client.rescore import evaluate_run, prompt_batch
 from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
@@ -180,13 +180,21 @@ class TuningJob:
     async def _run(self, backend: Backend, saved: dict[str, Any] | None, ledger: BudgetLedger | None) -> RunResult:
         cfg = self.config
         t_start = time.monotonic()
+        # Everything that needs no endpoint is checked first: a typo in the task, an option or the backend's
+        # prompt support is reported at once, not after the endpoint's retries (or a dead endpoint's error).
+        data = load_task_data(cfg.task, cfg.seed)
+        method_config = make_config(cfg.method, cfg.method_options)
+        prompt_kind = tuner_class(cfg.method).prompt_kind
+        if prompt_kind not in backend.supported_prompts:
+            raise UnsupportedError(
+                f"method {cfg.method!r} needs {prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
+                f"backend cannot send (it supports: {', '.join(sorted(backend.supported_prompts))})"
+            )
         info = await backend.model_info()
         if (info.quantization or "").startswith("int8"):
             log.warning("the endpoint runs int8 weights: its logit noise is as large as the differences between "
                         "candidate prompts (BBTv2 on AG News lost ten points against float32); tune against "
                         "a float endpoint if you can")
-        data = load_task_data(cfg.task, cfg.seed)
-        method_config = make_config(cfg.method, cfg.method_options)
         info = await _measured_model_info(backend, info, method_config, data)
         st = _State()
         counted = BudgetUsage()  # what the checkpoint knows was spent
@@ -208,11 +216,6 @@ class TuningJob:
         if st.verbalizer is not None:
             ctx.data = data = dataclasses.replace(data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))
         ctx.tuner = tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
-        if tuner.prompt_kind not in backend.supported_prompts:
-            raise UnsupportedError(
-                f"method {cfg.method!r} needs {tuner.prompt_kind} prompts, which the {cfg.endpoint.backend!r} "
-                f"backend cannot send (it supports: {', '.join(sorted(backend.supported_prompts))})"
-            )
         if saved is not None:
             tuner.load_state_dict(saved["tuner"])
         stop = await ctx.loop()

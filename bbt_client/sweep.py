@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bbt_client import checkpoint as ckpt
 from bbt_client.budget import BudgetLimits
@@ -42,6 +42,7 @@ from bbt_client.ledger import LEDGER_FILE
 from bbt_client.methods.registry import make_config
 from bbt_client.presets import apply_to_config, preset_names, resolve_preset, split_overrides
 from bbt_client.results import RESULT_FILE, RunResult, load_result
+from bbt_client.tasks import load_task_data
 
 log = logging.getLogger("bbt_client.sweep")
 
@@ -105,8 +106,9 @@ def parse_variant(text: str) -> Variant:
     preset = overrides.pop("preset", None)
     try:
         return Variant(name=name.strip(), preset=preset, overrides=overrides)
-    except ValueError as exc:
-        raise ConfigError(f"--variant {text!r}: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError(f"--variant {text!r}: {problems}") from None
 
 
 class SweepSpec(BaseModel):
@@ -210,12 +212,16 @@ def build_jobs(spec: SweepSpec) -> list[SweepJob]:
     its stored config, which must match (apart from who measures zero-shot)."""
     jobs: list[SweepJob] = []
     measured: set[str] = set()
+    tasks_checked: set[str] = set()
     for seed in spec.seeds:
         for task in spec.tasks:
             for variant in spec.variants:
                 for method in spec.methods:
                     run_dir = Path(spec.out) / "runs" / _task_label(task) / f"{method}-{variant.name}-seed{seed}"
                     cfg = _job_config(spec, task, method, variant, seed, run_dir)
+                    if (task_key := cfg.task.model_dump_json()) not in tasks_checked:
+                        load_task_data(cfg.task, seed)  # an unknown task or a bad template fails before any call
+                        tasks_checked.add(task_key)
                     key = _zero_shot_key(cfg)
                     cfg = cfg.model_copy(update={"evaluate_zero_shot": key not in measured})
                     cfg = _stored_config(run_dir, cfg)

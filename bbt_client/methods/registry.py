@@ -59,6 +59,11 @@ def config_class(method: str) -> type[BaseModel]:
     return _load(method, _entry(method)[2])
 
 
+def tuner_class(method: str) -> type[Tuner]:
+    """The tuner class of ``method`` (its ``prompt_kind`` says which prompts it sends, before any endpoint is asked)."""
+    return _load(method, _entry(method)[1])
+
+
 def make_config(method: str, config: BaseModel | Mapping[str, Any] | None = None) -> BaseModel:
     """Validate ``config`` (a dict, the config model, or None for defaults) for ``method``."""
     cls = config_class(method)
@@ -90,7 +95,7 @@ def make_tuner(
 ) -> Tuner:
     """Build the tuner for ``method``. ``task``/``train`` are passed to methods that learn from data (GDFO)."""
     cfg = make_config(method, config)
-    cls = _load(method, _entry(method)[1])
+    cls = tuner_class(method)
     if method in _NEEDS_DATA:
         if task is None or train is None:
             raise ConfigError(f"method {method!r} needs the task and the training split (task=..., train=...)")

@@ -12,7 +12,7 @@ import pytest
 from bbt_client.budget import BudgetLimits
 from bbt_client.calibration import CONTENT_FREE_INPUTS
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
-from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError
+from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
 from bbt_client.job import TuningJob, evaluate_run, tune
 from bbt_client.methods.bbt import BBTTuner
 from bbt_client.methods.registry import make_config
@@ -107,6 +107,36 @@ async def test_resume_may_pin_an_option_the_run_did_not_set_and_the_tuner_checks
 async def test_resume_without_checkpoint_is_a_clear_error(tmp_path, labels_by_text):
     with pytest.raises(CheckpointError):
         await tune(_config(tmp_path, calls=30), backend=ToyBackend(labels_by_text), resume=True)
+
+
+class _ShallowOnlyEndpoint(ToyBackend):
+    """Counts model-info requests: the first thing a job asks an endpoint."""
+
+    supported_prompts = frozenset({"none", "shallow"})
+
+    def __init__(self, labels_by_text):
+        super().__init__(labels_by_text)
+        self.info_requests = 0
+
+    async def model_info(self) -> ModelInfo:
+        self.info_requests += 1
+        return await super().model_info()
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"method_options": {"popsize": "abc"}}, ConfigError, "popsize"),
+    ({"task": TaskConfig(name="nosuch")}, ConfigError, "nosuch"),
+    ({"method": "bbtv2"}, UnsupportedError, "deep prompts"),
+])
+async def test_what_needs_no_endpoint_is_refused_before_the_endpoint_is_asked(tmp_path, labels_by_text, change,
+                                                                              error, message):
+    backend = _ShallowOnlyEndpoint(labels_by_text)
+    cfg = _config(tmp_path, calls=30).model_copy(update=change)
+    with pytest.raises(error, match=message):
+        await tune(cfg, backend=backend)
+    assert backend.info_requests == 0 and backend.requests == 0
+    await tune(_config(tmp_path / "ok", calls=30), backend=backend)  # the same endpoint serves a valid job
+    assert backend.info_requests == 1
 
 
 async def test_budget_too_small_for_one_generation_stops_cleanly(tmp_path, labels_by_text):

@@ -93,6 +93,18 @@ def test_parse_variant():
     for bad in ("nonsense", "x:novalue", "bad name:popsize=3"):
         with pytest.raises(ConfigError):
             parse_variant(bad)
+    with pytest.raises(ConfigError) as bad_name:
+        parse_variant("bad name:popsize=3")
+    assert str(bad_name.value) == ("--variant 'bad name:popsize=3': variant name 'bad name' must be letters, digits "
+                                   "and _.+- (it names directories)")  # the reason alone, not pydantic's dump
+
+
+def test_unknown_task_fails_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="nosuch"):
+        build_jobs(_spec(tmp_path, tasks=["nosuch"]))
+    with pytest.raises(ConfigError, match="template"):
+        build_jobs(_spec(tmp_path, variants=[Variant(name="nomask", overrides={"template": "{text} ."})]))
+    assert not (tmp_path / "sweep").exists()
 
 
 async def test_nested_budgets_continue_one_run_and_rerun_skips_finished_stages(tmp_path, labels_by_text):
