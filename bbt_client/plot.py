@@ -87,6 +87,8 @@ def build_run_figure(run_dir: Path | str) -> tuple[Any, list]:
     they would overlap."""
     plt = _pyplot()
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
     history = read_history(run_dir)
     if not history:
         raise CheckpointError(f"{run_dir} has no history.jsonl with finished generations to plot")

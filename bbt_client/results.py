@@ -116,6 +116,8 @@ def load_result(run_dir: Path) -> RunResult:
     try:
         return RunResult.model_validate_json(path.read_text())
     except FileNotFoundError:
+        if not Path(run_dir).is_dir():
+            raise CheckpointError(f"run directory {run_dir} does not exist") from None
         raise CheckpointError(f"no {RESULT_FILE} in {run_dir}: the run has not finished (resume it first)") from None
     except ValidationError as exc:
         raise CheckpointError(f"{path} is not a bbt-client result: {exc.errors()[0]['msg']}") from None

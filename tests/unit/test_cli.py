@@ -51,6 +51,14 @@ def test_report_on_a_directory_without_result_exits_4(tmp_path, capsys):
     assert "no result.json" in capsys.readouterr().err
 
 
+def test_a_mistyped_run_directory_is_named_as_missing_not_as_unfinished(tmp_path, capsys):
+    missing = tmp_path / "typo"
+    for argv in (["report", "--run", str(missing)], ["evaluate", "--run", str(missing)]):
+        assert cli.main(argv) == 4
+        err = capsys.readouterr().err
+        assert f"run directory {missing} does not exist" in err and "resume" not in err
+
+
 def test_plot_command_writes_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     write_run(tmp_path / "a")

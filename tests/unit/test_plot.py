@@ -60,6 +60,8 @@ def test_custom_output_path_and_run_without_result(tmp_path):
 def test_empty_run_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no history.jsonl"):
         plot_run(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        plot_run(tmp_path / "typo")
 
 
 def test_bbtv2_phases_are_drawn(tmp_path):
