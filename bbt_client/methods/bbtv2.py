@@ -8,6 +8,11 @@ budget: the job's single call budget is shared by all layers simply by running t
 it is spent (the code runs ``budget // (popsize · L)`` rounds, e.g. 8000 // (20 · 24) = 16 for
 RoBERTa-large).
 
+``schedule="joint"`` (not the paper's; measured in README, Results) replaces the round-robin with one CMA-ES over
+one z that sets every layer's prompt at once, ``A_l z + p0_l`` for every l, each A_l scaled as below: a call
+moves all layers, the whole deep prompt lives in one d-dimensional subspace, and every candidate is sent whole
+(C, L, n, D), so the server cannot reuse lower layers.
+
 "Current best" of a layer: after each generation of layer l, its held prompt becomes
 ``A_l · x_best + p0_l`` where ``x_best`` is the best z that layer's CMA-ES has ever been told (pycma's
 ``result.xbest``, as in the code; note its loss was measured with the other layers as they were
@@ -62,6 +67,11 @@ class BBTv2Config(PromptSearchConfig):
     generations_per_layer: int = Field(1, ge=1)
     #: What a layer holds while others are optimised: "best" (its best-ever z, the code) or "mean".
     keep: Literal["best", "mean"] = "best"
+    #: "alternate": one z_l and one CMA-ES per layer, visited in turn (the paper's divide and conquer).
+    #: "joint": one CMA-ES over one z that sets every layer's prompt at once (A_l z + p0_l for every l): each
+    #: call moves all layers, at the price of one d-dimensional subspace for the whole deep prompt (and no
+    #: lower-layer reuse on the server: every candidate runs all layers).
+    schedule: Literal["alternate", "joint"] = "alternate"
     #: Keep every layer's projection matrix in memory up to this many MiB; beyond it only the layer
     #: being optimised is kept (others are regenerated from their seeds when visited: ~0.3 s each).
     projection_cache_mib: int = Field(1024, ge=0)
@@ -104,7 +114,7 @@ class BBTv2Tuner(Tuner):
         self._optimisers = [
             _make_cmaes(config, derive_seed(self.seed, STREAM_CMA, layer),
                         sigma0=config.sigma0 if layer == 0 or config.sigma0_deep is None else config.sigma0_deep)
-            for layer in range(L)
+            for layer in range(1 if self.joint else L)
         ]
         self._base = self.p0.copy()  # (L, n, D): each layer's held prompt
         self._layer = 0
@@ -112,7 +122,8 @@ class BBTv2Tuner(Tuner):
         self._round = 0
         self._generation = 0
         self._pending: tuple[np.ndarray, np.ndarray] | None = None  # (z (C,d), candidates (C,n,D))
-        self._last: tuple[np.ndarray, int, np.ndarray] | None = None  # (base, layer, candidates)
+        #: (base, layer, candidates) of the last told generation; ``joint``: (None, None, (C, L, n, D) candidates)
+        self._last: tuple[np.ndarray | None, int | None, np.ndarray] | None = None
         self._best_prompt: np.ndarray | None = None
         self._best_loss = float("inf")
 
@@ -121,6 +132,11 @@ class BBTv2Tuner(Tuner):
     @property
     def popsize(self) -> int:
         return self.config.popsize
+
+    @property
+    def joint(self) -> bool:
+        """One optimiser for all layers (``schedule="joint"``); the layer index then stays 0."""
+        return self.config.schedule == "joint"
 
     @property
     def layer(self) -> int:
@@ -143,6 +159,8 @@ class BBTv2Tuner(Tuner):
     @property
     def phase(self) -> str:
         stage = ", compass search" if isinstance(self._optimisers[0], CompassSearch) else ""
+        if self.joint:
+            return f"all {self.num_layers} layers{stage}"
         return f"layer {self._layer + 1}/{self.num_layers}, round {self._round + 1}{stage}"
 
     def current_prompt(self) -> np.ndarray:
@@ -158,20 +176,27 @@ class BBTv2Tuner(Tuner):
     def _project(self, layer: int, z: np.ndarray) -> np.ndarray:
         return self.projections[layer](z) + self.p0[layer]
 
+    def _project_all(self, z: np.ndarray) -> np.ndarray:
+        """z (C, d) -> (C, L, n, D), or (d,) -> (L, n, D): every layer's prompt from one z (``joint``)."""
+        return np.stack([self._project(layer, z) for layer in range(self.num_layers)], axis=z.ndim - 1)
+
+    def _batch(self, candidates: np.ndarray) -> PromptBatch:
+        if self.joint:
+            return self.config.wrap("deep", candidates=candidates.copy())
+        return self.config.wrap("deep", base=self._base.copy(), layer=self._layer, candidates=candidates.copy())
+
     # ------------------------------------------------------------------ ask / tell
 
     def ask(self) -> PromptBatch:
         if self._pending is not None:
             raise RuntimeError("ask() called twice without tell(): report the pending generation's losses first")
         z = self._optimisers[self._layer].ask()
-        candidates = self._project(self._layer, z)
+        candidates = self._project_all(z) if self.joint else self._project(self._layer, z)
         self._pending = (z, candidates)
-        return self.config.wrap("deep", base=self._base.copy(), layer=self._layer, candidates=candidates.copy())
+        return self._batch(candidates)
 
     def pending_batch(self) -> PromptBatch | None:
-        if self._pending is None:
-            return None
-        return self.config.wrap("deep", base=self._base.copy(), layer=self._layer, candidates=self._pending[1].copy())
+        return None if self._pending is None else self._batch(self._pending[1])
 
     def tell(self, losses: np.ndarray, logits: np.ndarray | None = None) -> None:
         if self._pending is None:
@@ -184,15 +209,22 @@ class BBTv2Tuner(Tuner):
         i = int(np.argmin(f))
         if f[i] < self._best_loss:
             self._best_loss = float(f[i])
-            best = self._base.copy()
-            best[layer] = candidates[i]
-            self._best_prompt = best
-        self._last = (self._base.copy(), layer, candidates)
-        self._base[layer] = self._project(layer, self._held_z(es))
+            if self.joint:
+                self._best_prompt = candidates[i].copy()
+            else:
+                self._best_prompt = self._base.copy()
+                self._best_prompt[layer] = candidates[i]
+        self._last = (None, None, candidates) if self.joint else (self._base.copy(), layer, candidates)
+        if self.joint:
+            self._base = self._project_all(self._held_z(es))
+        else:
+            self._base[layer] = self._project(layer, self._held_z(es))
         self._pending = None
         self._generation += 1
         if isinstance(es, CMAES) and self.config.local_due(self._generation * self.popsize):
             self._start_local_stage()
+        if self.joint:
+            return
         self._visit_generations += 1
         if self._visit_generations >= self.config.generations_per_layer:
             self._visit_generations = 0
@@ -207,7 +239,7 @@ class BBTv2Tuner(Tuner):
         move between two visits of a layer, so its centre is re-measured in each generation (row 0)."""
         self._optimisers = [
             CompassSearch(self._held_z(es), popsize=self.popsize, step=self.config.local_step,
-                          seed=derive_seed(self.seed, STREAM_LOCAL, layer), remeasure_centre=True)
+                          seed=derive_seed(self.seed, STREAM_LOCAL, layer), remeasure_centre=not self.joint)
             for layer, es in enumerate(self._optimisers)
         ]
 

@@ -124,3 +124,44 @@ def test_two_stage_re_measures_each_layers_held_prompt_then_probes_single_axes(m
     full, resumed = straight_and_resumed(lambda: BBTv2Tuner(model_info, cfg, seed=8), gen, generations=8, split=3)
     for x, y in zip(full, resumed):
         assert x.layer == y.layer and np.array_equal(x.base, y.base) and np.array_equal(x.candidates, y.candidates)
+
+
+def test_joint_schedule_moves_every_layer_from_one_z(model_info):
+    t = BBTv2Tuner(model_info, {**SMALL, "schedule": "joint"}, seed=1)
+    assert len(t._optimisers) == 1 and t.phase == "all 3 layers"
+    for g in range(4):
+        batch = t.ask()
+        assert batch.kind == "deep" and batch.base is None and batch.layer is None
+        assert batch.candidates.shape == (8, 3, 4, 16)
+        np.testing.assert_array_equal(t.pending_batch().full(), batch.full())
+        z = t._pending[0]
+        for layer in range(3):  # every layer is its own projection of the one z
+            np.testing.assert_array_equal(batch.candidates[:, layer], t._project(layer, z))
+        losses = np.arange(8.0)[::-1] - g  # the last candidate is each generation's best, and a new best
+        t.tell(losses)
+        assert np.array_equal(t.best_prompt(), batch.candidates[7])
+        assert np.array_equal(t.last_candidate_prompts(), batch.candidates)
+        held = t._optimisers[0].best_x
+        np.testing.assert_array_equal(t.current_prompt(), np.stack([t._project(l, held) for l in range(3)]))
+    assert t.layer == 0 and t.round == 0 and t.generation == 4
+    with pytest.raises(ConfigError, match="schedule"):  # a checkpoint of the other schedule is refused
+        BBTv2Tuner(model_info, SMALL, seed=1).load_state_dict(t.state_dict())
+
+
+def test_joint_schedule_resumes_bit_identical_and_learns(model_info, toy_model, straight_and_resumed):
+    cfg = {**SMALL, "schedule": "joint"}
+    model = toy_model(model_info.hidden_size)
+
+    def gen(tuner):
+        b = tuner.ask()
+        tuner.tell(cross_entropy(model.logits(b.full()), model.labels))
+        return b
+
+    full, resumed = straight_and_resumed(lambda: BBTv2Tuner(model_info, cfg, seed=8), gen)
+    for x, y in zip(full, resumed):
+        assert np.array_equal(x.candidates, y.candidates)
+    t = BBTv2Tuner(model_info, cfg, seed=0)
+    start = cross_entropy(model.logits(t.best_prompt()[None]), model.labels)[0]
+    for _ in range(30):
+        gen(t)
+    assert t.best_loss < 0.8 * start
