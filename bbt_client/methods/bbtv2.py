@@ -207,24 +207,26 @@ class BBTv2Tuner(Tuner):
         es = self._optimisers[layer]
         es.tell(f)
         i = int(np.argmin(f))
-        if f[i] < self._best_loss:
-            self._best_loss = float(f[i])
-            if self.joint:
-                self._best_prompt = candidates[i].copy()
-            else:
-                self._best_prompt = self._base.copy()
-                self._best_prompt[layer] = candidates[i]
-        self._last = (None, None, candidates) if self.joint else (self._base.copy(), layer, candidates)
-        if self.joint:
+        if self.joint:  # every layer moved: the candidates are whole prompts
+            best = candidates[i].copy()
+            self._last = (None, None, candidates)
             self._base = self._project_all(self._held_z(es))
-        else:
+        else:  # one layer moved: the others are the base it was asked with
+            best = self._base.copy()
+            best[layer] = candidates[i]
+            self._last = (self._base.copy(), layer, candidates)
             self._base[layer] = self._project(layer, self._held_z(es))
+        if f[i] < self._best_loss:
+            self._best_loss, self._best_prompt = float(f[i]), best
         self._pending = None
         self._generation += 1
         if isinstance(es, CMAES) and self.config.local_due(self._generation * self.popsize):
             self._start_local_stage()
-        if self.joint:
-            return
+        if not self.joint:
+            self._next_visit(layer)
+
+    def _next_visit(self, layer: int) -> None:
+        """Round-robin bookkeeping after a generation of ``layer``: move on once its visit has had its generations."""
         self._visit_generations += 1
         if self._visit_generations >= self.config.generations_per_layer:
             self._visit_generations = 0
