@@ -411,9 +411,12 @@ class GDFOTuner(Tuner):
             raise ValueError(f"not a GDFO state (method={state.get('method')!r})")
         if "identity" in state:
             check_state(state, _STATE_VERSION, self._identity())
-        elif self.config.calibrate:  # written before GDFO states carried their config (and calibrate): off
-            raise ConfigError("checkpoint was made with a different config; options that differ: calibrate "
-                              "(checkpoint: off, now: True); resume with --opt calibrate=false")
+        else:  # written before GDFO states carried their config; "calibrate" recorded by 13ed504 only, else off
+            was = bool(state.get("calibrate", False))
+            if was != self.config.calibrate:
+                raise ConfigError(f"checkpoint was made with a different config; options that differ: calibrate "
+                                  f"(checkpoint: {was}, now: {self.config.calibrate}); resume with "
+                                  f"--opt calibrate={str(was).lower()}")
         self.cma = CMAES.from_bytes(state["cma"])
         self.student.load_trainable_state(state["student"])
         self._kd_opt.load_state_dict(torch.load(io.BytesIO(state["kd_optimizer"]), weights_only=True))

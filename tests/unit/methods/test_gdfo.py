@@ -165,6 +165,9 @@ def test_state_round_trip_gives_identical_next_proposals(info):
     with pytest.raises(ConfigError, match="resume with --opt calibrate=false"):  # they were made uncalibrated
         make(info, gd_start=2, gd_steps=2, kd_steps=2).load_state_dict(old)
     make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=False).load_state_dict(old)
+    make(info, gd_start=2, gd_steps=2, kd_steps=2).load_state_dict({**old, "calibrate": True})  # 13ed504's states
+    with pytest.raises(ConfigError, match="resume with --opt calibrate=true"):
+        make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=False).load_state_dict({**old, "calibrate": True})
 
 
 def _nan_equal(x: dict, y: dict) -> bool:
