@@ -1,6 +1,8 @@
 """``python -m server_stub --model PATH|default --port 8080``: serve a local LM as a bbt black box.
 
-Ctrl-C / SIGTERM: stop accepting, finish in-flight requests, exit 0.
+Ctrl-C / SIGTERM: stop accepting, finish in-flight requests, exit 0. With ``--exit-with-stdin`` the end of
+stdin does the same: a parent that starts the server with a pipe on its stdin (``server_stub.testing.spawn_server``)
+takes it down when it dies, SIGKILL and the OOM killer included, instead of leaving it holding memory and a port.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from server_stub.app import ServerOptions, serve
 from server_stub.gate import FifoGate
@@ -18,6 +21,10 @@ from server_stub.loading import QUANTIZATIONS
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
     d = ServerOptions()
     p = argparse.ArgumentParser(prog="python -m server_stub", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=d.model, help="local HF checkpoint directory, or 'default' (bundled MiniLM)")
@@ -57,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
                       help="processed (default, as OpenAI): after logit_bias/allowed_token_ids; raw: the model's own"
                            " (vLLM's default)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--exit-with-stdin", action="store_true",
+                   help="stop as on SIGTERM when stdin reaches its end (for a parent process that holds the pipe)")
     p.add_argument("--test-gate", metavar="FIFO", help=argparse.SUPPRESS)  # tests only: hold each job (FifoGate)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,10 +87,10 @@ def parse_args(argv: list[str] | None = None) -> ServerOptions:
         max_queue=a.max_queue, coalesce_requests=a.coalesce_requests, threads=a.threads, served_model_name=a.served_model_name,
         enable_prompt_embeds=a.enable_prompt_embeds, max_logprobs=a.max_logprobs, logprobs_mode=a.logprobs_mode,
         before_job=FifoGate(a.test_gate) if a.test_gate else None,
-    )
+    ), a
 
 
-async def _main(opts: ServerOptions) -> None:
+async def _main(opts: ServerOptions, exit_with_stdin: bool = False) -> None:
     if opts.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("server_stub").warning(
             "listening on %s: reachable from other machines%s", opts.host,
@@ -90,13 +99,24 @@ async def _main(opts: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if exit_with_stdin:
+        threading.Thread(target=_stop_at_stdin_eof, args=(loop, stop), name="stdin-watch", daemon=True).start()
     await serve(opts, stop, on_ready=lambda port: print(f"ready http://{opts.host}:{port}", flush=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+def _stop_at_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    while sys.stdin.buffer.read1(65536):  # whatever the parent writes is ignored; only the end matters
+        pass
     try:
-        asyncio.run(_main(opts))
+        loop.call_soon_threadsafe(stop.set)
+    except RuntimeError:  # the loop has already closed: the server stopped for another reason
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, args = _parse(argv)
+    try:
+        asyncio.run(_main(opts, exit_with_stdin=args.exit_with_stdin))
     except (OSError, ValueError) as exc:  # missing model dir, port in use, bad device
         logging.getLogger("server_stub").error("%s", exc)
         return 2

@@ -72,13 +72,15 @@ def spawn_server(model: str | Path = "default", *cli_args: str, startup_timeout:
                  env: dict[str, str] | None = None) -> Iterator[str]:
     """Run ``python -m server_stub --model MODEL --port 0 *cli_args``; yield its URL; SIGTERM it on exit.
 
-    ``cli_args`` are extra CLI flags, e.g. ``"--threads", "2"``. The server's log goes to stderr.
+    ``cli_args`` are extra CLI flags, e.g. ``"--threads", "2"``. The server's log goes to stderr. The server
+    also stops when its stdin, a pipe only this process holds, closes: if this process is killed (SIGKILL, the
+    OOM killer) the server does not outlive it.
     """
     repo = str(Path(__file__).resolve().parents[1])
     child_env = {**os.environ, **(env or {})}
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, child_env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "server_stub", "--model", str(model), "--port", "0", *cli_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env)
+    cmd = [sys.executable, "-m", "server_stub", "--model", str(model), "--port", "0", "--exit-with-stdin", *cli_args]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env)
     try:
         ready: list[str] = []
         reader = threading.Thread(target=lambda: ready.append(proc.stdout.readline()), daemon=True)
@@ -96,4 +98,6 @@ def spawn_server(model: str | Path = "default", *cli_args: str, startup_timeout:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -214,3 +215,49 @@ def test_spawn_server_serves_then_stops(tiny_bert_dir):
         assert httpx.get(url + "/v1/health").json()["status"] == "ok"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/v1/health", timeout=5)
+
+
+def test_exit_with_stdin_stops_the_server_when_its_stdin_closes(tiny_bert_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server_stub", "--model", str(tiny_bert_dir), "--port", "0", "--threads", "1",
+         "--exit-with-stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
+        proc.stdin.close()  # what the OS does to the pipe when the parent holding it dies
+        assert proc.wait(timeout=60) == 0
+        assert "shutting down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_spawned_server_does_not_outlive_a_killed_parent(tiny_bert_dir):
+    """A sweep killed by the OOM killer used to leave its servers running (~0.8 GB and a port each)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom server_stub.testing import spawn_server\n"
+         f"with spawn_server({str(tiny_bert_dir)!r}, '--threads', '1') as url:\n"
+         "    print(url, flush=True)\n    sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    try:
+        url = parent.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        assert httpx.get(url + "/v1/health").json()["status"] == "ok"
+        parent.kill()  # SIGKILL: no finally, no atexit in the parent
+        parent.wait()
+        for _ in range(600):  # the server drains and exits; poll until it refuses connections
+            try:
+                httpx.get(url + "/v1/health", timeout=5)
+            except httpx.ConnectError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the server outlived its killed parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
