@@ -287,18 +287,23 @@ class _Context:
         """Choose ``per_class`` label words per class from the training texts, spending one call (see
         :mod:`bbt_client.verbalizer`); candidates that are not one token for the endpoint are dropped first."""
         task, train = self.data.task, self.data.train
-        cands = candidate_words(train.texts, train.labels, task.num_classes, task.label_words)
-        spelled = await self.backend.tokenize(words=cands)  # not billed: no model work
-        by_id = {}
-        for w in spelled.words:
-            if len(w.ids) == 1:
-                by_id.setdefault(w.ids[0], w.word)  # one word per token (an uncased vocabulary merges cases)
-        single = list(by_id.values())[:1000]
-        if len(single) < per_class * task.num_classes:
-            raise ConfigError(f"only {len(single)} candidate label words are single tokens for this endpoint; "
-                              f"lower search_label_words ({per_class})")
-        logits = await self.score("train", PromptBatch.zero_shot(), reserve_after=self.final_calls + 1, words=single)
-        found = select_words(logits[0], train.labels, single, task.num_classes, per_class)
+        pools = candidate_words(train.texts, train.labels, task.num_classes, task.label_words, 2 * per_class)
+        spelled = await self.backend.tokenize(words=[w for pool in pools for w in pool])  # not billed: no model work
+        ids = {w.word: w.ids for w in spelled.words}
+        words, owners, by_id = [], [], set()
+        for k, pool in enumerate(pools):
+            for w in pool:
+                if len(ids[w]) == 1 and ids[w][0] not in by_id:  # one word per token (uncased vocabularies merge)
+                    by_id.add(ids[w][0])
+                    words.append(w)
+                    owners.append(k)
+        short = [task.class_names[k] for k in range(task.num_classes) if owners.count(k) < per_class]
+        if short:
+            raise ConfigError(f"fewer than {per_class} candidate label words are single tokens for this endpoint "
+                              f"for class(es) {short}; lower search_label_words")
+        logits = await self.score("train", PromptBatch.zero_shot(), reserve_after=self.final_calls + 1, words=words)
+        found = tuple(tuple(words[v] for v in cols)
+                      for cols in select_words(logits[0], train.labels, owners, task.num_classes, per_class))
         log.info("label words found on the training texts: %s", {c: list(ws) for c, ws in zip(task.class_names, found)})
         return found
 

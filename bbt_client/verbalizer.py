@@ -6,13 +6,14 @@ one AG News class whatever the text) the prompt must first fight the words. BBT-
 (Sun et al. 2023) use several words per class instead. Our reading, fitted to a black box that only scores the
 words it is asked about:
 
-1. candidates: the task's own label words plus the words that are frequent in one class's training texts and
-   rare in the others' (never the dev or test texts);
+1. candidates, per class: the task's label word for it plus the words in two or more of its training texts
+   that are more frequent there than in the other classes' texts (never the dev or test texts); each word is
+   a candidate of one class only, so the text statistics and the model's scores must agree on it;
 2. one call scores every candidate at the answer slot for the training texts with no prompt (N × V logits);
 3. each text's row is centred (a per-text shift, the only difference between raw logits and the log-probs a text
    API returns, then cannot change the choice), each candidate's scores are standardised across the texts, and
    its score for class k is the mean over class k's texts minus the mean over the rest; each class takes its
-   ``m`` best words, no word serving two classes.
+   ``m`` best candidates.
 
 A class's logit is then the mean of its words' logits (the loss, accuracy and every method see K numbers as
 before). Pure: the job does the scoring call and its budget.
@@ -37,49 +38,50 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
 
 
 def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, label_words: Sequence[str],
-                    per_class: int = 40) -> list[str]:
-    """The task's label words as given, then for each class the ``per_class`` lower-cased words most
-    over-represented in its texts (document frequency in the class minus in the others), words in two or more
-    of the class's texts before words seen once, and ties to the word in more of them. Deterministic; order:
-    label words, then class by class. (Words seen once tie with each other and break ties alphabetically, so
-    they come after every word seen twice; before, "afar", "ancestor", "abandoning" led the list.)"""
+                    at_least: int = 10) -> list[list[str]]:
+    """Each class's candidates: its own label word, then the lower-cased words over-represented in its texts
+    (document frequency in the class minus in the others, > 0) that appear in two or more of them, best first;
+    words seen once (ordered alphabetically: nothing else tells them apart) only fill a class to ``at_least``.
+    A word is a candidate of one class only, the one it is most over-represented in, so the selection cannot
+    hand a sports word, or the label word "Business", to another class. Deterministic."""
     docs = [set(w.lower() for w in _WORD.findall(t)) - _STOPWORDS for t in texts]
     labels = np.asarray(labels)
-    out = list(dict.fromkeys(label_words))
-    seen = set(out)
+    counts = [Counter(w for d, y in zip(docs, labels) if y == k for w in d) for k in range(num_classes)]
+    sizes = [int((labels == k).sum()) for k in range(num_classes)]
+
+    def over(w: str, k: int) -> float:
+        rest = sum(counts[j][w] for j in range(num_classes) if j != k)
+        return counts[k][w] / max(1, sizes[k]) - rest / max(1, len(labels) - sizes[k])
+
+    taken = {w.lower() for w in label_words}
+    out = [[w] for w in label_words]
     for k in range(num_classes):
-        inside = Counter(w for d, y in zip(docs, labels) if y == k for w in d)
-        outside = Counter(w for d, y in zip(docs, labels) if y != k for w in d)
-        n_in, n_out = max(1, int((labels == k).sum())), max(1, int((labels != k).sum()))
-        ranked = sorted(inside, key=lambda w: (inside[w] < 2, -(inside[w] / n_in - outside[w] / n_out), -inside[w], w))
-        for w in ranked[:per_class]:
-            if w not in seen and len(w) > 2:
-                out.append(w)
-                seen.add(w)
+        score = {w: [over(w, j) for j in range(num_classes)] for w in counts[k] if w not in taken and len(w) > 2}
+        mine = sorted((w for w, o in score.items() if o[k] > 0 and int(np.argmax(o)) == k),
+                      key=lambda w: (counts[k][w] < 2, -score[w][k], -counts[k][w], w))
+        seen_twice = sum(counts[k][w] >= 2 for w in mine)
+        out[k] += mine[:max(seen_twice, at_least - 1)]
     return out
 
 
-def select_words(logits: np.ndarray, labels: np.ndarray, words: Sequence[str], num_classes: int,
-                 per_class: int) -> tuple[tuple[str, ...], ...]:
-    """``per_class`` words per class from zero-shot ``logits`` (N, V) of ``words`` on labelled texts (see the
-    module docstring); classes pick in turn, best remaining word first, so no word serves two classes."""
+def select_words(logits: np.ndarray, labels: np.ndarray, owners: Sequence[int], num_classes: int,
+                 per_class: int) -> list[list[int]]:
+    """For each class, the columns of ``logits`` (N, V: zero-shot scores of the candidates on labelled texts)
+    that it owns (``owners[v]`` = the class candidate ``v`` may serve) and that best separate its texts from the
+    rest (see the module docstring), best first; at most ``per_class`` each."""
     z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] != len(words):
-        raise ValueError(f"logits must be (N, {len(words)}), got {z.shape}")
+    owners = np.asarray(owners)
+    if z.ndim != 2 or z.shape[1] != len(owners):
+        raise ValueError(f"logits must be (N, {len(owners)}), got {z.shape}")
     labels = np.asarray(labels)
     z = z - z.mean(1, keepdims=True)
     z = (z - z.mean(0)) / (z.std(0) + 1e-9)
-    scores = np.stack([z[labels == k].mean(0) - z[labels != k].mean(0) for k in range(num_classes)])  # (K, V)
-    chosen: list[list[int]] = [[] for _ in range(num_classes)]
-    taken: set[int] = set()
-    for _ in range(per_class):
-        for k in range(num_classes):
-            for v in np.argsort(-scores[k], kind="stable"):
-                if int(v) not in taken:
-                    chosen[k].append(int(v))
-                    taken.add(int(v))
-                    break
-    return tuple(tuple(words[v] for v in c) for c in chosen)
+    chosen = []
+    for k in range(num_classes):
+        score = z[labels == k].mean(0) - z[labels != k].mean(0)
+        cols = np.flatnonzero(owners == k)
+        chosen.append([int(v) for v in cols[np.argsort(-score[cols], kind="stable")][:per_class]])
+    return chosen
 
 
 def flat_words(verbalizer: Sequence[Sequence[str]]) -> list[str]:

@@ -246,6 +246,22 @@ async def test_label_word_search_spends_one_call_and_the_words_are_kept_for_eval
     assert again["matches"], again
 
 
+async def test_a_label_word_search_with_too_few_single_token_words_for_a_class_fails_before_any_call(
+        tmp_path, labels_by_text):
+    class MultiTokenToy(ToyBackend):  # every candidate but the task's label words spans two tokens
+        async def tokenize(self, words=(), texts=()):
+            out = await super().tokenize(words, texts)
+            return out.model_copy(update={"words": [w if w.word in ("great", "bad") else
+                                                    w.model_copy(update={"ids": [*w.ids, 7]}) for w in out.words]})
+
+    backend = MultiTokenToy(labels_by_text)
+    cfg = _config(tmp_path, "bbt", calls=60)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"search_label_words": 2})})
+    with pytest.raises(ConfigError, match=r"fewer than 2 .* single tokens .* for class\(es\) \['0', '1'\]"):
+        await tune(cfg, backend=backend)
+    assert backend.calls == 0
+
+
 async def test_an_int8_endpoint_is_warned_about_before_tuning(tmp_path, labels_by_text, caplog):
     class Int8Toy(ToyBackend):
         async def model_info(self):

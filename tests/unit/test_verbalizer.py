@@ -8,37 +8,43 @@ import pytest
 from bbt_client.verbalizer import candidate_words, class_logits, flat_words, select_words
 
 
-def test_candidates_start_with_the_label_words_and_prefer_class_specific_words():
+def test_candidates_start_with_each_class_label_word_and_prefer_class_specific_words():
     texts = ["the striker scored a goal", "goal in the final minute", "stocks fell on wall street",
              "shares and stocks rallied", "the final report"]
     labels = np.array([0, 0, 1, 1, 0])
-    words = candidate_words(texts, labels, 2, ["Sports", "Business"], per_class=3)
-    assert words[:2] == ["Sports", "Business"]
-    assert "goal" in words and "stocks" in words and "the" not in words  # stop words never compete
+    pools = candidate_words(texts, labels, 2, ["Sports", "Business"], at_least=3)
+    assert [p[0] for p in pools] == ["Sports", "Business"]
+    assert pools[0][1:] == ["final", "goal"] and pools[1][1] == "stocks"  # seen twice there, never elsewhere
+    assert "the" not in pools[0]  # stop words never compete
 
 
-def test_candidates_seen_in_two_class_texts_come_first_and_ties_go_to_the_more_frequent_word():
+def test_words_seen_once_only_fill_a_class_and_a_word_serves_the_class_it_is_most_over_represented_in():
     texts = ["oil prices rose", "oil output fell again", "aardvark oil exports", "zebra prices climbed",
-             "the match ended", "the team won"]
+             "the match ended with oil", "the match won"]
     labels = np.array([0, 0, 0, 0, 1, 1])
-    words = candidate_words(texts, labels, 2, ["Business", "Sports"], per_class=2)
-    assert words[2:4] == ["oil", "prices"]  # 3 and 2 class texts; the once-seen "aardvark" does not lead
+    pools = candidate_words(texts, labels, 2, ["Business", "Sports"], at_least=3)
+    assert pools[0] == ["Business", "prices", "oil"]  # 2/4 - 0 before 3/4 - 1/2; nothing seen once needed
+    assert pools[1] == ["Sports", "match", "ended"]  # "match" twice, then the once-seen words fill to 3
+    assert "oil" not in pools[1]  # in one of two Sports texts but three of four Business texts
+    assert len(candidate_words(texts, labels, 2, ["Business", "Sports"], at_least=5)[0]) == 5
 
 
-def test_selection_takes_each_class_its_most_discriminative_words_without_sharing():
+def test_selection_takes_each_class_its_most_discriminative_own_candidates():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 10)
-    words = ["a0", "a1", "b0", "b1", "c0", "noise"]
-    logits = rng.normal(0, 0.1, (30, 6))
-    for k, cols in enumerate([(0, 1), (2, 3), (4,)]):
+    owners = [0, 0, 0, 1, 1, 2, 2]  # candidate 2 belongs to class 0 but separates class 1
+    logits = rng.normal(0, 0.1, (30, 7))
+    for k, cols in enumerate([(0, 1), (3, 4), (5,)]):
         for c in cols:
             logits[labels == k, c] += 2.0 - 0.5 * (c % 2)
-    found = select_words(logits, labels, words, 3, per_class=2)
-    assert set(found[0]) == {"a0", "a1"} and set(found[1]) == {"b0", "b1"}  # scale-free: separation counts
-    assert found[2][0] == "c0" and len(set(flat_words(found))) == 6  # every word serves one class only
+    logits[labels == 1, 2] += 5.0
+    found = select_words(logits, labels, owners, 3, per_class=2)
+    assert [set(f) for f in found[:2]] == [{0, 1}, {3, 4}]  # scale-free: separation counts, not size
+    assert found[2][0] == 5 and 2 not in found[1]  # a class never takes another class's candidate
     # log-probs (what a text API returns) differ from logits by a per-text shift: the same words are chosen
     shifted = logits + rng.normal(0, 50, (30, 1))
-    assert select_words(shifted, labels, words, 3, per_class=2) == found
+    assert select_words(shifted, labels, owners, 3, per_class=2) == found
+    assert flat_words((("a", "b"), ("c",))) == ["a", "b", "c"]
 
 
 def test_class_logits_average_each_class_words():
