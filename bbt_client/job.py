@@ -289,11 +289,11 @@ class _Context:
         task, train = self.data.task, self.data.train
         pools = candidate_words(train.texts, train.labels, task.num_classes, task.label_words, 2 * per_class)
         spelled = await self.backend.tokenize(words=[w for pool in pools for w in pool])  # not billed: no model work
-        ids = {w.word: w.ids for w in spelled.words}
-        words, owners, by_id = [], [], set()
+        ids = {t.word: t.ids for t in spelled.words}
+        words, owners, by_id = [], [], set()  # one word per token id: an uncased vocabulary merges cases
         for k, pool in enumerate(pools):
             for w in pool:
-                if len(ids[w]) == 1 and ids[w][0] not in by_id:  # one word per token (uncased vocabularies merge)
+                if len(ids.get(w, ())) == 1 and ids[w][0] not in by_id:
                     by_id.add(ids[w][0])
                     words.append(w)
                     owners.append(k)
