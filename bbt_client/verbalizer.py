@@ -35,6 +35,8 @@ _STOPWORDS = frozenset(
     "one two also who which what when where while there here all any some just only very".split()
 )
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+#: Candidates per class at most (beyond ``at_least``): bounds the one scoring call when there are many shots.
+MAX_PER_CLASS = 100
 
 
 def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, label_words: Sequence[str],
@@ -60,7 +62,7 @@ def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, 
         mine = sorted((w for w, o in score.items() if o[k] > 0 and int(np.argmax(o)) == k),
                       key=lambda w: (counts[k][w] < 2, -score[w][k], -counts[k][w], w))
         seen_twice = sum(counts[k][w] >= 2 for w in mine)
-        out[k] += mine[:max(seen_twice, at_least - 1)]
+        out[k] += mine[:max(min(seen_twice, MAX_PER_CLASS), at_least - 1)]
     return out
 
 

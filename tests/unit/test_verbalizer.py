@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bbt_client.verbalizer import candidate_words, class_logits, flat_words, select_words
+from bbt_client.verbalizer import MAX_PER_CLASS, candidate_words, class_logits, flat_words, select_words
 
 
 def test_candidates_start_with_each_class_label_word_and_prefer_class_specific_words():
@@ -27,6 +27,15 @@ def test_words_seen_once_only_fill_a_class_and_a_word_serves_the_class_it_is_mos
     assert pools[1] == ["Sports", "match", "ended"]  # "match" twice, then the once-seen words fill to 3
     assert "oil" not in pools[1]  # in one of two Sports texts but three of four Business texts
     assert len(candidate_words(texts, labels, 2, ["Business", "Sports"], at_least=5)[0]) == 5
+
+
+def test_many_shots_keep_the_candidate_lists_bounded():
+    words = [f"q{a}{b}" for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghij"]  # 260 distinct words
+    texts = [f"{w} {w}x" for w in words] * 2  # each word in two texts of class 0
+    labels = np.zeros(len(texts), int)
+    texts, labels = texts + ["the match"], np.append(labels, 1)
+    pools = candidate_words(texts, labels, 2, ["A", "B"], at_least=3)
+    assert len(pools[0]) == 1 + MAX_PER_CLASS
 
 
 def test_selection_takes_each_class_its_most_discriminative_own_candidates():
