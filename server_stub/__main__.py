@@ -105,7 +105,9 @@ async def _main(opts: ServerOptions, exit_with_stdin: bool = False) -> None:
 
 
 def _stop_at_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    while sys.stdin.buffer.read1(65536):  # whatever the parent writes is ignored; only the end matters
+    # os.read on the raw descriptor, not sys.stdin: a daemon thread blocked inside the buffered reader holds its
+    # lock, and interpreter shutdown after SIGTERM then aborts on it ("Fatal Python error: _enter_buffered_busy")
+    while os.read(sys.stdin.fileno(), 65536):  # whatever the parent writes is ignored; only the end matters
         pass
     try:
         loop.call_soon_threadsafe(stop.set)

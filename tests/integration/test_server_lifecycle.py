@@ -235,6 +235,28 @@ def test_exit_with_stdin_stops_the_server_when_its_stdin_closes(tiny_bert_dir):
             proc.wait()
 
 
+def test_sigterm_with_stdin_still_open_exits_zero_without_a_fatal_error(tiny_bert_dir):
+    """spawn_server's normal stop: SIGTERM while the parent still holds the pipe. The stdin watcher was then
+    blocked in a buffered read, and interpreter shutdown died on that buffer's lock ("Fatal Python error:
+    _enter_buffered_busy", exit by abort), printed in the middle of `make tune`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server_stub", "--model", str(tiny_bert_dir), "--port", "0", "--threads", "1",
+         "--exit-with-stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "Fatal Python error" not in proc.stderr.read()
+    finally:
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_spawned_server_does_not_outlive_a_killed_parent(tiny_bert_dir):
     """A sweep killed by the OOM killer used to leave its servers running (~0.8 GB and a port each)."""
     parent = subprocess.Popen(
