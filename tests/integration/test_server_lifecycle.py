@@ -217,15 +217,21 @@ def test_spawn_server_serves_then_stops(tiny_bert_dir):
         httpx.get(url + "/v1/health", timeout=5)
 
 
-def test_exit_with_stdin_stops_the_server_when_its_stdin_closes(tiny_bert_dir):
+def _server_on_a_stdin_pipe(model_dir) -> subprocess.Popen:
+    """A server started with ``--exit-with-stdin`` and a pipe on its stdin, as spawn_server starts it; ready."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server_stub", "--model", str(tiny_bert_dir), "--port", "0", "--threads", "1",
+        [sys.executable, "-m", "server_stub", "--model", str(model_dir), "--port", "0", "--threads", "1",
          "--exit-with-stdin"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    line = proc.stdout.readline()
+    assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
+    return proc
+
+
+def test_exit_with_stdin_stops_the_server_when_its_stdin_closes(tiny_bert_dir):
+    proc = _server_on_a_stdin_pipe(tiny_bert_dir)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
         proc.stdin.close()  # what the OS does to the pipe when the parent holding it dies
         assert proc.wait(timeout=60) == 0
         assert "shutting down" in proc.stderr.read()
@@ -239,14 +245,8 @@ def test_sigterm_with_stdin_still_open_exits_zero_without_a_fatal_error(tiny_ber
     """spawn_server's normal stop: SIGTERM while the parent still holds the pipe. The stdin watcher was then
     blocked in a buffered read, and interpreter shutdown died on that buffer's lock ("Fatal Python error:
     _enter_buffered_busy", exit by abort), printed in the middle of `make tune`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server_stub", "--model", str(tiny_bert_dir), "--port", "0", "--threads", "1",
-         "--exit-with-stdin"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    proc = _server_on_a_stdin_pipe(tiny_bert_dir)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert "Fatal Python error" not in proc.stderr.read()
