@@ -56,13 +56,17 @@ def candidate_words(texts: Sequence[str], labels: np.ndarray, num_classes: int, 
         return counts[k][w] / max(1, sizes[k]) - rest / max(1, len(labels) - sizes[k])
 
     taken = {w.lower() for w in label_words}
+    owned: list[dict[str, float]] = [{} for _ in range(num_classes)]  # class -> {word: its over-representation}
+    for w in set().union(*counts) - taken:
+        o = [over(w, k) for k in range(num_classes)]
+        k = int(np.argmax(o))
+        if o[k] > 0 and len(w) > 2:
+            owned[k][w] = o[k]
     out = [[w] for w in label_words]
-    for k in range(num_classes):
-        score = {w: [over(w, j) for j in range(num_classes)] for w in counts[k] if w not in taken and len(w) > 2}
-        mine = sorted((w for w, o in score.items() if o[k] > 0 and int(np.argmax(o)) == k),
-                      key=lambda w: (counts[k][w] < 2, -score[w][k], -counts[k][w], w))
-        seen_twice = sum(counts[k][w] >= 2 for w in mine)
-        out[k] += mine[:max(min(seen_twice, MAX_PER_CLASS), at_least - 1)]
+    for k, mine in enumerate(owned):
+        ranked = sorted(mine, key=lambda w: (counts[k][w] < 2, -mine[w], -counts[k][w], w))
+        seen_twice = sum(counts[k][w] >= 2 for w in ranked)
+        out[k] += ranked[:max(min(seen_twice, MAX_PER_CLASS), at_least - 1)]
     return out
 
 
