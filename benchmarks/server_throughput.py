@@ -5,7 +5,9 @@ loop, which runs in this process; the paths are timed in alternating rounds (nev
 background load hits all alike. Workload is BBT-shaped: C candidate shallow prompts (C, n, D) on N texts.
 
 - ``gemm_gflops``: torch GEMM rate on the issue's shapes (1024x1024·1024x1536, 2048x384·384x1536,
-  4096x1536·1536x384), fp32 on the CPU with the run's thread count (fp16 on CUDA), measured here.
+  4096x1536·1536x384), fp32 on the CPU with the run's thread count (fp16 on CUDA), measured in every round
+  beside the paths (:class:`GemmRate`); ``model_gemm_gflops`` the same on the model's own linear shapes at
+  ``--max-batch-tokens`` rows, and ``model_gemm_utilization`` the server's rate against that.
 - ``baseline`` (also ``bare``, its older name): the reference code's way -- a plain Hugging Face eager fp32
   ``base_model(inputs_embeds=..., attention_mask=...)`` loop over the server's own micro-batches (built
   before timing) plus the head at the answer slot.
@@ -30,10 +32,16 @@ self-CPU share; machine shared, so shares, not rates):
     attention-mask where/and, embeddings   2 %
     Python (hooks, HF module calls)       <1 %   tokenisation: memoised per text, 0 % after the first call
 
-So the fp32 path is GEMM-bound; what is not GEMM is elementwise work HF runs unfused. What was cheap to fix:
-the last layer now runs at the answer slot only (:mod:`server_stub.answer_layer`: ~14 % of the FLOPs skipped,
-1.13x measured on the same model, fp32 and int8 alike; logits equal up to 1e-6). Int8 (dynamic, linear layers)
-cuts the GEMM cost; cross-request batching lets concurrent jobs share micro-batches.
+On a quiet 2-core AMD EPYC (fp32 GEMM 150 GFLOP/s), one BERT layer at 104 x 78 tokens: addmm 76 %, flash
+attention 10 %, gelu 6 %, bias copy 4.6 %, layer norm 2.4 % -- the same picture; the model's own GEMM shapes
+run at the issue shapes' rate there, and a hand-fused layer (one QKV GEMM, in-place residuals) was 4 % slower
+than HF's. So the fp32 path is GEMM-bound; what is not GEMM is elementwise work HF runs unfused. What was
+cheap to fix: the last layer now runs at the answer slot only (:mod:`server_stub.answer_layer`: ~14 % of the
+FLOPs skipped, 1.13x measured on the same model, fp32 and int8 alike; logits equal up to 1e-6). Int8 (dynamic,
+linear layers) cuts the GEMM cost; cross-request batching lets concurrent jobs share micro-batches. How much
+int8 cuts depends on the CPU: on that AMD host the dynamic int8 linear (8112 x 384 -> 1536) took 61 ms against
+fp32's 74 (the x86, fbgemm and onednn engines and per-channel weights alike), and ``torch._int_mm`` -- the way
+to per-token activation scales -- 3 s.
 
 Int8 on MiniLM: labels mostly agree with fp32 (0.94-1.0 on random prompts) but its logit noise (~0.3) is as large
 as what one candidate prompt changes against another (per-channel weights or SmoothQuant scaling did not help:
@@ -79,23 +87,45 @@ def load_texts(n: int) -> list[str]:
     return [" ".join(words[(i % 7):]) for i in range(n)]
 
 
-def gemm_gflops(device: str, dtype, seconds: float) -> float:
-    """GEMM rate on :data:`GEMM_SHAPES` with torch's current thread count (what the model's linears run on)."""
-    import torch
+class GemmRate:
+    """GEMM rate (GFLOP/s) on fixed shapes with torch's current thread count, timed as one more path of the
+    alternating rounds: a rate taken once before the paths drifts with background load and host, and the
+    utilisation is a ratio of the two. ``shapes`` are (M, K, N): (M×K)·(K×N)."""
 
-    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
-            for m, k, n in GEMM_SHAPES]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for a, b in mats:  # warm-up
-        a @ b
-    flops, t0 = 0.0, time.perf_counter()
-    sync()
-    while time.perf_counter() - t0 < seconds:
-        for (a, b), (m, k, n) in zip(mats, GEMM_SHAPES):
-            a @ b
-            flops += 2.0 * m * k * n
-    sync()
-    return flops / (time.perf_counter() - t0) / 1e9
+    def __init__(self, shapes, device: str, dtype, seconds: float):
+        import torch
+
+        self.shapes, self.seconds = shapes, seconds
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+                     for m, k, n in shapes]
+        self.flops = self.secs = 0.0
+        self.round()  # warm-up, not counted
+        self.flops = self.secs = 0.0
+
+    def round(self) -> None:
+        flops, t0 = 0.0, time.perf_counter()
+        self.sync()
+        while time.perf_counter() - t0 < self.seconds:
+            for (a, b), (m, k, n) in zip(self.mats, self.shapes):
+                a @ b
+                flops += 2.0 * m * k * n
+        self.sync()
+        self.flops += flops
+        self.secs += time.perf_counter() - t0
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.secs / 1e9
+
+
+def model_gemm_shapes(lm, rows: int) -> list[tuple[int, int, int]]:
+    """The (M, K, N) of the model's own linear layers at ``rows`` tokens per micro-batch, one per distinct
+    shape: the rate its GEMMs can reach, below the issue's larger-K shapes on some CPUs."""
+    from torch import nn
+
+    return sorted({(rows, m.in_features, m.out_features) for m in lm.base_model.modules()
+                   if isinstance(m, nn.Linear)})
 
 
 def flops_per_token(lm, tokens_per_seq: float) -> float:
@@ -286,7 +316,7 @@ def main() -> None:
     from server_stub.testing import spawn_server
 
     torch.set_num_threads(args.threads)
-    gemm = gemm_gflops(args.device, torch.float16 if cuda else torch.float32, 1.0 if args.quick else 3.0)
+    gemm_dtype, gemm_secs = torch.float16 if cuda else torch.float32, 0.5 if args.quick else 2.0
     texts = load_texts(args.texts)
     rng = np.random.default_rng(0)
     cli = ["--device", args.device, "--max-batch-tokens", str(args.max_batch_tokens), "--log-level", "WARNING",
@@ -305,12 +335,18 @@ def main() -> None:
         paths = {"server": ServerPath(url, body_of(prompts)), "baseline": BarePath(args, texts, prompts)}
         for q, q_url in q_urls.items():
             paths[q] = ServerPath(q_url, body_of(prompts))
+        rates = {"gemm": GemmRate(GEMM_SHAPES, args.device, gemm_dtype, gemm_secs),
+                 "model_gemm": GemmRate(model_gemm_shapes(paths["baseline"].lm, args.max_batch_tokens),
+                                        args.device, gemm_dtype, gemm_secs)}
         secs = {k: 0.0 for k in paths}
         out: dict[str, object] = {k: path.round() for k, path in paths.items()}  # warm-up all
         for _ in range(args.requests):  # alternate so drifting background load hits all paths alike
             for k, path in paths.items():
                 dt, out[k] = timed(path)
                 secs[k] += dt
+            for r in rates.values():
+                r.round()
+        gemm, model_gemm = rates["gemm"].gflops, rates["model_gemm"].gflops
         bodies = [body_of(rng.normal(0, 0.05, prompts.shape).astype(np.float32)) for _ in range(CONCURRENT_JOBS)]
         conc_reps = max(1, args.requests - 1)
         seq_t, conc_t = concurrent_vs_sequential(url, bodies, conc_reps)
@@ -331,7 +367,7 @@ def main() -> None:
 
     print(f"model={args.model} device={lm.device} C={args.candidates} N={args.texts} n={args.prompt_tokens} "
           f"rounds={args.requests} threads={args.threads} tokens/seq={tokens_per_seq:.1f} "
-          f"flops/token={fpt / 1e6:.1f}M gemm={gemm:.0f} GFLOP/s")
+          f"flops/token={fpt / 1e6:.1f}M gemm={gemm:.0f} GFLOP/s (model's own shapes {model_gemm:.0f})")
     print(f"{'path':<13}{'seconds':>10}{'seq/s':>10}{'GFLOP/s':>10}{'agree':>8}{'max|dl|':>10}")
     for k in paths:
         agree, diff = agrees.get(k, (1.0, 0.0))
@@ -341,7 +377,8 @@ def main() -> None:
           f"(ratio {conc_ratio:.3f}); client share of a {args.tune_calls}-call BBT run: {share:.3f} "
           f"of {tune_wall:.1f} s")
     print(json.dumps({
-        "gemm_gflops": round(gemm, 1), "tokens_per_seq": round(tokens_per_seq, 2),
+        "gemm_gflops": round(gemm, 1), "model_gemm_gflops": round(model_gemm, 1),
+        "model_gemm_utilization": round(util * gemm / model_gemm, 4), "tokens_per_seq": round(tokens_per_seq, 2),
         "flops_per_token": round(fpt), "baseline_seq_per_s": round(rate["baseline"], 2),
         "server_seq_per_s": round(rate["server"], 2), "flops_utilization": round(util, 4),
         "int8_seq_per_s": round(rate["int8"], 2) if "int8" in rate else None,
