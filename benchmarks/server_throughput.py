@@ -99,8 +99,9 @@ class GemmRate:
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         self.mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
                      for m, k, n in shapes]
-        self.flops = self.secs = 0.0
-        self.round()  # warm-up, not counted
+        for a, b in self.mats:  # warm-up, not counted
+            a @ b
+        self.sync()
         self.flops = self.secs = 0.0
 
     def round(self) -> None:

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -217,44 +219,41 @@ def test_spawn_server_serves_then_stops(tiny_bert_dir):
         httpx.get(url + "/v1/health", timeout=5)
 
 
-def _server_on_a_stdin_pipe(model_dir) -> subprocess.Popen:
-    """A server started with ``--exit-with-stdin`` and a pipe on its stdin, as spawn_server starts it; ready."""
+@contextmanager
+def _server_on_a_stdin_pipe(model_dir) -> Iterator[subprocess.Popen]:
+    """A server started with ``--exit-with-stdin`` and a pipe on its stdin, as spawn_server starts it; ready.
+    On the way out the pipe is closed and a server still running is killed."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "server_stub", "--model", str(model_dir), "--port", "0", "--threads", "1",
          "--exit-with-stdin"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-    line = proc.stdout.readline()
-    assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
-    return proc
-
-
-def test_exit_with_stdin_stops_the_server_when_its_stdin_closes(tiny_bert_dir):
-    proc = _server_on_a_stdin_pipe(tiny_bert_dir)
     try:
-        proc.stdin.close()  # what the OS does to the pipe when the parent holding it dies
-        assert proc.wait(timeout=60) == 0
-        assert "shutting down" in proc.stderr.read()
+        line = proc.stdout.readline()
+        assert line.startswith("ready http://127.0.0.1:"), line + proc.stderr.read()
+        yield proc
     finally:
+        proc.stdin.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_exit_with_stdin_stops_the_server_when_its_stdin_closes(tiny_bert_dir):
+    with _server_on_a_stdin_pipe(tiny_bert_dir) as proc:
+        proc.stdin.close()  # what the OS does to the pipe when the parent holding it dies
+        assert proc.wait(timeout=60) == 0
+        assert "shutting down" in proc.stderr.read()
 
 
 def test_sigterm_with_stdin_still_open_exits_zero_without_a_fatal_error(tiny_bert_dir):
     """spawn_server's normal stop: SIGTERM while the parent still holds the pipe. The stdin watcher was then
     blocked in a buffered read, and interpreter shutdown died on that buffer's lock ("Fatal Python error:
     _enter_buffered_busy", exit by abort), printed in the middle of `make tune`."""
-    proc = _server_on_a_stdin_pipe(tiny_bert_dir)
-    try:
+    with _server_on_a_stdin_pipe(tiny_bert_dir) as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert "Fatal Python error" not in proc.stderr.read()
-    finally:
-        proc.stdin.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_spawned_server_does_not_outlive_a_killed_parent(tiny_bert_dir):
