@@ -128,8 +128,7 @@ class ModelInfo(_Model):
     #: One digest per served parameter tensor (:mod:`bbt_client.weight_digests`): lets a client prove a local
     #: model (GDFO's student) shares no weights with this one. None: the server does not say.
     weight_digests: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] | None = None
-    #: None: weights as trained (in ``dtype``); "int8": linear layers quantized (logits differ slightly);
-    #: "int8-partial": the same with each feed-forward output linear kept in float32.
+    #: None: weights as trained (in ``dtype``); "int8": linear layers quantized (logits differ slightly).
     quantization: str | None = None
     #: Weight/activation dtype the server computes in (older servers: not said).
     dtype: str | None = None

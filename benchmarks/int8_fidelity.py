@@ -1,12 +1,15 @@
-"""Where int8's logit noise enters: fp32 against dynamic int8 with different sets of linear layers quantized.
+"""Where int8's logit noise enters: fp32 against two int8 forms of the same model, candidate by candidate.
 
-Why: ``--quantize int8`` keeps labels mostly equal to fp32's but cost BBTv2 ten points of AG News accuracy
-(README, "Server speed"). What CMA-ES needs is the *ranking* of close candidates, so besides label agreement
-this measures, for C deep candidates drawn close together (a CMA-ES population late in a run: a shared
-base plus a small spread, per layer scaled by the model's hidden-state std), the correlation across
+Why: the stock dynamic int8 linear (one weight scale per matrix, one activation scale per batch; what
+``--quantize int8`` ran until this round) kept labels mostly equal to fp32's but cost BBTv2 19 points of AG
+News accuracy (README, "Server speed"). What CMA-ES needs is the *ranking* of close candidates, so besides
+label agreement this measures, for C deep candidates drawn close together (a CMA-ES population late in a run:
+a shared base plus a small spread, per layer scaled by the model's hidden-state std), the correlation across
 candidates of their training loss under int8 with their loss under fp32. No timing, so a busy machine does
-not bias the figures (two runs on different days differed in the second digit; cause not isolated).
-In-process, on the bundled model (or ``--model``), AG News training texts.
+not bias the figures. In-process, on the bundled model (or ``--model``), AG News training texts.
+
+Variants: ``stock`` (``torch.ao`` dynamic int8 on every linear) and ``int8`` (:class:`server_stub.int8.Int8Linear`:
+a scale per output channel and a range per token: today's ``--quantize int8``).
 
 Last line: one JSON object ``{"variants": {name: {"linears", "label_agreement", "max_abs_logit_diff",
 "loss_corr": [per draw]}}, ...}``; draws alternate spread 0.1 (close) and 0.5 (wide).
@@ -25,20 +28,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server_stub.loading import is_ffn_out  # noqa: E402  (after the path insert)
+from server_stub.int8 import quantize_linear_int8  # noqa: E402  (after the path insert)
 
 TEMPLATE, WORDS = "{mask} News: {text}", ["World", "Sports", "Business", "Tech"]
 CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-#: Which linear layers (by module name) each variant quantizes; "all" is ``--quantize int8`` and
-#: "all_but_second_ffn" is ``--quantize int8-partial``.
-VARIANTS = {
-    "all": lambda name, last: True,
-    "all_but_last_layer": lambda name, last: f"layer.{last}." not in name,
-    "all_but_second_ffn": lambda name, last: not is_ffn_out(name),
-    "first_ffn_only": lambda name, last: "intermediate" in name,
-}
+def quantize_stock(module) -> int:
+    """torch's own dynamic int8 on every linear layer (per-tensor weights, per-batch activations)."""
+    import torch
+    from torch import nn
+
+    spec = {m: torch.ao.quantization.default_dynamic_qconfig for m, mod in module.named_modules()
+            if isinstance(mod, nn.Linear)}
+    torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
+    return len(spec)
+
+
+VARIANTS = {"stock": quantize_stock, "int8": quantize_linear_int8}
 
 
 def main() -> None:
@@ -52,7 +59,6 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from torch import nn
 
     from bbt_client.protocol import PromptBatch
     from server_stub.app import ServerOptions, load_model
@@ -84,15 +90,13 @@ def main() -> None:
 
     ref = [score(fp32, p) for p in draws]
     out = {}
-    for name, keep in VARIANTS.items():
+    for name, quantize in VARIANTS.items():
         lm = load_model(ServerOptions(model=args.model, device="cpu"))
-        spec = {m: torch.ao.quantization.default_dynamic_qconfig for m, mod in lm.base_model.named_modules()
-                if isinstance(mod, nn.Linear) and keep(m, L - 1)}
-        torch.ao.quantization.quantize_dynamic(lm.base_model, spec, dtype=torch.qint8, inplace=True)
+        linears = quantize(lm.base_model)
         got = [score(lm, p) for p in draws]
         agree = np.mean([(g.argmax(-1) == r.argmax(-1)).mean() for g, r in zip(got, ref)])
         out[name] = {
-            "linears": len(spec),
+            "linears": linears,
             "label_agreement": round(float(agree), 4),
             "max_abs_logit_diff": round(float(max(abs(g - r).max() for g, r in zip(got, ref))), 3),
             "loss_corr": [round(float(np.corrcoef(loss(g), loss(r))[0, 1]), 3) for g, r in zip(got, ref)],

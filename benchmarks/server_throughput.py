@@ -13,8 +13,7 @@ background load hits all alike. Workload is BBT-shaped: C candidate shallow prom
   before timing) plus the head at the answer slot.
 - ``server``: POST /v1/score to a default server (fp32 on the CPU, fp16 with ``--device cuda``), body built
   before timing; everything else (JSON, base64, HTTP, queue, hooks, micro-batching, head) is timed.
-- ``int8``: the same against ``--quantize int8`` (CPU only); ``int8-partial``: against ``--quantize int8-partial``
-  (each feed-forward output linear left float32).
+- ``int8``: the same against ``--quantize int8`` (CPU only; :mod:`server_stub.int8`).
 - ``flops_per_token`` = 2 x parameters of the linear layers + attention (4 x S x D per layer, S = tokens per
   sequence); ``flops_utilization`` = server seq/s x tokens/seq x flops/token / ``gemm_gflops``.
 - concurrent: 8 jobs (own prompts each) send one request at once, against the same 8 requests sent one after
@@ -37,20 +36,22 @@ attention 10 %, gelu 6 %, bias copy 4.6 %, layer norm 2.4 % -- the same picture;
 run at the issue shapes' rate there, and a hand-fused layer (one QKV GEMM, in-place residuals) was 4 % slower
 than HF's. So the fp32 path is GEMM-bound; what is not GEMM is elementwise work HF runs unfused. What was
 cheap to fix: the last layer now runs at the answer slot only (:mod:`server_stub.answer_layer`: ~14 % of the
-FLOPs skipped, 1.13x measured on the same model, fp32 and int8 alike; logits equal up to 1e-6). Int8 (dynamic,
-linear layers) cuts the GEMM cost; cross-request batching lets concurrent jobs share micro-batches. How much
-int8 cuts depends on the CPU: on that AMD host the dynamic int8 linear (8112 x 384 -> 1536) took 61 ms against
-fp32's 74 (the x86, fbgemm and onednn engines and per-channel weights alike), and ``torch._int_mm`` -- the way
-to per-token activation scales -- 3 s.
+FLOPs skipped, 1.13x measured on the same model, fp32 and int8 alike; logits equal up to 1e-6). Int8 cuts the
+GEMM cost; cross-request batching lets concurrent jobs share micro-batches. ``torch._int_mm``, the obvious
+route to per-token activation scales, ran 40x slower than fp32 here.
 
-Int8 on MiniLM: labels mostly agree with fp32 (0.94-1.0 on random prompts) but its logit noise (~0.3) is as large
-as what one candidate prompt changes against another (per-channel weights or SmoothQuant scaling did not help:
-the tied head's logits are small dot products of large hidden states). ``benchmarks/int8_fidelity.py`` measures
-where the noise enters (training-loss correlation with fp32 across 20 close deep candidates): every linear int8
-0.48 / 0.22 / -0.01 at spread 0.1 (0.62 / 0.84 / 0.56 at 0.5); all but each layer's second feed-forward linear
-(``int8-partial``; its GELU inputs carry the outliers one per-batch activation scale flattens) 0.57 / 0.72 /
-0.51 (0.85 / 0.95 / 0.80) -- better, still short of fp32's 1, and that linear is a third of the GEMM work. The
-AG News runs (README) measure what each costs in tuning.
+Int8 on MiniLM, first form (torch's stock dynamic linear: one weight scale per matrix, one activation scale
+per batch): labels mostly agreed with fp32 but its logit noise was as large as what one candidate prompt
+changes against another, and BBTv2 lost 19 points of AG News accuracy tuning against it. Today's
+:mod:`server_stub.int8` gives each weight row and each token its own range: batch-mates no longer move a
+candidate's score. Its price is elementwise work around the stock kernel (a per-token min/max, a rescale of the
+input, a rank-2 correction of the output), so its speed over fp32 depends on how much faster the CPU's int8
+GEMM is (``benchmarks/int8_fidelity.py`` measures its fidelity, the AG News runs in README what it costs in
+tuning).
+
+Micro-batch size: ``server@8192`` times an fp32 server at the micro-batch size that was the default until
+this round. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB mmap threshold and every
+allocation faults in fresh pages (:data:`server_stub.batching.MAX_BATCH_TOKENS`).
 
 Prints a table, then as the LAST line one JSON object with the fields above (and the older ``bare_seq_per_s``,
 ``ratio`` = server / bare, ``max_abs_logit_diff`` of the server against the baseline).
@@ -297,7 +298,10 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=32, help="N texts per request (BBT few-shot SST-2: 32)")
     p.add_argument("--prompt-tokens", type=int, default=50, help="n (BBT default 50)")
     p.add_argument("--requests", type=int, default=3, help="timed rounds per path (after one warm-up)")
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="every path's micro-batch size (default: the server's own default)")
+    p.add_argument("--compare-max-batch-tokens", type=int, default=8192,
+                   help="also time an fp32 server at this micro-batch size (8192: the default until this round)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every path (GEMM rate too)")
     p.add_argument("--tune-calls", type=int, default=200, help="API calls of the client-share BBT run")
     p.add_argument("--quick", action="store_true",
@@ -306,6 +310,9 @@ def main() -> None:
     if args.quick:
         args.candidates, args.texts, args.requests, args.tune_calls = 4, 8, 1, 60
     cuda = args.device.startswith("cuda")
+    from server_stub.batching import MAX_BATCH_TOKENS
+
+    args.max_batch_tokens = args.max_batch_tokens or MAX_BATCH_TOKENS
 
     from contextlib import ExitStack
 
@@ -325,7 +332,11 @@ def main() -> None:
     with ExitStack() as stack:
         url = stack.enter_context(spawn_server(args.model, *cli))
         q_urls = {} if cuda else {q: stack.enter_context(spawn_server(args.model, *cli, "--quantize", q))
-                                  for q in ("int8", "int8-partial")}
+                                  for q in ("int8",)}
+        compare = f"server@{args.compare_max_batch_tokens}"
+        if args.compare_max_batch_tokens != args.max_batch_tokens:  # the later --max-batch-tokens wins
+            q_urls[compare] = stack.enter_context(spawn_server(
+                args.model, *cli, "--max-batch-tokens", str(args.compare_max_batch_tokens)))
         D = httpx.get(url + "/v1/model").json()["hidden_size"]
 
         def body_of(prompts) -> bytes:
@@ -362,7 +373,6 @@ def main() -> None:
     base_logits = out["baseline"][0]
     agrees = {k: agreement(out[k][0], base_logits) for k in paths if k != "baseline"}
     (s_agree, s_diff), (q_agree, q_diff) = agrees["server"], agrees.get("int8", (None, None))
-    p_agree, p_diff = agrees.get("int8-partial", (None, None))
     conc_ratio = seq_t / conc_t  # equal work both ways: aggregate rate over one job's
     util = rate["server"] * tokens_per_seq * fpt / 1e9 / gemm
 
@@ -385,10 +395,9 @@ def main() -> None:
         "int8_seq_per_s": round(rate["int8"], 2) if "int8" in rate else None,
         "int8_speedup": round(rate["int8"] / rate["server"], 4) if "int8" in rate else None,
         "label_agreement": s_agree, "max_abs_logit_diff": s_diff,
-        "int8_label_agreement": q_agree, "int8_max_abs_logit_diff": q_diff,
-        "int8_partial_seq_per_s": round(rate["int8-partial"], 2) if "int8-partial" in rate else None,
-        "int8_partial_speedup": round(rate["int8-partial"] / rate["server"], 4) if "int8-partial" in rate else None,
-        "int8_partial_label_agreement": p_agree, "int8_partial_max_abs_logit_diff": p_diff,
+        "int8_label_agreement": q_agree, "int8_max_abs_logit_diff": q_diff, "max_batch_tokens": args.max_batch_tokens,
+        "compare_max_batch_tokens": args.compare_max_batch_tokens,
+        "server_vs_compare": round(rate["server"] / rate[compare], 4) if compare in rate else None,
         "concurrent_jobs": CONCURRENT_JOBS, "concurrent_seq_per_s": round(CONCURRENT_JOBS * seqs * conc_reps / conc_t, 2), "concurrent_ratio": round(conc_ratio, 4),
         "client_share_of_wall": round(share, 4), "client_run_seconds": round(tune_wall, 1),
         "bare_seq_per_s": round(rate["baseline"], 2), "ratio": round(rate["server"] / rate["baseline"], 4),

@@ -35,10 +35,9 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
                    help="weights and activations: float32 (default); float16/bfloat16 on CUDA (bfloat16 also runs on "
                         "a CPU, but slower than float32 there unless the CPU has AMX)")
     p.add_argument("--quantize", default=d.quantize, choices=list(QUANTIZATIONS),
-                   help="int8: dynamic int8 linear layers (CPU only; ~1.5x faster, but its logit noise cost BBTv2 "
-                        "ten points of AG News accuracy in tuning: for serving a tuned prompt, not for tuning); "
-                        "int8-partial: the same with each feed-forward output linear kept float32 (less logit "
-                        "noise, less speed, and tuning lost as much: also not for tuning)")
+                   help="int8: int8 linear layers, a scale per weight row and a range per token (CPU only; how much "
+                        "faster than float32 depends on the CPU's int8 GEMM -- README 'Server speed'; BBTv2 tuned "
+                        "against it on AG News scored a few points below float32)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps; prefer --api-key-env)")
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")

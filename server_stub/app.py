@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server_stub.batching import ModelWorker
+from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
 from server_stub.http import HttpLimits
 from server_stub.model import PromptedLM, default_model_dir
 from server_stub.openai_face import FaceOptions, OpenAIFace
@@ -31,13 +31,12 @@ class ServerOptions:
     port: int = 8080
     device: str = "auto"
     dtype: str = "float32"
-    #: None (default), "int8" or "int8-partial": dynamic int8 linear layers, CPU only
-    #: (:func:`server_stub.loading.quantize_linear_int8`).
+    #: None (default) or "int8": int8 linear layers, CPU only (:mod:`server_stub.int8`).
     quantize: str | None = None
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = MAX_BATCH_TOKENS
     max_prompt_tokens: int = 64
     max_candidates: int = 256
     max_texts: int = 4096

@@ -26,6 +26,12 @@ from typing import Any, Callable, Sequence
 
 from server_stub.errors import Overloaded
 
+#: Default tokens (padding included) per forward micro-batch. Why not more: past ~4k tokens MiniLM's
+#: feed-forward activations (tokens x 1536 floats) pass 32 MiB, where glibc's malloc hands out fresh mmap'd
+#: pages that fault in on every allocation -- on this 2-core CPU a 50 MiB copy took 21 ms against 2.2 ms for
+#: half of it, and the server at 8192 was 1.2x slower (``benchmarks/server_throughput.py``, ``server@8192``).
+MAX_BATCH_TOKENS = 4096
+
 log = logging.getLogger(__name__)
 
 #: ``runner(args) -> results``: one result or exception instance per argument, in order.

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from server_stub.int8 import quantize_linear_int8
 from server_stub.weight_digests import weight_digests
 
 log = logging.getLogger("server_stub.model")
@@ -25,11 +26,8 @@ REFERENCE_TEXT = (
 )
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: ``--quantize`` choices: ``None`` (off), dynamic int8 linear layers (CPU only, fp32 model), or the same but
-#: with each layer's feed-forward output linear kept in float32 (:func:`quantize_linear_int8`).
-QUANTIZATIONS = ("int8", "int8-partial")
-#: Module-name endings of a layer's second feed-forward linear (BERT/RoBERTa/MiniLM, Llama, OPT-style).
-_FFN_OUT = ("output.dense", "mlp.down_proj", "fc2")
+#: ``--quantize`` choices besides ``None`` (off): int8 linear layers (CPU only, fp32 model; :mod:`server_stub.int8`).
+QUANTIZATIONS = ("int8",)
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -69,30 +67,6 @@ def check_precision(device: torch.device, dtype: str, quantize: str | None) -> N
                          f"on {device.type} use --dtype float16 or bfloat16 instead")
     if quantize is not None and dtype != "float32":
         raise ValueError(f"--quantize {quantize} quantizes float32 weights; drop --dtype {dtype}")
-
-
-def quantize_linear_int8(module: nn.Module, *, partial: bool = False) -> None:
-    """Replace ``nn.Linear`` layers in ``module``, in place, by dynamic int8 ones (weights int8 per tensor,
-    activations quantized per batch). Embeddings, LayerNorms and a tied head stay float32, so prompt hooks and
-    embedding-space prompts see the same tensors as before.
-
-    ``partial``: leave each layer's feed-forward output linear in float32. Its inputs are GELU outputs with a
-    few large entries, and one activation scale per batch rounds the rest away: on MiniLM that linear is where
-    most of int8's effect on the *ranking* of close candidates enters (``benchmarks/int8_fidelity.py``), for a
-    third of the GEMM work."""
-    import warnings
-
-    spec = {name: torch.ao.quantization.default_dynamic_qconfig for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and not (partial and is_ffn_out(name))}
-    with warnings.catch_warnings():  # torch.ao's deprecation notice: the eager API still ships and works
-        warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
-    log.info("%d linear layers quantized to dynamic int8 (engine %s)", len(spec), torch.backends.quantized.engine)
-
-
-def is_ffn_out(name: str) -> bool:
-    """Whether module ``name`` is a layer's second feed-forward linear (what ``int8-partial`` keeps float32)."""
-    return name.endswith(_FFN_OUT) and "attention" not in name
 
 
 class LoadedLM:
@@ -149,7 +123,7 @@ class LoadedLM:
         self.weight_digests = weight_digests(self.base_model) + (weight_digests(self.head) if self.head is not None else [])
         self._before_quantize()
         if quantize is not None:  # statistics above are the float32 model's: ModelInfo does not change with it
-            quantize_linear_int8(self.base_model, partial=quantize == "int8-partial")
+            quantize_linear_int8(self.base_model)
 
     def _before_quantize(self) -> None:
         """Runs once the model is loaded, in its own precision, before any ``--quantize``: subclasses check

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from bbt_client.protocol import PromptBatch
-from server_stub.errors import InvalidInput
 from server_stub.answer_layer import answer_layer_for
+from server_stub.batching import MAX_BATCH_TOKENS
+from server_stub.errors import InvalidInput
 from server_stub.layout import TextLayout, _Encoded
 from server_stub.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
 from server_stub.shared_batches import ScoreJob, ScoreOutput, score_shared
@@ -76,7 +77,7 @@ class PromptedLM(TextLayout):
 
     def layer_stats(self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int,
                     slot_ids: Sequence[int] | None, clip_rounds: int = 5, clip_sigmas: float = 3.0,
-                    max_batch_tokens: int = 8192) -> tuple[list[float], int]:
+                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> tuple[list[float], int]:
         """σ̂ per layer on these texts with ``add``-mode slots and nothing added (the plain model): entry 0 is the
         word-embedding std, entry l >= 1 the std of layer l's input over all positions after ``clip_rounds``
         rounds of clipping at μ ± ``clip_sigmas``·σ (BBTv2's reference statistics). Returns (stds, tokens)."""
@@ -150,7 +151,7 @@ class PromptedLM(TextLayout):
         prompts: PromptBatch,
         *,
         text_pairs: Sequence[str] | None = None,
-        max_batch_tokens: int = 8192,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
         max_candidates: int = 256,
     ) -> ScoreOutput:
         """(C, N, K) label-word logits at the answer slot; see the module docstring for the layout."""
@@ -182,7 +183,7 @@ class PromptedLM(TextLayout):
                 job.full = self._full_prompts(prompts)
         return job
 
-    def run_score_jobs(self, jobs: Sequence[ScoreJob], max_batch_tokens: int = 8192) -> None:
+    def run_score_jobs(self, jobs: Sequence[ScoreJob], max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
         """Fill each job's ``out``: jobs with equal :attr:`ScoreJob.key` share micro-batches
         (:mod:`server_stub.shared_batches`); a split deep job runs its own two phases."""
         groups: dict[tuple, list[ScoreJob]] = {}

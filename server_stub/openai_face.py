@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from server_stub.batching import ModelWorker
+from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
 from server_stub.errors import BadRequest, ServerError
 from server_stub.http import Handler, Request
 from server_stub.loading import LoadedLM
@@ -74,7 +74,7 @@ class FaceOptions:
     max_logprobs: int = 20
     logprobs_mode: str = "processed_logprobs"
     max_prompts: int = 4096
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = MAX_BATCH_TOKENS
 
     def __post_init__(self) -> None:
         if self.logprobs_mode not in LOGPROBS_MODES:

@@ -33,7 +33,7 @@ from bbt_client.protocol import (
     WordTokens,
     tensor_digest,
 )
-from server_stub.batching import ModelWorker
+from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http import Handler, HttpLimits, HttpServer, Request
 from server_stub.model import PromptedLM, ScoreJob, ScoreOutput
@@ -50,7 +50,7 @@ class ServiceLimits:
     max_prompt_tokens: int = 64
     max_candidates: int = 256
     max_texts: int = 4096
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = MAX_BATCH_TOKENS
     cache_bytes: int = 256 * 1024 * 1024
 
 

@@ -10,6 +10,7 @@ import torch
 
 from bbt_client.protocol import PromptBatch
 from server_stub.__main__ import parse_args
+from server_stub.int8 import Int8Linear
 from server_stub.loading import check_precision
 from server_stub.model import PromptedLM
 from server_stub.testing import run_server
@@ -43,7 +44,7 @@ def test_int8_agrees_with_float32_on_labels_for_every_prompt_path(which, tiny_be
     int8 = PromptedLM(path, device="cpu", quantize="int8")
     assert int8.quantization == "int8" and fp32.quantization is None
     assert int8.answer_layer is not None  # checked in float32 before quantizing, then follows the int8 modules
-    assert isinstance(int8.layers[0].intermediate.dense, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(int8.layers[0].intermediate.dense, Int8Linear)
     agree, diffs, signal = {}, [], {}
     for kind, batch in _prompt_batches(fp32, seed=3).items():
         a = fp32.score(TEMPLATE, TEXTS, WORDS, batch).logits
@@ -60,19 +61,24 @@ def test_int8_agrees_with_float32_on_labels_for_every_prompt_path(which, tiny_be
         assert min(v for k, v in signal.items() if k != "deep-split") >= 0.8, signal
 
 
-def test_int8_partial_keeps_the_feed_forward_outputs_float(tiny_bert_dir):
-    fp32 = PromptedLM(tiny_bert_dir, device="cpu")
-    part = PromptedLM(tiny_bert_dir, device="cpu", quantize="int8-partial")
-    assert part.quantization == "int8-partial" and part.answer_layer is not None
-    dynamic = torch.ao.nn.quantized.dynamic.Linear
-    for layer in part.layers:
-        assert type(layer.output.dense) is torch.nn.Linear  # the feed-forward output: float32
-        assert all(isinstance(m, dynamic) for m in (layer.intermediate.dense, layer.attention.output.dense,
-                                                    layer.attention.self.query, layer.attention.self.value))
-    batch = _prompt_batches(fp32, seed=3)["deep"]
-    a, b = (lm.score(TEMPLATE, TEXTS, WORDS, batch).logits for lm in (fp32, part))
-    assert 0 < np.abs(a - b).max() and (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
-    assert parse_args(["--quantize", "int8-partial"]).quantize == "int8-partial"
+def test_int8_linear_rounds_each_token_alone():
+    """A row's output does not depend on its batch-mates (the stock per-batch scale made one large candidate
+    coarsen every other's), and it stays close to float32 where the stock kernel does not."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(6, 64) * torch.linspace(0.1, 3, 6)[:, None]
+    loud = torch.cat([x, 200 * torch.randn(3, 64)])  # a batch-mate with entries ~100x larger
+    with torch.no_grad():
+        ours, exact = Int8Linear(lin), lin(x)
+        lin.qconfig = torch.ao.quantization.default_dynamic_qconfig
+        stock = torch.ao.nn.quantized.dynamic.Linear.from_float(lin)
+        assert torch.equal(ours(x), ours(loud)[:6])
+        assert not torch.allclose(stock(x), stock(loud)[:6], atol=1e-3)
+        err = (ours(loud)[:6] - exact).abs().max() / exact.abs().max()
+        assert err < 0.02 < (stock(loud)[:6] - exact).abs().max() / exact.abs().max(), err
+        const = torch.full((2, 64), 0.7)  # a row with no range: its midpoint carries it all
+        assert torch.allclose(ours(const), lin(const), atol=0.02)
+        assert ours(x.view(2, 3, 64)).shape == (2, 3, 48)
 
 
 def _candidate_effect(logits: np.ndarray) -> np.ndarray:
