@@ -49,9 +49,10 @@ input, a rank-2 correction of the output), so its speed over fp32 depends on how
 GEMM is (``benchmarks/int8_fidelity.py`` measures its fidelity, the AG News runs in README what it costs in
 tuning).
 
-Micro-batch size: ``server@8192`` times an fp32 server at the micro-batch size that was the default until
-this round. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB mmap threshold and every
-allocation faults in fresh pages (:data:`server_stub.batching.MAX_BATCH_TOKENS`).
+Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default
+until this round) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB
+mmap threshold and every allocation faults in fresh pages; smaller ones stay in cache
+(:data:`server_stub.batching.MAX_BATCH_TOKENS`).
 
 Prints a table, then as the LAST line one JSON object with the fields above (and the older ``bare_seq_per_s``,
 ``ratio`` = server / bare, ``max_abs_logit_diff`` of the server against the baseline).
@@ -301,7 +302,7 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="every path's micro-batch size (default: the server's own default)")
     p.add_argument("--compare-max-batch-tokens", type=int, default=8192,
-                   help="also time an fp32 server at this micro-batch size (8192: the default until this round)")
+                   help="also time an fp32 server at this micro-batch size (8192: the CPU default until this round)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every path (GEMM rate too)")
     p.add_argument("--tune-calls", type=int, default=200, help="API calls of the client-share BBT run")
     p.add_argument("--quick", action="store_true",
@@ -310,9 +311,9 @@ def main() -> None:
     if args.quick:
         args.candidates, args.texts, args.requests, args.tune_calls = 4, 8, 1, 60
     cuda = args.device.startswith("cuda")
-    from server_stub.batching import MAX_BATCH_TOKENS
+    from server_stub.batching import default_max_batch_tokens
 
-    args.max_batch_tokens = args.max_batch_tokens or MAX_BATCH_TOKENS
+    args.max_batch_tokens = args.max_batch_tokens or default_max_batch_tokens("cuda" if cuda else "cpu")
 
     from contextlib import ExitStack
 

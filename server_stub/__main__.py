@@ -43,7 +43,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="tokens (incl. padding) per model micro-batch")
+                   help="tokens (incl. padding) per model micro-batch (default: 2048 on a CPU, 8192 on a GPU)")
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-candidates", type=int, default=d.max_candidates)
     p.add_argument("--max-texts", type=int, default=d.max_texts)
@@ -77,7 +77,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
         p.error("--max-logprobs must be >= 0")
     for name in ("max_body_bytes", "max_batch_tokens", "max_prompt_tokens", "max_candidates", "max_texts", "max_queue",
                  "coalesce_requests"):
-        if getattr(a, name) <= 0:
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return ServerOptions(
         model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, quantize=a.quantize, api_key=api_key,

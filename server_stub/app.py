@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
+from server_stub.batching import ModelWorker, default_max_batch_tokens
 from server_stub.http import HttpLimits
 from server_stub.model import PromptedLM, default_model_dir
 from server_stub.openai_face import FaceOptions, OpenAIFace
@@ -36,7 +36,8 @@ class ServerOptions:
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    max_batch_tokens: int = MAX_BATCH_TOKENS
+    #: Tokens per forward micro-batch; None: :func:`server_stub.batching.default_max_batch_tokens` for the device.
+    max_batch_tokens: int | None = None
     max_prompt_tokens: int = 64
     max_candidates: int = 256
     max_texts: int = 4096
@@ -78,13 +79,14 @@ async def serve(
     """Load (unless ``lm`` is given), listen, call ``on_ready(port)``, serve until ``stop`` is set, drain."""
     if lm is None:
         lm = await asyncio.get_running_loop().run_in_executor(None, load_model, opts)
+    max_batch_tokens = opts.max_batch_tokens or default_max_batch_tokens(lm.device.type)
     worker = ModelWorker(max_queue=opts.max_queue, num_threads=opts.threads,  # torch threads are process-wide
                          before_job=opts.before_job, max_group=opts.coalesce_requests)
     limits = ServiceLimits(
         max_prompt_tokens=min(opts.max_prompt_tokens, lm.max_prompt_tokens),
         max_candidates=opts.max_candidates,
         max_texts=opts.max_texts,
-        max_batch_tokens=opts.max_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
         cache_bytes=opts.cache_bytes,
     )
     service = ScoringService(lm, worker, limits, max_body_bytes=opts.max_body_bytes)
@@ -98,7 +100,7 @@ async def serve(
     face = OpenAIFace(lm, worker, service.meter, FaceOptions(
         served_model_name=opts.served_model_name or lm.name, enable_prompt_embeds=opts.enable_prompt_embeds,
         max_logprobs=opts.max_logprobs, logprobs_mode=opts.logprobs_mode, max_prompts=opts.max_texts,
-        max_batch_tokens=opts.max_batch_tokens))
+        max_batch_tokens=max_batch_tokens))
     server = service.http_server(opts.api_key, http_limits, face)
     port = await server.start(opts.host, opts.port)
     log.info("serving %s (%s, %d layers, D=%d, %s) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,

@@ -26,13 +26,21 @@ from typing import Any, Callable, Sequence
 
 from server_stub.errors import Overloaded
 
-#: Default tokens (padding included) per forward micro-batch. Why not more: past ~4k tokens MiniLM's
-#: feed-forward activations (tokens x 1536 floats) pass 32 MiB, where glibc's malloc hands out fresh mmap'd
-#: pages that fault in on every allocation -- on this 2-core CPU a 50 MiB copy took 21 ms against 2.2 ms for
-#: half of it, and the server at 8192 was 1.2x slower (``benchmarks/server_throughput.py``, ``server@8192``).
-MAX_BATCH_TOKENS = 4096
-
 log = logging.getLogger(__name__)
+
+#: Default tokens (padding included) per forward micro-batch on a CPU. Why so few: past ~4k tokens MiniLM's
+#: feed-forward activations (tokens x 1536 floats) pass 32 MiB, where glibc's malloc maps fresh pages for
+#: every allocation and each one faults in, and below that smaller activations stay in the CPU's caches: on
+#: this 2-core CPU 4096 served 1.07x faster than 8192 and 2048 1.12x faster than 4096
+#: (``benchmarks/server_throughput.py``, its ``server@N`` path).
+MAX_BATCH_TOKENS = 2048
+#: The same on a GPU, where a micro-batch should fill the device (kept at the earlier default: unmeasured).
+GPU_MAX_BATCH_TOKENS = 8192
+
+
+def default_max_batch_tokens(device_type: str) -> int:
+    return MAX_BATCH_TOKENS if device_type == "cpu" else GPU_MAX_BATCH_TOKENS
+
 
 #: ``runner(args) -> results``: one result or exception instance per argument, in order.
 GroupRunner = Callable[[Sequence[Any]], Sequence[Any]]

@@ -258,6 +258,18 @@ def test_micro_batching_gives_same_logits_and_counts_passes(tiny_bert_dir, tiny_
     assert small.usage.tokens_processed == big.usage.tokens_processed
 
 
+def test_cpu_micro_batches_default_to_the_cpu_size(tiny_server, tiny_bert_dir):
+    from server_stub.batching import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS
+
+    spec, _ = _prompts("shallow", 50, 3, 32)  # ~3,400 tokens: over the CPU size, under the GPU one
+    req = ScoreRequest(template=MASKED_TEMPLATE, texts=TEXTS, label_words=WORDS, prompt=spec)
+    default = score(tiny_server, req)
+    assert MAX_BATCH_TOKENS < default.usage.tokens_processed < GPU_MAX_BATCH_TOKENS // 2
+    assert default.usage.forward_passes >= 2
+    with run_server(tiny_bert_dir, threads=1, max_batch_tokens=GPU_MAX_BATCH_TOKENS) as url:
+        assert score(url, req).usage.forward_passes == 1
+
+
 def test_tokens_processed_counts_real_tokens_and_prompt_slots(tiny_server, tiny_bert_dir):
     from transformers import AutoTokenizer
 
