@@ -1,52 +1,19 @@
-"""The last transformer layer computed at the answer slot only.
+"""Whether the server's model may run its last layer at the answer slot only (:mod:`bbt_client.answer_layer`).
 
-Why: a score needs the final hidden state at one position per sequence (the ``[MASK]``), yet a plain forward
-computes every position of the last layer. There, only keys and values need all positions; the query, the
-attention output projection and the feed-forward block (10 of the layer's 12 D² of weights) are needed at
-the answer alone. On MiniLM-L6 that skips ~14 % of the model's FLOPs with the same logits up to float noise.
-
-It rebuilds a BERT-style layer (``attention.self.{query,key,value}``, ``attention.output``, ``intermediate``,
-``output``: BERT, RoBERTa, MiniLM, ...) from its own modules, quantized ones included. :func:`answer_layer_for`
-checks it against the model's own layer on a padded batch at load time and returns None -- the plain path --
-for any layer it does not reproduce (other attention types, relative positions, causal LMs).
+On MiniLM-L6 that skips ~14 % of the model's FLOPs with the same logits up to float noise. :func:`answer_layer_for`
+checks the twin against the model's own layer on a padded batch at load time and returns None -- the plain path
+-- for any layer it does not reproduce (other attention types, relative positions, causal LMs).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from bbt_client.answer_layer import AnswerLayer, bert_answer_layer
 
 log = logging.getLogger("server_stub.model")
-
-#: ``fn(h, mask, answer)``: h (B, S, D) input of the last layer, mask (B, S) 1 = token, answer (B,) -> (B, D).
-AnswerLayer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def bert_answer_layer(layer: nn.Module) -> AnswerLayer:
-    """The answer-only twin of a BERT-style ``layer`` (raises AttributeError if it is not one). Submodules are
-    looked up at each call, so it follows them when ``--quantize`` swaps the linear layers."""
-    att = layer.attention.self
-    _ = (att.query, att.key, att.value, layer.attention.output, layer.intermediate, layer.output)
-    head = int(att.attention_head_size)
-    scale = float(getattr(att, "scaling", head ** -0.5))
-
-    def forward(h: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        att = layer.attention.self
-        B, S, _ = h.shape
-        x = h[torch.arange(B, device=h.device), answer.to(h.device)]  # (B, D)
-        q = att.query(x).view(B, 1, -1, head).transpose(1, 2)  # (B, H, 1, d)
-        k = att.key(h).view(B, S, -1, head).transpose(1, 2)  # (B, H, S, d)
-        v = att.value(h).view(B, S, -1, head).transpose(1, 2)
-        keep = mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, S)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)  # (B, H, 1, d)
-        a = layer.attention.output(ctx.transpose(1, 2).reshape(B, -1), x)
-        return layer.output(layer.intermediate(a), a)
-
-    return forward
 
 
 def answer_layer_for(lm, probe_ids: list[int]) -> AnswerLayer | None:

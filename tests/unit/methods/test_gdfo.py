@@ -245,6 +245,45 @@ def test_length_buckets_give_the_states_of_one_padded_batch_in_the_texts_order()
     torch.testing.assert_close(grouped, whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_last_layer_at_the_mask_only_gives_the_full_models_logits_and_gradients(mode, monkeypatch):
+    import bbt_client.answer_layer as answer_layer
+
+    st = Student(None, num_layers=2)  # the default e5 student
+    assert st._answer_layer is not None
+    enc = st.encode("{text} It was {mask} .", TEXTS[:5], n_prompt=3,
+                    slot_ids=st.default_slot_ids(3) if mode == "add" else None)
+    assert not bool(enc.attention_mask.all())  # padded rows: the twin must mask them as the model does
+    lab = st.label_ids(["bad", "great"])
+    p = torch.randn(2, 3, st.hidden_size, generator=torch.Generator().manual_seed(1)) * st.embedding_std
+
+    def run():
+        prompts = p.clone().requires_grad_(True)
+        st.model.zero_grad(set_to_none=True)
+        out = st.label_logits(prompts, enc, lab)
+        out.square().sum().backward()
+        return [out.detach(), prompts.grad] + [q.grad for q in st.trainable_parameters()]
+
+    seen = []  # what the last layer's feed-forward block is given: one row per sequence, or every position
+    hook = st.model.encoder.layer[-1].intermediate.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        fast = run()
+        twin, st._answer_layer = st._answer_layer, None
+        try:
+            full = run()
+        finally:
+            st._answer_layer = twin
+    finally:
+        hook.remove()
+    assert {len(s) for s in seen[: len(seen) // 2]} == {2} and {len(s) for s in seen[len(seen) // 2:]} == {3}
+    assert len(fast) == len(full) > 2
+    for a, b in zip(fast, full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # a twin that does not reproduce the model's last layer is caught when the student loads, and not used
+    monkeypatch.setattr(answer_layer, "bert_answer_layer", lambda layer: lambda h, m, a: h[:, 0] * 0)
+    assert Student(None, num_layers=2)._answer_layer is None
+
+
 # ---------------------------------------------------------------- harmonisation through pycma
 
 
