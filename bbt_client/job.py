@@ -192,9 +192,10 @@ class TuningJob:
             )
         info = await backend.model_info()
         if (info.quantization or "").startswith("int8"):
-            log.warning("the endpoint runs int8 weights: their rounding blurs the differences between candidate "
-                        "prompts (BBTv2 on AG News: 0.446 against float32's 0.494 with today's server_stub, 19 "
-                        "points lost with its earlier per-batch int8); tune against a float endpoint if you can")
+            log.warning("the endpoint runs int8 weights: what tuning loses depends on how it rounds (BBTv2 on AG "
+                        "News: 19 points lost to a per-batch activation scale, torch's stock dynamic int8; none to "
+                        "server_stub's per-token form with float32 outlier channels, 0.496 against float32's "
+                        "0.494); if scores look noisy, tune against a float endpoint")
         info = await _measured_model_info(backend, info, method_config, data)
         st = _State()
         counted = BudgetUsage()  # what the checkpoint knows was spent

@@ -147,7 +147,8 @@ class Student:
                 p.requires_grad_(any(k in name for k in _BITFIT_KEYS))
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self._torch = torch
-        #: The last layer at the mask only (:mod:`bbt_client.answer_layer`), or None: every position.
+        #: The last layer at the mask only (:mod:`bbt_client.answer_layer`), or None: every position. None while
+        #: the check runs the model both ways.
         self._answer_layer = None
         self._answer_layer = self._checked_answer_layer()
         #: Digests of the weights as loaded (before any distillation), to compare with the endpoint's.

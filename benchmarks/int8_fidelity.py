@@ -8,8 +8,10 @@ a shared base plus a small spread, per layer scaled by the model's hidden-state 
 candidates of their training loss under int8 with their loss under fp32. No timing, so a busy machine does
 not bias the figures. In-process, on the bundled model (or ``--model``), AG News training texts.
 
-Variants: ``stock`` (``torch.ao`` dynamic int8 on every linear) and ``int8`` (:class:`server_stub.int8.Int8Linear`:
-a scale per output channel and a range per token: today's ``--quantize int8``).
+Variants: ``stock`` (``torch.ao`` dynamic int8 on every linear), ``per-token`` (:class:`server_stub.int8.Int8Linear`
+without outlier channels: a scale per output channel and a range per token, last round's ``--quantize int8``)
+and ``int8`` (today's ``--quantize int8`` as the server loads it: the same with each linear's 16 largest input
+channels on the server's reference text kept in float32).
 
 Last line: one JSON object ``{"variants": {name: {"linears", "label_agreement", "max_abs_logit_diff",
 "loss_corr": [per draw]}}, ...}``; draws alternate spread 0.1 (close) and 0.5 (wide).
@@ -45,7 +47,8 @@ def quantize_stock(module) -> int:
     return len(spec)
 
 
-VARIANTS = {"stock": quantize_stock, "int8": quantize_linear_int8}
+#: name -> (the server's ``--quantize``, what quantizes the loaded model afterwards)
+VARIANTS = {"stock": (None, quantize_stock), "per-token": (None, quantize_linear_int8), "int8": ("int8", None)}
 
 
 def main() -> None:
@@ -90,9 +93,9 @@ def main() -> None:
 
     ref = [score(fp32, p) for p in draws]
     out = {}
-    for name, quantize in VARIANTS.items():
-        lm = load_model(ServerOptions(model=args.model, device="cpu"))
-        linears = quantize(lm.base_model)
+    for name, (option, quantize) in VARIANTS.items():
+        lm = load_model(ServerOptions(model=args.model, device="cpu", quantize=option))
+        linears = quantize(lm.base_model) if quantize else sum(type(m).__name__ == "Int8Linear" for m in lm.base_model.modules())
         got = [score(lm, p) for p in draws]
         agree = np.mean([(g.argmax(-1) == r.argmax(-1)).mean() for g, r in zip(got, ref)])
         out[name] = {

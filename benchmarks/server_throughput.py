@@ -43,10 +43,10 @@ route to per-token activation scales, ran 40x slower than fp32 here.
 Int8 on MiniLM, first form (torch's stock dynamic linear: one weight scale per matrix, one activation scale
 per batch): labels mostly agreed with fp32 but its logit noise was as large as what one candidate prompt
 changes against another, and BBTv2 lost 19 points of AG News accuracy tuning against it. Today's
-:mod:`server_stub.int8` gives each weight row and each token its own range: batch-mates no longer move a
-candidate's score. Its price is elementwise work around the stock kernel (a per-token min/max, a rescale of the
-input, a rank-2 correction of the output), so its speed over fp32 depends on how much faster the CPU's int8
-GEMM is (``benchmarks/int8_fidelity.py`` measures its fidelity, the AG News runs in README what it costs in
+:mod:`server_stub.int8` gives each weight row and each token its own range (batch-mates no longer move a
+candidate's score) and keeps each layer's 16 loudest input channels in float32. Its price is elementwise work
+around the stock kernel (a per-token min/max, a rescale of the input, the outlier channels' copy, a low-rank
+correction of the output), so its speed over fp32 depends on how much faster the CPU's int8 GEMM is (``benchmarks/int8_fidelity.py`` measures its fidelity, the AG News runs in README what it costs in
 tuning).
 
 Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default

@@ -17,6 +17,7 @@ import threading
 
 from server_stub.app import ServerOptions, serve
 from server_stub.gate import FifoGate
+from server_stub.int8 import OUTLIER_CHANNELS
 from server_stub.loading import QUANTIZATIONS
 
 
@@ -35,9 +36,13 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
                    help="weights and activations: float32 (default); float16/bfloat16 on CUDA (bfloat16 also runs on "
                         "a CPU, but slower than float32 there unless the CPU has AMX)")
     p.add_argument("--quantize", default=d.quantize, choices=list(QUANTIZATIONS),
-                   help="int8: int8 linear layers, a scale per weight row and a range per token (CPU only; how much "
-                        "faster than float32 depends on the CPU's int8 GEMM -- README 'Server speed'; BBTv2 tuned "
-                        "against it on AG News scored a few points below float32)")
+                   help="int8: int8 linear layers, a scale per weight row and a range per token, 16 outlier input "
+                        "channels per layer kept float32 (CPU only; how much faster than float32 depends on the "
+                        "CPU's int8 GEMM -- README 'Server speed'; BBTv2 tuned against it on AG News as well as "
+                        "against float32)")
+    p.add_argument("--int8-outliers", type=int, metavar="K",
+                   help=f"with --quantize int8: input channels per layer kept float32 (default {OUTLIER_CHANNELS}; 0 "
+                        "rounds them too: faster on a CPU without VNNI, but BBTv2 lost ~5 points of AG News to it)")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (visible in ps; prefer --api-key-env)")
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from environment variable VAR")
@@ -75,12 +80,15 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
             p.error(f"--api-key-env {a.api_key_env}: that environment variable is empty or unset")
     if a.max_logprobs < 0:
         p.error("--max-logprobs must be >= 0")
+    if a.int8_outliers is not None and (a.quantize != "int8" or a.int8_outliers < 0):
+        p.error("--int8-outliers K needs --quantize int8 and K >= 0")
     for name in ("max_body_bytes", "max_batch_tokens", "max_prompt_tokens", "max_candidates", "max_texts", "max_queue",
                  "coalesce_requests"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return ServerOptions(
         model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, quantize=a.quantize, api_key=api_key,
+        int8_outliers=d.int8_outliers if a.int8_outliers is None else a.int8_outliers,
         max_body_bytes=a.max_body_bytes, max_batch_tokens=a.max_batch_tokens,
         max_prompt_tokens=a.max_prompt_tokens, max_candidates=a.max_candidates, max_texts=a.max_texts,
         max_queue=a.max_queue, coalesce_requests=a.coalesce_requests, threads=a.threads, served_model_name=a.served_model_name,

@@ -13,6 +13,7 @@ from typing import Callable
 
 from server_stub.batching import ModelWorker, default_max_batch_tokens
 from server_stub.http import HttpLimits
+from server_stub.int8 import OUTLIER_CHANNELS
 from server_stub.model import PromptedLM, default_model_dir
 from server_stub.openai_face import FaceOptions, OpenAIFace
 from server_stub.service import ScoringService, ServiceLimits
@@ -33,6 +34,8 @@ class ServerOptions:
     dtype: str = "float32"
     #: None (default) or "int8": int8 linear layers, CPU only (:mod:`server_stub.int8`).
     quantize: str | None = None
+    #: With ``quantize="int8"``: input channels per linear kept float32 (:data:`server_stub.int8.OUTLIER_CHANNELS`).
+    int8_outliers: int = OUTLIER_CHANNELS
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
@@ -67,7 +70,7 @@ def load_model(opts: ServerOptions) -> PromptedLM:
     else:
         path, name = Path(opts.model).expanduser(), None
     return PromptedLM(path, device=opts.device, dtype=opts.dtype, max_prompt_tokens=opts.max_prompt_tokens, name=name,
-                      quantize=opts.quantize)
+                      quantize=opts.quantize, int8_outliers=opts.int8_outliers)
 
 
 async def serve(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server_stub.int8 import quantize_linear_int8
+from server_stub.int8 import OUTLIER_CHANNELS, quantize_linear_int8
 from server_stub.weight_digests import weight_digests
 
 log = logging.getLogger("server_stub.model")
@@ -81,6 +81,7 @@ class LoadedLM:
         max_prompt_tokens: int = 64,
         name: str | None = None,
         quantize: str | None = None,
+        int8_outliers: int = OUTLIER_CHANNELS,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -123,7 +124,8 @@ class LoadedLM:
         self.weight_digests = weight_digests(self.base_model) + (weight_digests(self.head) if self.head is not None else [])
         self._before_quantize()
         if quantize is not None:  # statistics above are the float32 model's: ModelInfo does not change with it
-            quantize_linear_int8(self.base_model)
+            # outlier channels found on the reference text: no task data
+            quantize_linear_int8(self.base_model, calibrate=self._reference_forward, outliers=int8_outliers)
 
     def _before_quantize(self) -> None:
         """Runs once the model is loaded, in its own precision, before any ``--quantize``: subclasses check
@@ -216,10 +218,14 @@ class LoadedLM:
             suffix = []  # the answer is the next token: nothing may follow the template
         return list(prefix), list(suffix)
 
-    def _reference_hidden_std(self) -> list[float]:
+    def _reference_forward(self) -> None:
+        """One plain forward pass of the reference text (hooks read what they need from it)."""
         ids = self._special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
         ids = (ids + self._special_suffix)[: self.max_seq_len]
         x = torch.tensor([ids], device=self.device)
+        self.base_model(input_ids=x, attention_mask=torch.ones_like(x), **self._extra_kwargs())
+
+    def _reference_hidden_std(self) -> list[float]:
         stds: list[float] = []
         handles = [
             layer.register_forward_pre_hook(
@@ -228,7 +234,7 @@ class LoadedLM:
             for layer in self.layers
         ]
         try:
-            self.base_model(input_ids=x, attention_mask=torch.ones_like(x), **self._extra_kwargs())
+            self._reference_forward()
         finally:
             for h in handles:
                 h.remove()

@@ -10,7 +10,7 @@ import torch
 
 from bbt_client.protocol import PromptBatch
 from server_stub.__main__ import parse_args
-from server_stub.int8 import Int8Linear
+from server_stub.int8 import OUTLIER_CHANNELS, Int8Linear, quantize_linear_int8
 from server_stub.loading import check_precision
 from server_stub.model import PromptedLM
 from server_stub.testing import run_server
@@ -44,7 +44,8 @@ def test_int8_agrees_with_float32_on_labels_for_every_prompt_path(which, tiny_be
     int8 = PromptedLM(path, device="cpu", quantize="int8")
     assert int8.quantization == "int8" and fp32.quantization is None
     assert int8.answer_layer is not None  # checked in float32 before quantizing, then follows the int8 modules
-    assert isinstance(int8.layers[0].intermediate.dense, Int8Linear)
+    dense = int8.layers[0].intermediate.dense
+    assert isinstance(dense, Int8Linear) and len(dense._outliers) == min(OUTLIER_CHANNELS, dense.in_features)
     agree, diffs, signal = {}, [], {}
     for kind, batch in _prompt_batches(fp32, seed=3).items():
         a = fp32.score(TEMPLATE, TEXTS, WORDS, batch).logits
@@ -81,6 +82,23 @@ def test_int8_linear_rounds_each_token_alone():
         assert ours(x.view(2, 3, 64)).shape == (2, 3, 48)
 
 
+def test_outlier_channels_found_by_calibration_stay_float32():
+    """A channel far louder than the rest in every token (as BERT-style models have) would set each token's
+    range; calibration finds it, it bypasses int8, and the rest are rounded on their own range."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    x = torch.randn(6, 64)
+    x[:, 5] *= 60
+    with torch.no_grad():
+        exact, plain = model(x), Int8Linear(model[0])(x)
+        assert quantize_linear_int8(model, calibrate=lambda: model(x), outliers=2) == 1
+        ours = model[0]
+        assert isinstance(ours, Int8Linear) and 5 in ours._outliers.tolist()
+        err = (ours(x) - exact).abs().max() / exact.abs().max()
+        assert err < ((plain - exact).abs().max() / exact.abs().max()) / 4, err
+        assert torch.equal(ours(x), ours(torch.cat([x, 200 * torch.randn(3, 64)]))[:6])  # still batch-independent
+
+
 def _candidate_effect(logits: np.ndarray) -> np.ndarray:
     """Each candidate's label margin minus the mean over candidates, per text: what the prompt alone changes."""
     margin = logits[..., 0] - logits[..., 1]
@@ -96,9 +114,16 @@ def test_server_reports_int8_in_model_and_health(tiny_bert_dir):
         assert info["quantization"] is None and info["dtype"] == "float32"
 
 
-def test_cli_flag_and_refusals():
+def test_cli_flag_and_refusals(tiny_bert_dir):
     assert parse_args(["--quantize", "int8"]).quantize == "int8"
     assert parse_args([]).quantize is None
+    assert parse_args(["--quantize", "int8"]).int8_outliers == OUTLIER_CHANNELS
+    assert parse_args(["--quantize", "int8", "--int8-outliers", "0"]).int8_outliers == 0
+    for bad in (["--int8-outliers", "4"], ["--quantize", "int8", "--int8-outliers", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    plain = PromptedLM(tiny_bert_dir, device="cpu", quantize="int8", int8_outliers=0)
+    assert len(plain.layers[0].intermediate.dense._outliers) == 0  # last round's form: every channel rounded
     with pytest.raises(ValueError, match="CPU only"):
         check_precision(torch.device("cuda"), "float32", "int8")
     with pytest.raises(ValueError, match="float16 is for CUDA"):
