@@ -297,7 +297,8 @@ class Student:
         embeds = words.unsqueeze(0).expand(C, -1, -1, -1)
         embeds = torch.cat([embeds[:, :, :1], prompts.unsqueeze(1).expand(-1, N, -1, -1), embeds[:, :, 1 + n:]], dim=2)
         embeds = embeds.reshape(C * N, embeds.shape[2], embeds.shape[3])
-        states = self._final_states(mask_pos.repeat(C), inputs_embeds=embeds, attention_mask=attention_mask.repeat(C, 1))
+        states = self._final_states(mask_pos.repeat(C), inputs_embeds=embeds,
+                                    attention_mask=attention_mask.repeat(C, 1))
         return states.reshape(C, N, -1)
 
     def _mask_states_added(self, prompts, input_ids, attention_mask, mask_pos):

@@ -95,7 +95,8 @@ def main() -> None:
     out = {}
     for name, (option, quantize) in VARIANTS.items():
         lm = load_model(ServerOptions(model=args.model, device="cpu", quantize=option))
-        linears = quantize(lm.base_model) if quantize else sum(type(m).__name__ == "Int8Linear" for m in lm.base_model.modules())
+        linears = quantize(lm.base_model) if quantize else sum(
+            type(m).__name__ == "Int8Linear" for m in lm.base_model.modules())
         got = [score(lm, p) for p in draws]
         agree = np.mean([(g.argmax(-1) == r.argmax(-1)).mean() for g, r in zip(got, ref)])
         out[name] = {

@@ -46,8 +46,8 @@ changes against another, and BBTv2 lost 19 points of AG News accuracy tuning aga
 :mod:`server_stub.int8` gives each weight row and each token its own range (batch-mates no longer move a
 candidate's score) and keeps each layer's 16 loudest input channels in float32. Its price is elementwise work
 around the stock kernel (a per-token min/max, a rescale of the input, the outlier channels' copy, a low-rank
-correction of the output), so its speed over fp32 depends on how much faster the CPU's int8 GEMM is (``benchmarks/int8_fidelity.py`` measures its fidelity, the AG News runs in README what it costs in
-tuning).
+correction of the output), so its speed over fp32 depends on how much faster the CPU's int8 GEMM is
+(``benchmarks/int8_fidelity.py`` measures its fidelity, the AG News runs in README what it costs in tuning).
 
 Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default
 until this round) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB

@@ -18,7 +18,7 @@ is theirs. :func:`quantize_linear_int8` with ``calibrate`` finds each linear's l
 forward pass the caller runs (the server: its reference text, no task data) and keeps those ``outliers``
 channels in float32, as LLM.int8() does with its outlier columns but with a fixed set, so a row's output still
 never depends on its batch-mates. On MiniLM, 16 channels per linear took the training-loss correlation of
-close candidates with fp32 from 0.66 / 0.91 / 0.95 to 0.92 / 0.99 / 0.97 (``benchmarks/int8_fidelity.py``).
+close candidates with fp32 from 0.66 / 0.91 / 0.95 to 0.91 / 0.99 / 0.96 (``benchmarks/int8_fidelity.py``).
 """
 
 from __future__ import annotations
