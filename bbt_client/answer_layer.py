@@ -8,10 +8,12 @@ forward and backward pass) both use it; each checks it against its model's own l
 
 It rebuilds the layer (``attention.self.{query,key,value}``, ``attention.output``, ``intermediate``, ``output``:
 BERT, RoBERTa, MiniLM, e5, ...) from its own modules, quantized ones included, and is differentiable.
+:func:`checked_answer_layer` is the one check both callers trust it by.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -20,6 +22,8 @@ from torch import nn
 
 #: ``fn(h, mask, answer)``: h (B, S, D) input of the last layer, mask (B, S) 1 = token, answer (B,) -> (B, D).
 AnswerLayer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 def bert_answer_layer(layer: nn.Module) -> AnswerLayer:
@@ -45,4 +49,30 @@ def bert_answer_layer(layer: nn.Module) -> AnswerLayer:
     return forward
 
 
-__all__ = ["AnswerLayer", "bert_answer_layer"]
+def checked_answer_layer(layer: nn.Module, config, states: Callable[[AnswerLayer | None], torch.Tensor],
+                         tol: float = 1e-4) -> AnswerLayer | None:
+    """The answer-only twin of the model's last ``layer`` if it reproduces it, else None (compute every position).
+
+    ``states(twin)``: the answer slots' final states on a padded probe batch, computed with ``twin`` (or with the
+    model's own last layer for None). Refused: relative position embeddings, a layer that is not BERT-style, one
+    that only looks like it (an error), or a difference past ``tol`` times the states' largest entry (at least 1).
+    """
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    try:
+        twin = bert_answer_layer(layer)
+    except AttributeError:
+        return None
+    try:
+        full, fast = states(None), states(twin)
+    except Exception as exc:  # a layer that only looks like BERT's
+        log.info("answer-only last layer unavailable (%s); computing every position", exc)
+        return None
+    err = float((fast.float() - full.float()).abs().max())
+    if not err <= tol * max(1.0, float(full.float().abs().max())):
+        log.info("answer-only last layer differs from the model's own by %.2e; computing every position", err)
+        return None
+    return twin
+
+
+__all__ = ["AnswerLayer", "bert_answer_layer", "checked_answer_layer"]

@@ -347,28 +347,21 @@ class Student:
 
     def _checked_answer_layer(self):
         """The last layer's answer-only twin if it reproduces the model's own on two padded probe texts, else None."""
-        from bbt_client.answer_layer import bert_answer_layer
+        from bbt_client.answer_layer import checked_answer_layer
 
         torch = self._torch
-        if getattr(self.model.config, "position_embedding_type", "absolute") != "absolute":
-            return None
-        try:
-            twin = bert_answer_layer(_encoder_layers(self.model)[-1])
-        except AttributeError:
-            return None
         enc = self.encode("{text} {mask} .", ["a short probe", "a somewhat longer probe text, padded less"], 2)
         prompts = torch.randn(1, 2, self.hidden_size, generator=torch.Generator().manual_seed(0)) * self.embedding_std
-        try:
-            with torch.no_grad():
-                full = self.mask_states(prompts, enc)
-                self._answer_layer = twin
-                fast = self.mask_states(prompts, enc)
-        except Exception:  # a layer that only looks like BERT's
-            return None
-        finally:
-            self._answer_layer = None
-        tol = 1e-4 * max(1.0, float(full.abs().max()))
-        return twin if float((fast - full).abs().max()) <= tol else None
+
+        def states(twin):
+            self._answer_layer = twin
+            try:
+                with torch.no_grad():
+                    return self.mask_states(prompts, enc)
+            finally:
+                self._answer_layer = None
+
+        return checked_answer_layer(_encoder_layers(self.model)[-1], self.model.config, states)
 
 
 def _layers_slot(model) -> tuple[Any, str]:

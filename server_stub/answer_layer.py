@@ -7,41 +7,27 @@ checks the twin against the model's own layer on a padded batch at load time and
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from bbt_client.answer_layer import AnswerLayer, bert_answer_layer
-
-log = logging.getLogger("server_stub.model")
+from bbt_client.answer_layer import AnswerLayer, checked_answer_layer
 
 
 def answer_layer_for(lm, probe_ids: list[int]) -> AnswerLayer | None:
     """An :class:`AnswerLayer` for ``lm``'s last layer if it reproduces the full layer on ``probe_ids`` (two rows,
     one padded), else None."""
-    if lm.kind != "masked" or getattr(lm.config, "position_embedding_type", "absolute") != "absolute":
-        return None
-    try:
-        fn = bert_answer_layer(lm.layers[-1])
-    except AttributeError:
+    if lm.kind != "masked":
         return None
     n = max(2, len(probe_ids))
     ids = torch.tensor([probe_ids[:n], probe_ids[: n // 2] + [lm.pad_id] * (n - n // 2)], device=lm.device)
     mask = torch.ones_like(ids)
     mask[1, n // 2:] = 0
     answer = torch.tensor([n - 1, n // 2 - 1], device=lm.device)
-    try:
+
+    def states(twin: AnswerLayer | None) -> torch.Tensor:
         with torch.inference_mode():
-            full = lm.forward_layers(ids, mask, {}, slot_start=0)
-            full = full[torch.arange(2, device=full.device), answer]
-            h = lm.forward_layers(ids, mask, {}, slot_start=0, capture_at=lm.num_layers - 1)
-            fast = fn(h, mask, answer)
-    except Exception as exc:  # a layer that only looks like BERT's
-        log.info("answer-only last layer unavailable (%s); computing every position", exc)
-        return None
-    err = float((fast.float() - full.float()).abs().max())
-    tol = (1e-4 if lm.dtype == torch.float32 else 5e-2) * max(1.0, float(full.float().abs().max()))
-    if not err <= tol:
-        log.info("answer-only last layer differs from the model's own by %.2e; computing every position", err)
-        return None
-    return fn
+            if twin is None:
+                full = lm.forward_layers(ids, mask, {}, slot_start=0)
+                return full[torch.arange(2, device=full.device), answer]
+            return twin(lm.forward_layers(ids, mask, {}, slot_start=0, capture_at=lm.num_layers - 1), mask, answer)
+
+    return checked_answer_layer(lm.layers[-1], lm.config, states, tol=1e-4 if lm.dtype == torch.float32 else 5e-2)
