@@ -113,8 +113,9 @@ class CompassSearch:
 
 def load_optimiser(data: bytes) -> Any:
     """A CMA-ES or compass search back from its ``state_bytes`` (trusted input: a pickle)."""
-    from bbt_client.optim import CMAES
+    from bbt_client.optim import CMAES, import_cma
 
+    import_cma()  # a CMA-ES pickle would otherwise import it the usual way
     state = pickle.loads(data)
     if isinstance(state, dict) and "compass" in state:
         obj = CompassSearch.__new__(CompassSearch)

@@ -19,11 +19,40 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import sys
+import warnings
+from types import ModuleType
 from typing import Iterator, Sequence
 
 import numpy as np
 
 _SILENT = {"verbose": -9, "verb_log": 0, "verb_disp": 0, "verb_filenameprefix": "", "verb_plot": 0}
+
+#: What ``import cma`` loads eagerly when installed, for plotting and a surrogate model's rank test this module
+#: never calls (pycma falls back when they are missing): 1.4 s of a 35 s tuning run's wall time here.
+_CMA_EXTRAS = ("matplotlib", "scipy")
+
+
+def import_cma() -> ModuleType:
+    """``import cma`` without its eager optional imports (:data:`_CMA_EXTRAS`) unless they are loaded already.
+
+    They are hidden for the duration of that one import only; importing them later works as usual (cma's own
+    ``cma.s`` pyplot shortcuts stay unset in this process).
+    """
+    if "cma" in sys.modules:
+        return sys.modules["cma"]
+    hidden = [name for name in _CMA_EXTRAS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` raise ImportError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cma warns that it could not import matplotlib
+            import cma
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return cma
 
 
 class CMAES:
@@ -44,7 +73,7 @@ class CMAES:
         bounds: tuple[float, float] | None = None,
         extra_options: dict | None = None,
     ):
-        import cma  # local: keep import cost off modules that only need the types
+        cma = import_cma()  # here: keep its import cost off modules that only need the types
 
         if dim < 2:
             raise ValueError(f"CMA-ES needs dim >= 2, got {dim}")
@@ -182,6 +211,7 @@ class CMAES:
     @classmethod
     def from_bytes(cls, data: bytes) -> "CMAES":
         """Rebuild an optimiser from :meth:`state_bytes` output (trusted input: it is a pickle)."""
+        import_cma()  # before unpickling imports it the usual way
         state = pickle.loads(data)
         obj = cls.__new__(cls)
         obj._es = state["es"]

@@ -93,3 +93,32 @@ def test_optimises_and_respects_bounds():
     bounded = CMAES(5, popsize=10, seed=4, sigma0=2.0, bounds=(-0.2, 0.2))
     for x in run(bounded, 5):
         assert x.min() >= -0.2 - 1e-12 and x.max() <= 0.2 + 1e-12
+
+
+def test_cma_is_imported_without_its_eager_optional_imports():
+    """``import cma`` pulls matplotlib and scipy (1.4 s) when installed; import_cma must not, must
+    leave them importable afterwards, and CMA-ES must sample exactly as with them loaded."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if any(importlib.util.find_spec(m) is None for m in ("matplotlib", "scipy")):
+        pytest.skip("needs matplotlib and scipy installed: what cma would import eagerly")
+    probe = (
+        "import sys, numpy as np\n"
+        "{pre}from bbt_client.optim import CMAES, import_cma\n"
+        "import_cma()\n"
+        "print(sorted(m for m in ('matplotlib', 'scipy') if m in sys.modules))\n"
+        "es = CMAES(20, popsize=6, seed=3)\n"
+        "for _ in range(5):\n"
+        "    x = es.ask(); es.tell(np.sum(x ** 2, axis=1))\n"
+        "print(float(es.ask().sum()).hex())\n"
+        "import matplotlib.pyplot, scipy.stats\n"
+    )
+    out = {}
+    for label, pre in (("lean", ""), ("loaded", "import cma, matplotlib.pyplot, scipy.stats\n")):
+        run = subprocess.run([sys.executable, "-c", probe.format(pre=pre)], capture_output=True, text=True, check=True)
+        out[label] = run.stdout.splitlines()
+    assert out["lean"][0] == "[]"
+    assert out["loaded"][0] == "['matplotlib', 'scipy']"
+    assert out["lean"][1] == out["loaded"][1]
