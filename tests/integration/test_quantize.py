@@ -10,7 +10,7 @@ import torch
 
 from bbt_client.protocol import PromptBatch
 from server_stub.__main__ import parse_args
-from server_stub.int8 import OUTLIER_CHANNELS, Int8Linear, quantize_linear_int8
+from server_stub.int8 import OUTLIER_CHANNELS, Int8Linear, Int8Sibling, quantize_linear_int8
 from server_stub.loading import check_precision
 from server_stub.model import PromptedLM
 from server_stub.testing import run_server
@@ -97,6 +97,73 @@ def test_outlier_channels_found_by_calibration_stay_float32():
         err = (ours(x) - exact).abs().max() / exact.abs().max()
         assert err < ((plain - exact).abs().max() / exact.abs().max()) / 4, err
         assert torch.equal(ours(x), ours(torch.cat([x, 200 * torch.randn(3, 64)]))[:6])  # still batch-independent
+
+
+def test_int8_linear_leaves_its_input_as_it_was():
+    """The outlier channels are zeroed in the input itself for the range and put back (no copy of the input):
+    the caller's tensor must come back bit for bit, and a tensor that may not be written (autograd history,
+    not contiguous) takes the copying path to the same output."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    x = torch.randn(2, 5, 64)
+    x[..., [3, 40]] *= 50
+    with torch.no_grad():
+        quantize_linear_int8(model, calibrate=lambda: model(x), outliers=2)
+    lin = model[0]
+    before = x.clone()
+    with torch.inference_mode():
+        y = lin(x)
+    assert torch.equal(x, before)
+    assert torch.equal(lin(x.detach().requires_grad_()), y)  # grad enabled: never written in place
+    wide = torch.zeros(2, 5, 128)
+    wide[..., ::2] = x
+    with torch.inference_mode():
+        assert torch.equal(lin(wide[..., ::2]), y)  # a strided view: copied, not written
+        assert torch.equal(wide[..., ::2], before)
+
+
+class _Attention(torch.nn.Module):
+    """Three projections of one input (as BERT's query/key/value) and one of another tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(32, n) for n in (16, 16, 24, 8))
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x), self.out(x[..., :32] * 2)
+
+
+def test_linears_reading_one_tensor_share_one_int8_product():
+    """Query, key and value read the same tensor: one fused product serves all three, bit for bit what each
+    would give alone, in any call order; a member called with another tensor is not handed a kept part."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = _Attention(), torch.randn(3, 5, 32)
+    x[..., 7] *= 40
+    alone = copy.deepcopy(model)
+    with torch.no_grad():
+        quantize_linear_int8(model, calibrate=lambda: model(x), outliers=2)
+    assert all(isinstance(getattr(model, n), Int8Sibling) for n in "qkv") and isinstance(model.out, Int8Linear)
+    idx = model.q.shared._outliers
+    solo = {n: Int8Linear(getattr(alone, n), idx) for n in "qkv"}
+    calls = []
+    model.q.shared.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        want = {n: solo[n](x) for n in "qkv"}
+        for order in ("qkv", "vkq", "kqv"):
+            got = {n: getattr(model, n)(x) for n in order}
+            assert all(torch.equal(got[n], want[n]) for n in "qkv"), order
+        assert len(calls) == 3  # one product per pass over q, k and v
+        other = torch.randn(3, 5, 32)
+        assert torch.equal(model.q(x), want["q"])  # keeps k and v of x ...
+        assert torch.equal(model.k(other), solo["k"](other))  # ... which another tensor does not get
+        assert torch.equal(model.v(other), solo["v"](other))
+    y = x.clone().requires_grad_(False)
+    with torch.no_grad():  # outside inference mode torch tracks in-place changes: a changed input is recomputed
+        first = model.q(y)
+        y.mul_(2)
+        assert torch.equal(model.k(y), solo["k"](y)) and torch.equal(first, want["q"])
 
 
 def _candidate_effect(logits: np.ndarray) -> np.ndarray:
