@@ -51,6 +51,14 @@ def quantize_stock(module) -> int:
 VARIANTS = {"stock": (None, quantize_stock), "per-token": (None, quantize_linear_int8), "int8": ("int8", None)}
 
 
+def _int8_linears(model) -> int:
+    """Linear layers the server quantized: each sibling counts, not the product its group shares."""
+    mods = list(model.modules())
+    shared = {id(m.shared) for m in mods if type(m).__name__ == "Int8Sibling"}
+    return sum(type(m).__name__ == "Int8Sibling" or (type(m).__name__ == "Int8Linear" and id(m) not in shared)
+               for m in mods)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default")
@@ -95,8 +103,7 @@ def main() -> None:
     out = {}
     for name, (option, quantize) in VARIANTS.items():
         lm = load_model(ServerOptions(model=args.model, device="cpu", quantize=option))
-        linears = quantize(lm.base_model) if quantize else sum(
-            type(m).__name__ == "Int8Linear" for m in lm.base_model.modules())
+        linears = quantize(lm.base_model) if quantize else _int8_linears(lm.base_model)
         got = [score(lm, p) for p in draws]
         agree = np.mean([(g.argmax(-1) == r.argmax(-1)).mean() for g, r in zip(got, ref)])
         out[name] = {

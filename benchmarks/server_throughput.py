@@ -54,9 +54,10 @@ candidate's score) and keeps each layer's 16 loudest input channels in float32. 
 around torch's int8 kernel (a per-token min/max, a rescale of the input, a low-rank correction of the output),
 so its speed over fp32 depends on how much faster the CPU's int8 GEMM is (``benchmarks/int8_fidelity.py``
 measures its fidelity, the AG News runs in README what it costs in tuning). On this AVX2 host the kernel alone
-ran 1.6-1.8x fp32's addmm at the model's shapes (2,048 rows); per 384 x 384 linear the work around it was
-~1.9 ms beside its ~2.1 ms until the outlier channels were zeroed and put back in place instead of copying the
-input, and the kernel was told the rescaled rows' known range instead of finding it (one pass less each).
+ran 1.6-1.8x fp32's addmm at the model's shapes (2,048 rows), yet per 384 x 384 linear the work around it took
+~1.8 ms beside its ~2.2 ms. Since then the outlier channels are zeroed and put back in place instead of copying
+the input, the kernel is told the rescaled rows' known range instead of finding it, and linears that read one
+tensor (query, key, value) share that work and one wider product (:class:`server_stub.int8.SiblingGroup`).
 
 Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default
 until this round) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB
