@@ -193,8 +193,8 @@ class TuningJob:
         info = await backend.model_info()
         if (info.quantization or "").startswith("int8"):
             log.warning("the endpoint runs int8 weights: what tuning loses depends on how it rounds (BBTv2 on AG "
-                        "News: 19 points lost to a per-batch activation scale, torch's stock dynamic int8; under one to "
-                        "server_stub's per-token form with float32 outlier channels, 0.485 and 0.496 in two "
+                        "News: 19 points lost to a per-batch activation scale, torch's stock dynamic int8; under "
+                        "one to server_stub's per-token form with float32 outlier channels, 0.485 and 0.496 in two "
                         "three-seed runs against float32's 0.494); if scores look noisy, tune against a float "
                         "endpoint")
         info = await _measured_model_info(backend, info, method_config, data)

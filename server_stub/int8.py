@@ -6,8 +6,8 @@ row's step, and the largest entry anywhere in a micro-batch -- often a candidate
 every token of every other candidate, so a candidate's score moved with its batch-mates and CMA-ES ranked that
 noise (BBTv2 lost 19 points of AG News accuracy against it). Here each weight row (output channel) gets its
 own scale, and each token its own range: a row of activations is mapped onto [-1, 1] by its own minimum and
-maximum before torch's int8 kernel quantizes the batch on that one known range, and the
-product is mapped back: ``W x = half * W x' + mid * W 1`` for ``x = half * x' + mid``.
+maximum before torch's int8 kernel quantizes the batch on that one known range, and the product is mapped
+back: ``W x = half * W x' + mid * W 1`` for ``x = half * x' + mid``.
 
 Weights use 7 bits and activations 8: x86 CPUs without AVX-512 VNNI multiply uint8 by int8 with 16-bit
 saturating adds, which 8 bits on both sides overflow; the activations are where the bits matter here.
@@ -99,8 +99,8 @@ class SiblingGroup:
     and one wide product runs faster than several narrow ones: on MiniLM's 2,048-row micro-batches query, key
     and value took 8.3 ms fused against 10.9 ms apart (float32: 10.9), their outputs bit for bit the same.
     Whichever member is called first with a tensor computes every part and keeps the others' until they are
-    asked for; a member called with any other tensor (or one changed in place since, where torch tracks that)
-    computes afresh. Model code never changes a layer's input between its projections: autograd would refuse.
+    asked for (holding that tensor till then); a member called with any other tensor (or one changed in place
+    since, where torch tracks that) computes afresh. Model code never changes a layer's input between its projections: autograd would refuse.
     """
 
     def __init__(self, fused: Int8Linear, sizes: list[int]):
@@ -197,8 +197,9 @@ def quantize_linear_int8(module: nn.Module, calibrate: Callable[[], object] | No
 def _siblings(names: list[str], inputs: dict[str, list[torch.Tensor]]) -> list[list[str]]:
     """Groups (in module order) of linears that each read exactly one tensor in calibration, the same one."""
     groups: dict[int, list[str]] = {}
-    for name in sorted((n for n in names if len(inputs.get(n, ())) == 1), key=lambda n: names.index(n)):
-        groups.setdefault(id(inputs[name][0]), []).append(name)
+    for name in names:
+        if len(inputs.get(name, ())) == 1:
+            groups.setdefault(id(inputs[name][0]), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
 
 

@@ -159,7 +159,7 @@ def test_linears_reading_one_tensor_share_one_int8_product():
         assert torch.equal(model.q(x), want["q"])  # keeps k and v of x ...
         assert torch.equal(model.k(other), solo["k"](other))  # ... which another tensor does not get
         assert torch.equal(model.v(other), solo["v"](other))
-    y = x.clone().requires_grad_(False)
+    y = x.clone()
     with torch.no_grad():  # outside inference mode torch tracks in-place changes: a changed input is recomputed
         first = model.q(y)
         y.mul_(2)
