@@ -100,7 +100,8 @@ class SiblingGroup:
     and value took 8.3 ms fused against 10.9 ms apart (float32: 10.9), their outputs bit for bit the same.
     Whichever member is called first with a tensor computes every part and keeps the others' until they are
     asked for (holding that tensor till then); a member called with any other tensor (or one changed in place
-    since, where torch tracks that) computes afresh. Model code never changes a layer's input between its projections: autograd would refuse.
+    since, where torch tracks that) computes afresh. Model code never changes a layer's input between its
+    projections: autograd would refuse.
     """
 
     def __init__(self, fused: Int8Linear, sizes: list[int]):
@@ -178,7 +179,8 @@ def quantize_linear_int8(module: nn.Module, calibrate: Callable[[], object] | No
         if name in peaks and outliers > 0 else None
         for name in names
     }
-    for group in _siblings(names, inputs):
+    groups = _siblings(names, inputs)
+    for group in groups:
         fused = nn.Linear(linears[group[0]].in_features, sum(linears[n].out_features for n in group))
         with torch.no_grad():
             fused.weight.copy_(torch.cat([linears[n].weight.float() for n in group]))
@@ -186,8 +188,9 @@ def quantize_linear_int8(module: nn.Module, calibrate: Callable[[], object] | No
         shared = SiblingGroup(Int8Linear(fused, outlier_idx[group[0]]), [linears[n].out_features for n in group])
         for i, name in enumerate(group):
             _replace(module, name, Int8Sibling(shared, i))
+    grouped = {name for group in groups for name in group}
     for name in names:
-        if type(module.get_submodule(name)) is nn.Linear:
+        if name not in grouped:
             _replace(module, name, Int8Linear(linears[name], outlier_idx[name]))
     log.info("%d linear layers quantized to int8 (per channel x per token, %d float32 input channels each; "
              "engine %s)", len(names), outliers if peaks else 0, torch.backends.quantized.engine)
