@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bbt_client.budget import BudgetLimits
+from bbt_client.run.budget import BudgetLimits
 from bbt_client.errors import ConfigError
 
 Method = Literal["bbt", "bbtv2", "gdfo", "bdpl", "cmaes-tokens"]
@@ -52,7 +52,7 @@ class TaskConfig(BaseModel):
     #: Evaluate on at most this many test examples (None = the whole test set).
     test_limit: int | None = Field(default=None, ge=1)
     #: Words per class to choose from the training texts before tuning, with one API call
-    #: (:mod:`bbt_client.verbalizer`); 0 = score exactly ``label_words``.
+    #: (:mod:`bbt_client.tasks.verbalizer`); 0 = score exactly ``label_words``.
     search_label_words: int = Field(default=0, ge=0, le=50)
 
     @model_validator(mode="after")

@@ -125,7 +125,7 @@ class ModelInfo(_Model):
     #: Token ids the slots hold in ``add`` mode when a request names none (the first ``max_prompt_tokens``;
     #: a prompt of n tokens uses the first n).
     default_slot_token_ids: list[int] | None = None
-    #: One digest per served parameter tensor (:mod:`bbt_client.weight_digests`): lets a client prove a local
+    #: One digest per served parameter tensor (:mod:`bbt_client.lm.weight_digests`): lets a client prove a local
     #: model (GDFO's student) shares no weights with this one. None: the server does not say.
     weight_digests: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] | None = None
     #: None: weights as trained (in ``dtype``); "int8": linear layers quantized (logits differ slightly).

@@ -36,7 +36,7 @@ from bbt_client.backends.base import PromptBatch, ScoreJob  # noqa: E402
 from bbt_client.backends.http import RetryPolicy  # noqa: E402
 from bbt_client.backends.server import ServerBackend  # noqa: E402
 from bbt_client.errors import ProtocolError  # noqa: E402
-from bbt_client.job import TuningJob  # noqa: E402
+from bbt_client.run.job import TuningJob  # noqa: E402
 from bbt_client.protocol import Tensor  # noqa: E402
 from tests.reliability.faulty_server import faulty_proxy  # noqa: E402
 from tests.reliability.helpers import (  # noqa: E402

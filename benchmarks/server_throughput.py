@@ -21,7 +21,7 @@ background load hits all alike. Workload is BBT-shaped: C candidate shallow prom
 - ``client_share_of_wall``: one short BBT tuning run against the fp32 server: wall time minus the time a
   request was on the wire or in the server (an httpx transport that times each exchange), over wall time.
   The run's first import of pycma counts: it was 1.4 s of ~35 s (matplotlib and scipy, which pycma imports
-  eagerly when installed) until :func:`bbt_client.optim.import_cma` left them out (0.13 s).
+  eagerly when installed) until :func:`bbt_client.search.cmaes.import_cma` left them out (0.13 s).
 
 Profile of the server's /v1/score (MiniLM-L6, C=20, N=32, n=50, 78 tokens/seq, 2 threads; torch.profiler
 self-CPU share; machine shared, so shares, not rates):
@@ -256,7 +256,7 @@ def client_share(url: str, calls: int) -> tuple[float, float]:
     from bbt_client.backends.http import HttpEndpoint
     from bbt_client.backends.server import ServerBackend
     from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
-    from bbt_client.job import tune
+    from bbt_client.run.job import tune
 
     class TimedTransport(httpx.AsyncBaseTransport):
         """Wall time during which at least one request is on the wire or in the server."""

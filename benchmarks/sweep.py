@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from bbt_client import cli
-from bbt_client.sweep import load_summary
+from bbt_client.cli import commands as cli
+from bbt_client.cli.sweep import load_summary
 
 #: White-box prompt-tuning ceilings of the default model (MiniLM-L6, tied head, n = 5, 16-shot, seed 42), as
 #: measured by ``benchmarks/whitebox_ceiling.py`` (60 Adam steps on the prompt; AG News on 1,000 test

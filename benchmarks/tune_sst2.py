@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
-from bbt_client.job import tune
+from bbt_client.run.job import tune
 from server_stub.testing import spawn_server
 
 #: Method options sized for the CPU default model (MiniLM, D=384, L=6); see README "Deviations".

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
-from bbt_client.job import tune
+from bbt_client.run.job import tune
 from server_stub.testing import spawn_server
 
 MODEL = "all-MiniLM-L6-v2"  # the name the face serves for --model default

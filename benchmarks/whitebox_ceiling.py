@@ -4,7 +4,7 @@
 
 Runs the same model, template, label words and few-shot split as the tuning jobs (16-shot, seed 42), but
 with full gradients: Adam directly on a free (n, D) shallow prompt through a local copy of the model
-(:class:`bbt_client.student.Student` with all layers = the server's default model, tied head). If even this
+(:class:`bbt_client.methods.gdfo.student.Student` with all layers = the server's default model, tied head). If even this
 stays at chance on a task, the mask-slot readout of the model carries no signal for it and no black-box
 method can be expected to beat zero-shot there. A second check, independent of the label words: a
 logistic-regression probe fitted on the same few-shot examples' mask-slot hidden states -- if it stays near
@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from bbt_client.config import TaskConfig
-from bbt_client.student import Student, require_torch
-from bbt_client.tasks import load_task_data
+from bbt_client.methods.gdfo.student import Student, require_torch
+from bbt_client.tasks.datasets import load_task_data
 
 
 def _accuracy(student, prompt, enc_chunks, label_ids, labels) -> float:

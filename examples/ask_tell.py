@@ -20,9 +20,9 @@ import numpy as np
 
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
-from bbt_client.losses import accuracy, cross_entropy
+from bbt_client.tasks.losses import accuracy, cross_entropy
 from bbt_client.methods.registry import make_tuner
-from bbt_client.tasks import Split, Task, few_shot, get_task
+from bbt_client.tasks.datasets import Split, Task, few_shot, get_task
 
 
 async def score(backend: Backend, task: Task, split: Split, prompts: PromptBatch) -> np.ndarray:

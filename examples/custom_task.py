@@ -26,8 +26,8 @@ from pathlib import Path
 
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import BBTError, ConfigError
-from bbt_client.job import tune
-from bbt_client.tasks import load_task_data
+from bbt_client.run.job import tune
+from bbt_client.tasks.datasets import load_task_data
 
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE / "data" / "questions_train.tsv"

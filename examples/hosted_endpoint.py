@@ -36,9 +36,9 @@ from bbt_client.backends import make_backend
 from bbt_client.backends.base import PromptBatch, ScoreJob
 from bbt_client.config import EndpointConfig, TuneConfig, parse_config
 from bbt_client.errors import BBTError, ConfigError
-from bbt_client.job import tune
+from bbt_client.run.job import tune
 from bbt_client.methods.registry import make_config
-from bbt_client.tasks import load_task_data
+from bbt_client.tasks.datasets import load_task_data
 
 #: SST-2 as a next-token question for a causal LM (the built-in template ends with " ." instead).
 CAUSAL_TEMPLATE = "{text} It was {mask}"

@@ -21,11 +21,11 @@ import logging
 import sys
 from pathlib import Path
 
-from bbt_client.checkpoint import CHECKPOINT_FILE
+from bbt_client.run.checkpoint import CHECKPOINT_FILE
 from bbt_client.config import TuneConfig, parse_config
 from bbt_client.errors import BBTError, ConfigError
-from bbt_client.job import Progress, tune
-from bbt_client.results import RunResult
+from bbt_client.run.job import Progress, tune
+from bbt_client.run.results import RunResult
 
 log = logging.getLogger("examples.tune_local")
 

@@ -1,4 +1,4 @@
-"""Whether the server's model may run its last layer at the answer slot only (:mod:`bbt_client.answer_layer`).
+"""Whether the server's model may run its last layer at the answer slot only (:mod:`bbt_client.lm.answer_layer`).
 
 On MiniLM-L6 that skips ~14 % of the model's FLOPs with the same logits up to float noise. :func:`answer_layer_for`
 checks the twin against the model's own layer on a padded batch at load time and returns None -- the plain path
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from bbt_client.answer_layer import AnswerLayer, checked_answer_layer
+from bbt_client.lm.answer_layer import AnswerLayer, checked_answer_layer
 
 
 def answer_layer_for(lm, probe_ids: list[int]) -> AnswerLayer | None:

@@ -1,7 +1,7 @@
 """What the server reports in ``ModelInfo.weight_digests``: one digest per parameter tensor it serves.
 
 Why: a client that distils this endpoint (GDFO) must not hold its weights; listing digests lets it check
-without the weights ever leaving the server. The digest itself is :func:`bbt_client.weight_digests.weight_digest`
+without the weights ever leaving the server. The digest itself is :func:`bbt_client.lm.weight_digests.weight_digest`
 (first 16 hex of sha256 over float32 bytes; constant tensors skipped), shared with the client.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bbt_client.weight_digests import weight_digests as _digests_of_arrays
+from bbt_client.lm.weight_digests import weight_digests as _digests_of_arrays
 
 
 def weight_digests(module: Any) -> list[str]:

@@ -1,6 +1,6 @@
 """Endpoint backends: our server protocol, vLLM prompt embeddings, OpenAI-compatible text APIs.
 
-:func:`make_backend` is the one constructor the CLI and :mod:`bbt_client.job` use.
+:func:`make_backend` is the one constructor the CLI and :mod:`bbt_client.run.job` use.
 """
 
 from __future__ import annotations

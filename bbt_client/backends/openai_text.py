@@ -31,7 +31,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from bbt_client import tokens as tok
+from bbt_client.backends import tokens as tok
 from bbt_client.backends.base import ScoreJob, ScoreResult
 from bbt_client.backends.causal_template import check_causal_template, label_text, prefix_before_mask
 from bbt_client.backends.http import HttpBackend, HttpEndpoint, RetryPolicy

@@ -14,11 +14,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt_client.backends.base import PromptBatch
-from bbt_client.compass import CompassSearch, load_optimiser
+from bbt_client.search.compass import CompassSearch, load_optimiser
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses, check_state
-from bbt_client.optim import CMAES
-from bbt_client.projection import Projection, derive_seed, designed_std
+from bbt_client.search.cmaes import CMAES
+from bbt_client.search.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
 
 # Sub-stream indices for derive_seed: one independent RNG stream per purpose.
@@ -66,17 +66,17 @@ class PromptSearchConfig(BaseModel):
     #: at μ ± 3σ five times (the reference code's way; needs a server with ``/v1/layer_stats``).
     hidden_std_source: Literal["model", "train"] = "model"
     #: Two-stage search (BBT-RGB): after this many calls of CMA-ES, every layer's search goes on as a compass
-    #: search from its CMA-ES best point (:mod:`bbt_client.compass`, the stand-in for their COBYLA stage).
+    #: search from its CMA-ES best point (:mod:`bbt_client.search.compass`, the stand-in for their COBYLA stage).
     #: None: CMA-ES throughout. ``bound`` confines the CMA-ES stage only.
     local_after_calls: int | None = Field(None, ge=1)
     #: The compass search's first step in z (BBT-RGB's COBYLA starts at rhobeg = 1, in the same units as σ0).
     local_step: float = Field(1.0, gt=0)
-    #: Content-free calibration (Zhao et al. 2021; :mod:`bbt_client.calibration`): every candidate is also scored
+    #: Content-free calibration (Zhao et al. 2021; :mod:`bbt_client.tasks.calibration`): every candidate is also scored
     #: on "N/A" and "" in the same call, and loss, accuracy and the result read the calibrated label scores. It
     #: takes out the label prior a prompt has not yet learnt to undo (AG News zero-shot: the default model answers
     #: one class). On by default: on AG News it lifted both methods on every seed (three-seed means at 400 calls:
     #: BBT 0.314 -> 0.399, BBTv2 0.440 -> 0.494; README, Results). ``False`` scores raw label logits. The tuning
-    #: job applies it; an ask/tell loop of your own scores as you choose (the helpers: :mod:`bbt_client.calibration`).
+    #: job applies it; an ask/tell loop of your own scores as you choose (the helpers: :mod:`bbt_client.tasks.calibration`).
     calibrate: bool = True
 
     def identity(self, exclude: set[str] = frozenset()) -> dict[str, Any]:
@@ -104,6 +104,8 @@ class BBTConfig(PromptSearchConfig):
     """BBT settings. ``projection``: "normal" = designed N(0, (α·σ̂_emb/(√d·σ0))²) (later code, default);
     "uniform" = U(-1/√d, 1/√d) (torch Linear init, BBT's first code)."""
 
+    #: Random projection A: "normal" = designed N(0, (α·σ̂_emb/(√d·σ0))²) (the later code's); "uniform" =
+    #: U(-1/√d, 1/√d) (torch Linear init, BBT's first code).
     projection: Literal["normal", "uniform"] = "normal"
 
 

@@ -45,9 +45,9 @@ from bbt_client.methods.bbt import (
     _resolve_config,
     init_prompt,
 )
-from bbt_client.compass import CompassSearch, load_optimiser
-from bbt_client.optim import CMAES
-from bbt_client.projection import Projection, derive_seed, designed_std
+from bbt_client.search.compass import CompassSearch, load_optimiser
+from bbt_client.search.cmaes import CMAES
+from bbt_client.search.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
 
 STATE_VERSION = 1

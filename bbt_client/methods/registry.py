@@ -7,6 +7,10 @@ nothing, and fails with a clear :class:`ConfigError`, unless it is asked for.
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
+import types
+import typing
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ValidationError
@@ -19,9 +23,9 @@ from bbt_client.protocol import ModelInfo
 _METHODS: dict[str, tuple[str, str, str, str]] = {
     "bbt": ("bbt_client.methods.bbt", "BBTTuner", "BBTConfig", ""),
     "bbtv2": ("bbt_client.methods.bbtv2", "BBTv2Tuner", "BBTv2Config", ""),
-    "gdfo": ("bbt_client.methods.gdfo", "GDFOTuner", "GDFOConfig", "pip install 'bbt-client[gdfo]'"),
-    "bdpl": ("bbt_client.methods.bdpl", "BDPLTuner", "BDPLConfig", ""),
-    "cmaes-tokens": ("bbt_client.methods.token_cma", "TokenCMATuner", "TokenCMAConfig", ""),
+    "gdfo": ("bbt_client.methods.gdfo.tuner", "GDFOTuner", "GDFOConfig", "pip install 'bbt-client[gdfo]'"),
+    "bdpl": ("bbt_client.methods.text.bdpl", "BDPLTuner", "BDPLConfig", ""),
+    "cmaes-tokens": ("bbt_client.methods.text.token_cma", "TokenCMATuner", "TokenCMAConfig", ""),
 }
 
 #: Methods whose tuner needs the task and the training split at construction (GDFO's student learns on the texts;
@@ -101,3 +105,46 @@ def make_tuner(
             raise ConfigError(f"method {method!r} needs the task and the training split (task=..., train=...)")
         return cls(model_info, cfg, seed, task=task, train=train)
     return cls(model_info, cfg, seed)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``#:`` comments above each field of ``cls`` and its bases (the comments the API docs render), joined."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        block: list[str] = []
+        for line in lines:
+            s = line.strip()
+            if s.startswith("#:"):
+                block.append(s[2:].strip())
+                continue
+            m = re.match(r"([A-Za-z_]\w*)\s*:", s)
+            if m and block:
+                out[m.group(1)] = " ".join(block)
+            block = []
+    return out
+
+
+def describe_options(method: str) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, first sentence of its doc)`` for each option of ``method``, from the very
+    pydantic model that validates ``--opt`` (so ``bbt methods`` cannot drift from the code)."""
+    cls = config_class(method)
+    docs = _field_comments(cls)
+    rows = []
+    for name, field in cls.model_fields.items():
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", docs.get(name, field.description or "")).replace("``", "")
+        first = re.split(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z(])", doc, maxsplit=1)[0].rstrip(".")
+        rows.append((name, _type_name(field.annotation), field.get_default(call_default_factory=True), first))
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bbt_client.results import load_result
-from bbt_client.tasks import load_task_file
+from bbt_client.run.results import load_result
+from bbt_client.tasks.datasets import load_task_file
 
 
 def test_bundled_task_file_is_valid(example):

@@ -19,7 +19,7 @@ import respx
 torch = pytest.importorskip("torch")
 from safetensors.numpy import save_file  # noqa: E402
 
-from bbt_client.results import load_result  # noqa: E402
+from bbt_client.run.results import load_result  # noqa: E402
 
 URL = "http://vllm.test"
 D = 16

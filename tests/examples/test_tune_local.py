@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bbt_client.results import load_result, read_history
+from bbt_client.run.results import load_result, read_history
 
 REPO = Path(__file__).resolve().parents[2]
 

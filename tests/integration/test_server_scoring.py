@@ -399,7 +399,7 @@ def test_text_used_twice_is_truncated_to_fit(tiny_server):
 
 def test_last_layer_runs_at_the_answer_only_where_it_reproduces_the_model(
         tiny_bert_dir, tiny_gpt2_dir, tiny_roberta_dir, monkeypatch):
-    import bbt_client.answer_layer as answer_layer
+    import bbt_client.lm.answer_layer as answer_layer
 
     bert = PromptedLM(tiny_bert_dir, device="cpu")
     assert bert.answer_layer is not None and PromptedLM(tiny_roberta_dir, device="cpu").answer_layer is not None

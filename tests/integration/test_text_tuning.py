@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from bbt_client.cli import main
+from bbt_client.cli.commands import main
 from bbt_client.protocol import join_text_prompt
 
 MODEL = "all-MiniLM-L6-v2"

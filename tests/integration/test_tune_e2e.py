@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from bbt_client.cli import main
+from bbt_client.cli.commands import main
 
 MARGIN = 0.08  # accuracy points above zero-shot; measured runs gain 0.11-0.13
 

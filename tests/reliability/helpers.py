@@ -192,7 +192,7 @@ async def run_concurrent_jobs(url: str, out_dir: Path, seeds: Sequence[int], cal
 
     from bbt_client.backends.http import RetryPolicy
     from bbt_client.backends.server import ServerBackend
-    from bbt_client.job import TuningJob
+    from bbt_client.run.job import TuningJob
 
     retry = RetryPolicy(max_retries=20, backoff_initial_s=0.05, backoff_max_s=1.0, jitter_s=0.05)
 

@@ -12,7 +12,7 @@ from bbt_client.backends.base import PromptBatch, ScoreJob
 from bbt_client.backends.http import RetryPolicy
 from bbt_client.backends.server import ServerBackend
 from bbt_client.errors import EndpointError, ProtocolError, RateLimitError
-from bbt_client.job import TuningJob
+from bbt_client.run.job import TuningJob
 from tests.reliability.helpers import tiny_config
 
 FAST = RetryPolicy(max_retries=3, backoff_initial_s=0.01, backoff_max_s=0.05, jitter_s=0.01)

@@ -15,7 +15,7 @@ import numpy as np
 
 from bbt_client.backends.http import RetryPolicy
 from bbt_client.backends.server import ServerBackend
-from bbt_client.job import TuningJob
+from bbt_client.run.job import TuningJob
 from tests.reliability.helpers import REPO, child_env, cli, tiny_config, tune_args
 
 #: Patient enough to outlast a server restart on a busy CPU (waits are capped at 0.5 s; the count is a hang guard).

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bbt_client import checkpoint as ckpt
+from bbt_client.run import checkpoint as ckpt
 from bbt_client.errors import CheckpointError
-from bbt_client.job import TuningJob
+from bbt_client.run.job import TuningJob
 from tests.reliability.helpers import REPO, child_env, tiny_config, tune_args
 
 
@@ -95,7 +95,7 @@ async def test_disk_fills_mid_run_clear_error_then_resume_finishes_identically(t
 _WRITER = textwrap.dedent("""
     import sys, numpy as np
     from pathlib import Path
-    from bbt_client import checkpoint as ckpt
+    from bbt_client.run import checkpoint as ckpt
     run = Path(sys.argv[1])
     i = 0
     while True:

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from bbt_client.budget import Budget, BudgetLimits, BudgetUsage
+from bbt_client.run.budget import Budget, BudgetLimits, BudgetUsage
 from bbt_client.errors import BudgetExhausted
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bbt_client.calibration import CONTENT_FREE_INPUTS, calibrate, split_content_free, with_content_free
-from bbt_client.losses import accuracy, log_softmax
+from bbt_client.tasks.calibration import CONTENT_FREE_INPUTS, calibrate, split_content_free, with_content_free
+from bbt_client.tasks.losses import accuracy, log_softmax
 
 
 def test_removes_a_constant_label_bias():

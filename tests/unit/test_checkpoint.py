@@ -1,9 +1,11 @@
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bbt_client import checkpoint as ckpt
+from bbt_client.run import checkpoint as ckpt
 from bbt_client.errors import CheckpointError
 
 
@@ -46,3 +48,35 @@ def test_unwritable_output_fails_before_work(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="cannot create output directory"):
         ckpt.ensure_writable_dir(blocker / "run")
+
+
+def _without_clock(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("wall_seconds", "config")}
+
+
+async def test_a_run_checkpointed_by_the_flat_layout_resumes_bit_identically(tmp_path):
+    """Module paths moved (``bbt_client.job`` -> ``bbt_client.run.job``, ...); a checkpoint pickled before the
+    move still loads and continues exactly as the old code continued it."""
+    import shutil
+
+    from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
+    from bbt_client.run.job import tune
+    from bbt_client.tasks.datasets import load_task_data
+    from tests.unit.toy_backend import ToyBackend
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "run-0.1-layout"
+    run = shutil.copytree(fixture / "run-30-calls", tmp_path / "run")
+    task = TaskConfig(name="sst2", shots=4, test_limit=40)
+    data = load_task_data(task, 7)
+    labels = {t: int(y) for s in (data.train, data.dev, data.test) for t, y in zip(s.texts, s.labels)}
+    cfg = TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid"), task=task, method="bbtv2", seed=7,
+                     budget={"calls": 60}, eval_every=2, out=run,
+                     method_options={"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6})
+    result = await tune(cfg, backend=ToyBackend(labels), resume=True)
+
+    expected = json.loads((fixture / "resumed-result.json").read_text())
+    assert _without_clock(result.model_dump(mode="json")) == _without_clock(expected)
+    got_rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    want_rows = [json.loads(line) for line in (fixture / "resumed-history.jsonl").read_text().splitlines()]
+    assert [_without_clock(r) for r in got_rows] == [_without_clock(r) for r in want_rows]
+    assert result.generations > 4  # it went on past the fixture's generations

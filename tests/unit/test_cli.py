@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bbt_client import cli
-from bbt_client.checkpoint import atomic_write_json
-from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history
+from bbt_client.cli import commands as cli
+from bbt_client.run.checkpoint import atomic_write_json
+from bbt_client.run.results import RESULT_FILE, GenerationRecord, RunResult, write_history
 
 
 def write_run(run_dir, method="bbt", test_accuracy=0.625):
@@ -146,3 +146,22 @@ def test_a_refused_pin_on_resume_is_not_saved_and_a_right_one_is(tiny_server, tm
                      "--test-limit", "4", "--quiet"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["method_options"]["calibrate"] is True and saved["budget"]["calls"] == 20
+
+
+def test_methods_lists_every_option_with_its_validated_default_and_a_meaning(capsys):
+    from bbt_client.methods.registry import config_class, known_methods
+
+    assert cli.main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in known_methods())
+    for method in known_methods():
+        assert cli.main(["methods", method]) == 0
+        header, *lines = capsys.readouterr().out.splitlines()
+        at = [header.index(col) for col in ("type", "default", "meaning")]
+        fields = config_class(method).model_fields
+        assert [line.split()[0] for line in lines] == list(fields)
+        for line in lines:
+            name, default, meaning = line[:at[0]].strip(), line[at[1]:at[2]].strip(), line[at[2]:].strip()
+            assert json.loads(default) == json.loads(json.dumps(fields[name].default, default=str)), name
+            assert meaning, f"{method} option {name} has no meaning"
+    assert cli.main(["methods", "nope"]) == 2

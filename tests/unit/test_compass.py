@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bbt_client.compass import CompassSearch, load_optimiser
-from bbt_client.optim import CMAES
+from bbt_client.search.compass import CompassSearch, load_optimiser
+from bbt_client.search.cmaes import CMAES
 
 
 def sphere(x, c):

@@ -9,16 +9,16 @@ import json
 import numpy as np
 import pytest
 
-from bbt_client.budget import BudgetLimits
-from bbt_client.calibration import CONTENT_FREE_INPUTS
+from bbt_client.run.budget import BudgetLimits
+from bbt_client.tasks.calibration import CONTENT_FREE_INPUTS
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
-from bbt_client.job import TuningJob, evaluate_run, tune
+from bbt_client.run.job import TuningJob, evaluate_run, tune
 from bbt_client.methods.bbt import BBTTuner
 from bbt_client.methods.registry import make_config
 from bbt_client.protocol import ModelInfo
-from bbt_client.results import load_result, read_history, read_prompt
-from bbt_client.tasks import load_task_data
+from bbt_client.run.results import load_result, read_history, read_prompt
+from bbt_client.tasks.datasets import load_task_data
 from tests.unit.toy_backend import ToyBackend
 
 
@@ -267,11 +267,11 @@ async def test_an_int8_endpoint_is_warned_about_before_tuning(tmp_path, labels_b
         async def model_info(self):
             return (await super().model_info()).model_copy(update={"quantization": "int8"})
 
-    with caplog.at_level("WARNING", logger="bbt_client.job"):
+    with caplog.at_level("WARNING", logger="bbt_client.run.job"):
         await tune(_config(tmp_path, calls=20), backend=Int8Toy(labels_by_text))
     assert any("int8" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="bbt_client.job"):
+    with caplog.at_level("WARNING", logger="bbt_client.run.job"):
         await tune(_config(tmp_path / "fp32", calls=20), backend=ToyBackend(labels_by_text))
     assert not any("int8" in r.getMessage() for r in caplog.records)
 

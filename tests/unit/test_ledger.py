@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bbt_client.budget import Budget, BudgetLimits, BudgetUsage
+from bbt_client.run.budget import Budget, BudgetLimits, BudgetUsage
 from bbt_client.errors import CheckpointError
-from bbt_client.ledger import LEDGER_FILE, BudgetLedger, replay
+from bbt_client.run.ledger import LEDGER_FILE, BudgetLedger, replay
 
 
 def _budget() -> Budget:

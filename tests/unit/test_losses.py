@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from bbt_client.losses import accuracy, cross_entropy, hinge, log_softmax, loss_fn
+from bbt_client.tasks.losses import accuracy, cross_entropy, hinge, log_softmax, loss_fn
 
 
 def test_cross_entropy_matches_hand_computation():

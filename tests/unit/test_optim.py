@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 import pytest
 
-from bbt_client.optim import CMAES
+from bbt_client.search.cmaes import CMAES
 
 
 def sphere(x):
@@ -106,7 +106,7 @@ def test_cma_is_imported_without_its_eager_optional_imports():
         pytest.skip("needs matplotlib and scipy installed: what cma would import eagerly")
     probe = (
         "import sys, numpy as np\n"
-        "{pre}from bbt_client.optim import CMAES, import_cma\n"
+        "{pre}from bbt_client.search.cmaes import CMAES, import_cma\n"
         "import_cma()\n"
         "print(sorted(m for m in ('matplotlib', 'scipy') if m in sys.modules))\n"
         "es = CMAES(20, popsize=6, seed=3)\n"

@@ -1,4 +1,4 @@
-"""bbt_client.plot: a PNG of the tuning curve from a run directory (synthetic history, no model)."""
+"""bbt_client.cli.plot: a PNG of the tuning curve from a run directory (synthetic history, no model)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bbt_client.checkpoint import atomic_write_json  # noqa: E402
+from bbt_client.run.checkpoint import atomic_write_json  # noqa: E402
 from bbt_client.errors import CheckpointError  # noqa: E402
-from bbt_client.plot import _phase_spans, plot_run  # noqa: E402
-from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history  # noqa: E402
+from bbt_client.cli.plot import _phase_spans, plot_run  # noqa: E402
+from bbt_client.run.results import RESULT_FILE, GenerationRecord, RunResult, write_history  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -86,7 +86,7 @@ def test_phase_labels_never_overlap_each_other_or_the_title(tmp_path, layers, ro
     thinned until no two boxes overlap."""
     import matplotlib.pyplot as plt
 
-    from bbt_client.plot import build_run_figure
+    from bbt_client.cli.plot import build_run_figure
 
     run = tmp_path / "run"
     make_run(run, [f"layer {i % layers + 1}/{layers}, round {i // layers + 1}" for i in range(layers * rounds)])
@@ -108,7 +108,7 @@ def test_phase_labels_never_overlap_each_other_or_the_title(tmp_path, layers, ro
 def test_gdfo_stages_get_a_legend_and_bbt_generations_none(tmp_path):
     import matplotlib.pyplot as plt
 
-    from bbt_client.plot import build_run_figure
+    from bbt_client.cli.plot import build_run_figure
 
     make_run(tmp_path / "gdfo", ["dfo"] * 3 + ["gd+dfo"] * 5)
     make_run(tmp_path / "bbt", [f"generation {g + 2}" for g in range(8)])

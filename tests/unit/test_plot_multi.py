@@ -11,9 +11,9 @@ pytest.importorskip("matplotlib")
 
 from bbt_client import cli  # noqa: E402
 from bbt_client.errors import CheckpointError  # noqa: E402
-from bbt_client.plot import _curve, _step_mean, plot_runs, plot_sweep  # noqa: E402
-from bbt_client.results import GenerationRecord, write_history  # noqa: E402
-from bbt_client.sweep import write_summary  # noqa: E402
+from bbt_client.cli.plot import _curve, _step_mean, plot_runs, plot_sweep  # noqa: E402
+from bbt_client.run.results import GenerationRecord, write_history  # noqa: E402
+from bbt_client.cli.sweep import write_summary  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +90,7 @@ def test_sweep_plot_is_written_next_to_the_summary(tmp_path, capsys):
 
 
 def test_several_sweeps_in_one_picture_keep_every_group_and_one_zero_shot_line(tmp_path, capsys):
-    from bbt_client.plot import _merged_summaries
+    from bbt_client.cli.plot import _merged_summaries
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -7,12 +7,12 @@ import argparse
 
 import pytest
 
-from bbt_client import cli
+from bbt_client.cli import commands as cli
 from bbt_client.config import TaskConfig
 from bbt_client.errors import ConfigError
 from bbt_client.methods.registry import make_config
-from bbt_client.presets import apply_to_config, preset_names, resolve_preset, split_overrides
-from bbt_client.tasks import get_task, load_task_data
+from bbt_client.methods.presets import apply_to_config, preset_names, resolve_preset, split_overrides
+from bbt_client.tasks.datasets import get_task, load_task_data
 
 
 def test_default_preset_changes_nothing():

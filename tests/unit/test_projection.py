@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from bbt_client.projection import Projection, derive_seed, designed_std
+from bbt_client.search.projection import Projection, derive_seed, designed_std
 
 
 def test_shapes_single_and_batch():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bbt_client.prompt_vocab import build_vocabulary, render_prompt
+from bbt_client.methods.text.vocabulary import build_vocabulary, render_prompt
 
 TEXTS = [
     "Wall Street stocks fell as oil prices rose, traders said.",

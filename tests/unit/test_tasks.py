@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bbt_client.errors import ConfigError
-from bbt_client.tasks import Split, Task, few_shot, get_task, load_split, load_task_file, task_names
+from bbt_client.tasks.datasets import Split, Task, few_shot, get_task, load_split, load_task_file, task_names
 
 def test_builtin_tasks_and_unknown_name():
     assert set(task_names()) >= {"sst2", "agnews"}
@@ -126,7 +126,7 @@ def test_task_file_template_and_missing_file(tmp_path):
 
 def test_load_task_data_builtin_with_limit_and_override():
     from bbt_client.config import TaskConfig
-    from bbt_client.tasks import load_task_data
+    from bbt_client.tasks.datasets import load_task_data
 
     data = load_task_data(TaskConfig(name="sst2", shots=8, test_limit=50), seed=42)
     assert len(data.train) == 16 and len(data.dev) == 16 and len(data.test) == 50
@@ -139,7 +139,7 @@ def test_load_task_data_builtin_with_limit_and_override():
 
 def test_load_task_data_from_files(tmp_path):
     from bbt_client.config import TaskConfig
-    from bbt_client.tasks import load_task_data
+    from bbt_client.tasks.datasets import load_task_data
 
     train = tmp_path / "mine.tsv"
     train.write_text("text\tlabel\n" + "".join(f"t{i}\t{'ab'[i % 2]}\n" for i in range(20)))

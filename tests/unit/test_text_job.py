@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
-from bbt_client.calibration import CONTENT_FREE_INPUTS
+from bbt_client.tasks.calibration import CONTENT_FREE_INPUTS
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import UnsupportedError
-from bbt_client.job import evaluate_run, tune
+from bbt_client.run.job import evaluate_run, tune
 from bbt_client.methods.registry import make_config
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
-from bbt_client.results import load_result
-from bbt_client.tasks import load_task_data
+from bbt_client.run.results import load_result
+from bbt_client.tasks.datasets import load_task_data
 
 
 class TextToyBackend(Backend):

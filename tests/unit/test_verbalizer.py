@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bbt_client.verbalizer import MAX_PER_CLASS, candidate_words, class_logits, flat_words, select_words
+from bbt_client.tasks.verbalizer import MAX_PER_CLASS, candidate_words, class_logits, flat_words, select_words
 
 
 def test_candidates_start_with_each_class_label_word_and_prefer_class_specific_words():

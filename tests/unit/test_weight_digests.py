@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bbt_client.protocol import ModelInfo
-from bbt_client.weight_digests import shared_digests, weight_digest, weight_digests
+from bbt_client.lm.weight_digests import shared_digests, weight_digest, weight_digests
 
 
 def test_digest_is_sha256_of_float32_bytes_shape_free():

@@ -15,7 +15,7 @@ from bbt_client.backends.base import PromptBatch, ScoreJob
 from bbt_client.backends.http import RetryPolicy
 from bbt_client.backends.openai_text import OpenAITextBackend
 from bbt_client.errors import AuthenticationError, ConfigError, ProtocolError, RateLimitError, UnsupportedError
-from bbt_client.tokens import bundled_cl100k
+from bbt_client.backends.tokens import bundled_cl100k
 
 URL = "https://api.openai.test/v1"
 BASE = "https://api.openai.test"

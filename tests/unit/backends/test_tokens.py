@@ -1,10 +1,10 @@
-"""bbt_client.tokens: offline tiktoken counting and cost."""
+"""bbt_client.backends.tokens: offline tiktoken counting and cost."""
 
 from __future__ import annotations
 
 import pytest
 
-from bbt_client import tokens
+from bbt_client.backends import tokens
 from bbt_client.backends.openai_text import OpenAITextBackend
 
 

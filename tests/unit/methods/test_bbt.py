@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bbt_client.losses import cross_entropy
+from bbt_client.tasks.losses import cross_entropy
 from bbt_client.methods.bbt import BBTConfig, BBTTuner
 from bbt_client.errors import ConfigError
 
@@ -112,7 +112,7 @@ def test_config_validation(model_info):
 
 
 def test_two_stage_continues_as_a_compass_search_from_the_cma_best_and_resumes_exactly(model_info, straight_and_resumed):
-    from bbt_client.compass import CompassSearch
+    from bbt_client.search.compass import CompassSearch
 
     target = np.random.default_rng(5).normal(size=(4, 16)).astype(np.float32) * 0.05
     cfg = {**SMALL, "local_after_calls": 3 * 8, "local_step": 0.5}

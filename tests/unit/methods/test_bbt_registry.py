@@ -30,6 +30,6 @@ def test_unknown_method_and_bad_config(model_info):
 def test_gdfo_missing_dependency_is_a_config_error(model_info, monkeypatch):
     # Simulate an install without torch: importing it fails, and so must loading gdfo, clearly.
     monkeypatch.setitem(sys.modules, "torch", None)
-    monkeypatch.delitem(sys.modules, "bbt_client.methods.gdfo", raising=False)
+    monkeypatch.delitem(sys.modules, "bbt_client.methods.gdfo.tuner", raising=False)
     with pytest.raises(ConfigError, match="gdfo"):
         make_tuner("gdfo", model_info, task=object(), train=object())

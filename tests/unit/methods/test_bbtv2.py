@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bbt_client.errors import ConfigError
-from bbt_client.losses import cross_entropy
+from bbt_client.tasks.losses import cross_entropy
 from bbt_client.methods.bbtv2 import BBTv2Config, BBTv2Tuner
 
 SMALL = dict(intrinsic_dim=20, prompt_tokens=4, popsize=8)
@@ -100,7 +100,7 @@ def test_keep_mean_holds_cma_mean(model_info):
 
 
 def test_two_stage_re_measures_each_layers_held_prompt_then_probes_single_axes(model_info, straight_and_resumed):
-    from bbt_client.compass import CompassSearch
+    from bbt_client.search.compass import CompassSearch
 
     target = np.random.default_rng(5).normal(size=(3, 4, 16)).astype(np.float32)
     cfg = {**SMALL, "local_after_calls": 4 * 8}

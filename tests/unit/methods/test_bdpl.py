@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from bbt_client.errors import ConfigError
-from bbt_client.methods.bdpl import BDPLTuner, policy_gradient, project_simplex
+from bbt_client.methods.text.bdpl import BDPLTuner, policy_gradient, project_simplex
 from bbt_client.methods.registry import make_tuner
-from bbt_client.tasks import Split, Task
+from bbt_client.tasks.datasets import Split, Task
 
 VOCAB = [f"w{i}" for i in range(30)]
 TARGET = np.array([3, 17, 29, 8])

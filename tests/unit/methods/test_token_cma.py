@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bbt_client.errors import ConfigError
-from bbt_client.methods.token_cma import TokenCMATuner
+from bbt_client.methods.text.token_cma import TokenCMATuner
 
 VOCAB = [f"w{i}" for i in range(20)]
 TARGET = np.array([3, 17, 9])

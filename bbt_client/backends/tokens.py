@@ -21,7 +21,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Sequence
 
-log = logging.getLogger("bbt_client.tokens")
+log = logging.getLogger("bbt_client.backends.tokens")
 
 #: sha256 of the decompressed cl100k_base rank file, as pinned by tiktoken itself.
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"

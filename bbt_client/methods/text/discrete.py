@@ -1,7 +1,7 @@
 """What the text-only methods share: n prompt slots, each holding one entry of a candidate vocabulary.
 
 A discrete prompt is an index per slot into the vocabulary mined from the training texts
-(:mod:`bbt_client.prompt_vocab`); it travels as text (:class:`~bbt_client.protocol.PromptBatch` kind ``text``),
+(:mod:`bbt_client.methods.text.vocabulary`); it travels as text (:class:`~bbt_client.protocol.PromptBatch` kind ``text``),
 so any OpenAI-compatible text endpoint can score it. ``best_prompt()`` returns the indices (n,) as an int64
 array (what checkpoints and the job keep); :meth:`DiscretePromptTuner.prompt_text` turns them into the string a
 user pastes before the template. Subclasses only say how a generation is proposed (``_propose``) and how its
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses, check_state
-from bbt_client.prompt_vocab import EMPTY_SLOT, build_vocabulary, render_prompt
+from bbt_client.methods.text.vocabulary import EMPTY_SLOT, build_vocabulary, render_prompt
 
 STATE_VERSION = 1
 

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from bbt_client.verbalizer import _STOPWORDS
+from bbt_client.tasks.verbalizer import _STOPWORDS
 
 _WORD = re.compile(r"[^\W_]+")
 _PUNCT = re.compile(r"[^\w\s]+|_")

@@ -2,7 +2,7 @@
 Models", TMLR 2023), as a pure ask/tell tuner.
 
 Each of the n prompt slots holds a categorical distribution p_i over the V entries of the candidate vocabulary
-(:mod:`bbt_client.prompt_vocab`), starting uniform. A generation samples C prompts s_1..s_C (one entry per slot,
+(:mod:`bbt_client.methods.text.vocabulary`), starting uniform. A generation samples C prompts s_1..s_C (one entry per slot,
 independently), the caller scores them (C API calls in one batch) and tells their losses L_k; the
 variance-reduced policy-gradient estimator of the paper, with the generation's mean loss as the baseline,
 
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from bbt_client.methods.discrete import DiscretePromptConfig, DiscretePromptTuner
-from bbt_client.projection import derive_seed
+from bbt_client.methods.text.discrete import DiscretePromptConfig, DiscretePromptTuner
+from bbt_client.search.projection import derive_seed
 
 _STREAM_SAMPLER = 91
 
@@ -43,7 +43,9 @@ class BDPLConfig(DiscretePromptConfig):
     lr: float = Field(0.03, gt=0, le=1)
     #: Gradient norm clipping before the Adam step (3 in the reference code).
     clip_norm: float = Field(3.0, gt=0)
+    #: Adam's first-moment decay.
     beta1: float = Field(0.9, ge=0, lt=1)
+    #: Adam's second-moment decay.
     beta2: float = Field(0.999, ge=0, lt=1)
 
 

@@ -51,10 +51,10 @@ from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses, check_state
 from bbt_client.methods.bbt import check_endpoint_prompt, check_slot_settings
-from bbt_client.optim import CMAES
-from bbt_client.projection import Projection, derive_seed, designed_std
+from bbt_client.search.cmaes import CMAES
+from bbt_client.search.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
-from bbt_client.weight_digests import shared_digests
+from bbt_client.lm.weight_digests import shared_digests
 
 # Sub-stream ids for derive_seed: independent randomness per role.
 _STREAM_PROJ_TEACHER, _STREAM_PROJ_STUDENT, _STREAM_CMA, _STREAM_KD = 71, 72, 73, 74
@@ -66,12 +66,17 @@ class GDFOConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: d: dimension CMA-ES searches (500 in the papers).
     intrinsic_dim: int = Field(default=500, ge=2)
+    #: n: prompt tokens (50 in the papers).
     prompt_tokens: int = Field(default=50, ge=1)
+    #: Candidates per generation = API calls per generation.
     popsize: int = Field(default=20, ge=2)
+    #: CMA-ES initial step size σ0.
     sigma0: float = Field(default=1.0, gt=0)
     #: Scale of the designed projection: the prompt starts at ``alpha`` x the embedding std.
     alpha: float = Field(default=1.0, gt=0)
+    #: Box constraint |z_i| <= bounds for CMA-ES; None = unbounded.
     bounds: float | None = Field(default=None, gt=0)
     #: How the teacher's prompt acts on its slots, as BBT's ``prompt_mode``: "replace" the slot embeddings, or
     #: "add" to real tokens' states after the embedding LayerNorm (the reference code's; z = 0 is the plain
@@ -88,6 +93,7 @@ class GDFOConfig(BaseModel):
     #: layers have MiniLM's shapes, and the student's forward/backward passes dominate GDFO's CPU time
     #: (measured: ~1.4x MiniLM-3 per generation on AG News, its SentencePiece sequences being ~10% longer).
     student_layers: int | None = Field(default=3, ge=1)
+    #: What distillation trains in the student: "bitfit" (biases only) or "all" weights.
     student_trainable: Literal["bitfit", "all"] = "bitfit"
     #: "auto": share the teacher's projection only when digests prove the student holds the endpoint's word
     #: embeddings (same input space); "own": always the student's own.
@@ -95,21 +101,28 @@ class GDFOConfig(BaseModel):
     #: Accept a student that holds some of the endpoint's weight tensors (measuring the leak); marked in results.
     allow_shared_student_weights: bool = False
 
+    #: Adam learning rate of the student's distillation steps.
     kd_lr: float = Field(default=1e-3, gt=0)
+    #: How many of each generation's best candidates the student distils (their logits are already paid for).
     kd_candidates: int = Field(default=2, ge=1)
+    #: Distillation steps per generation.
     kd_steps: int = Field(default=1, ge=1)
+    #: Softmax temperature T of the distillation loss KL(softmax(t/T) || softmax(s/T)) T².
     kd_temperature: float = Field(default=1.0, gt=0)
 
     #: First generation (1-based, counted after tell) after which gradient descent runs.
     gd_start: int = Field(default=3, ge=1)
+    #: Gradient descent through the student every k generations.
     gd_every: int = Field(default=1, ge=1)
+    #: Adam steps on z per gradient-descent phase (0 = plain CMA-ES with a student that only distils).
     gd_steps: int = Field(default=3, ge=0)
+    #: Adam learning rate of those steps on z.
     gd_lr: float = Field(default=0.3, gt=0)
     #: How pycma receives the GD proposal: "direction" (x_gd - mean, rescaled to a sample-like length when
     #: longer) or "point" (x_gd itself, force=True). Either way its black-box rank decides its weight.
     gd_injection: Literal["direction", "point"] = "direction"
 
-    #: Content-free calibration (as BBT's ``calibrate``; :mod:`bbt_client.calibration`): the teacher's logits are
+    #: Content-free calibration (as BBT's ``calibrate``; :mod:`bbt_client.tasks.calibration`): the teacher's logits are
     #: read through "N/A" and "" scored in the same call, for the losses CMA-ES ranks, the logits the student
     #: distils, dev checks and the test evaluation. On by default, as for BBT and BBTv2: on AG News at 400 calls
     #: it lifted GDFO on every seed (three-seed mean 0.288 -> 0.394; README, Results).
@@ -147,7 +160,7 @@ class GDFOTuner(Tuner):
 
     def __init__(self, model_info: ModelInfo, config: GDFOConfig | dict | None = None, seed: int = 42, *,
                  task: Any = None, train: Any = None, student: Any = None):
-        from bbt_client.student import Student, require_torch
+        from bbt_client.methods.gdfo.student import Student, require_torch
 
         cfg = _parse_config(config)
         if task is None or train is None:
@@ -433,7 +446,7 @@ class GDFOTuner(Tuner):
 
 
 def _word_embedding_digest(student: Any) -> str | None:
-    from bbt_client.weight_digests import weight_digest
+    from bbt_client.lm.weight_digests import weight_digest
 
     return weight_digest(student.embeddings.weight.detach().cpu().float().numpy())
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bbt_client.errors import CheckpointError, ConfigError
-from bbt_client.results import RESULT_FILE, GenerationRecord, load_result, read_history
+from bbt_client.run.results import RESULT_FILE, GenerationRecord, load_result, read_history
 
 _ROUND = re.compile(r",?\s*round (\d+)$")
 _COUNTER = re.compile(r"^generation \d+$")
@@ -239,7 +239,7 @@ def plot_runs(run_dirs: Sequence[Path | str], out: Path | str | None = None, *, 
 def _merged_summaries(sweep_dirs: Sequence[Path]) -> dict:
     """The groups of several sweeps in one summary; a (task, method, variant) found in several keeps the one that
     reached more budgets; one zero-shot line per task and accuracy (variants sharing the template share it)."""
-    from bbt_client.sweep import load_summary
+    from bbt_client.cli.sweep import load_summary
 
     groups: dict[tuple, dict] = {}  # a group in several sweeps: the one that reached more budgets
     zero_shot, seen = [], set()

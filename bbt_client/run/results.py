@@ -4,7 +4,7 @@
 - ``prompt.npy``    the tuned prompt, float32 (n, D) shallow or (L, n, D) deep; its sha256 is in result.json.
                     Text methods write none: their prompt is ``prompt_text`` in result.json.
 - ``history.jsonl`` one :class:`GenerationRecord` per generation, for plots and reports.
-- ``checkpoint.pkl`` optimiser and loop state for ``--resume`` (see :mod:`bbt_client.checkpoint`).
+- ``checkpoint.pkl`` optimiser and loop state for ``--resume`` (see :mod:`bbt_client.run.checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bbt_client.checkpoint import atomic_write_bytes
+from bbt_client.run.checkpoint import atomic_write_bytes
 from bbt_client.errors import CheckpointError
 
 RESULT_FILE = "result.json"
@@ -71,7 +71,7 @@ class RunResult(BaseModel):
     #: Text methods (bdpl, cmaes-tokens): the tuned prompt as text, to put before the rendered template with one
     #: space (``bbt_client.protocol.join_text_prompt``) in any client. Such runs write no prompt.npy.
     prompt_text: str | None = None
-    #: Scores were read with content-free calibration (``bbt_client.calibration``); ``bbt evaluate`` does the same.
+    #: Scores were read with content-free calibration (``bbt_client.tasks.calibration``); ``bbt evaluate`` does the same.
     calibrated: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     #: Label words per class found on the training texts (``search_label_words``); None: the task's own words.

@@ -3,7 +3,7 @@
 Why nested budgets: accuracy at 100, 200, 400 … calls costs only the largest budget. For one
 (task, method, variant, seed) the job runs to the smallest budget and keeps that result
 (``result-<budget>.json``), then the *same* run continues with ``resume`` and the next budget (see
-:meth:`bbt_client.job.TuningJob.run`): the generations are exactly those of one longer run. What a stop in
+:meth:`bbt_client.run.job.TuningJob.run`): the generations are exactly those of one longer run. What a stop in
 between adds: its final dev check and test evaluation (≤ 2 calls per stage, counted in the budget like every
 call), and that dev check's prompt is one more candidate for the dev-best prompt later.
 
@@ -34,17 +34,17 @@ from typing import Any, Awaitable, Callable, Iterable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bbt_client import checkpoint as ckpt
-from bbt_client.budget import BudgetLimits
+from bbt_client.run import checkpoint as ckpt
+from bbt_client.run.budget import BudgetLimits
 from bbt_client.config import BackendKind, Method, TuneConfig, parse_config
 from bbt_client.errors import CheckpointError, ConfigError
-from bbt_client.ledger import LEDGER_FILE
+from bbt_client.run.ledger import LEDGER_FILE
 from bbt_client.methods.registry import make_config
-from bbt_client.presets import apply_to_config, preset_names, resolve_preset, split_overrides
-from bbt_client.results import RESULT_FILE, RunResult, load_result
-from bbt_client.tasks import load_task_data
+from bbt_client.methods.presets import apply_to_config, preset_names, resolve_preset, split_overrides
+from bbt_client.run.results import RESULT_FILE, RunResult, load_result
+from bbt_client.tasks.datasets import load_task_data
 
-log = logging.getLogger("bbt_client.sweep")
+log = logging.getLogger("bbt_client.cli.sweep")
 
 SPEC_FILE = "sweep.json"
 JOB_FILE = "sweep-job.json"
@@ -284,7 +284,7 @@ class StageOutcome:
 
 
 async def _default_runner(config: TuneConfig, resume: bool) -> RunResult:
-    from bbt_client.job import tune
+    from bbt_client.run.job import tune
 
     return await tune(config, resume=resume)
 
@@ -292,7 +292,7 @@ async def _default_runner(config: TuneConfig, resume: bool) -> RunResult:
 class Sweep:
     """``await Sweep(spec).run()`` runs (or continues) the grid and writes the summary; returns it.
 
-    ``runner(config, resume)`` runs one stage (default: :func:`bbt_client.job.tune` against the config's
+    ``runner(config, resume)`` runs one stage (default: :func:`bbt_client.run.job.tune` against the config's
     endpoint); ``progress(line)`` gets one line per finished stage."""
 
     def __init__(self, spec: SweepSpec, runner: Runner | None = None,

@@ -32,7 +32,7 @@ import numpy as np
 from bbt_client.errors import ConfigError
 from bbt_client.protocol import MASK_SLOT, TEXT_A_SLOT, TEXT_B_SLOT, TEXT_SLOT
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent.parent / "data"
 
 #: Seeds the papers report (mean ± std over these).
 PAPER_SEEDS = (13, 42, 100)
@@ -53,7 +53,7 @@ class Task:
     class_names: tuple[str, ...]
     description: str = ""
     #: Several words per class (a class's logit is the mean of its words'), e.g. found by
-    #: :mod:`bbt_client.verbalizer`; None = ``label_words``, one word each.
+    #: :mod:`bbt_client.tasks.verbalizer`; None = ``label_words``, one word each.
     verbalizer: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:

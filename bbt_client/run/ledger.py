@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bbt_client.budget import BudgetUsage, Reservation
+from bbt_client.run.budget import BudgetUsage, Reservation
 from bbt_client.errors import CheckpointError
 
 LEDGER_FILE = "budget.wal"

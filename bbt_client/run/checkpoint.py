@@ -17,10 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from bbt_client.errors import CheckpointError, ConfigError
-from bbt_client.ledger import LEDGER_FILE
+from bbt_client.run.ledger import LEDGER_FILE
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pkl"
+
+#: Where modules whose classes a checkpoint pickles lived in bbt-client 0.1's flat layout, so runs
+#: checkpointed then still resume.
+_MOVED_MODULES = {
+    "bbt_client.job": "bbt_client.run.job",
+    "bbt_client.budget": "bbt_client.run.budget",
+    "bbt_client.results": "bbt_client.run.results",
+    "bbt_client.ledger": "bbt_client.run.ledger",
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(_MOVED_MODULES.get(module, module), name)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -86,7 +100,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: nothing to resume (start without --resume)")
     try:
-        payload = pickle.loads(path.read_bytes())
+        with path.open("rb") as f:
+            payload = _Unpickler(f).load()
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not ours or is damaged
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:

@@ -13,29 +13,26 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from bbt_client import calibration
-from bbt_client import checkpoint as ckpt
+from bbt_client.run import checkpoint as ckpt
 from bbt_client.backends import make_backend
-from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
-from bbt_client.budget import Budget, BudgetUsage
+from bbt_client.backends.base import Backend, PromptBatch
+from bbt_client.run.budget import Budget, BudgetUsage
 from bbt_client.config import TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
-from bbt_client.ledger import BudgetLedger, LedgerTotals
-from bbt_client.losses import accuracy, cross_entropy, hinge
-from bbt_client.metered import MeteredScorer
+from bbt_client.run.ledger import BudgetLedger, LedgerTotals
+from bbt_client.run.scorer import TaskScorer
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_config, make_tuner, tuner_class
 from bbt_client.protocol import ModelInfo
-from bbt_client.rescore import evaluate_run, prompt_batch
-from bbt_client.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
-from bbt_client.tasks import TaskData, load_task_data
-from bbt_client.verbalizer import candidate_words, class_logits, flat_words, select_words
+from bbt_client.run.rescore import evaluate_run, prompt_batch
+from bbt_client.run.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
+from bbt_client.tasks.datasets import TaskData, load_task_data
 
-log = logging.getLogger("bbt_client.job")
+log = logging.getLogger("bbt_client.run.job")
 
 ProgressCallback = Callable[["Progress"], None]
 
@@ -72,7 +69,7 @@ class _State:
     zero_shot_calibrated_test_accuracy: float | None = None
     zero_shot_dev_accuracy: float | None = None
     wall_seconds: float = 0.0
-    #: Spent on requests whose results a crash lost (cumulative over resumes; see :mod:`bbt_client.ledger`).
+    #: Spent on requests whose results a crash lost (cumulative over resumes; see :mod:`bbt_client.run.ledger`).
     lost_to_crashes: BudgetUsage = dataclasses.field(default_factory=BudgetUsage)
     #: What the endpoint itself reported spending (calls, tokens) beside the client's own count.
     endpoint_calls: int = 0
@@ -101,10 +98,6 @@ def _account_crash(ledger: BudgetLedger, counted: BudgetUsage, st: _State) -> Bu
     lost.cost += max(0.0, spent.cost - counted.cost)
     return BudgetUsage(calls=max(spent.calls, counted.calls), tokens=max(spent.tokens, counted.tokens),
                        cost=max(spent.cost, counted.cost))
-
-
-def _loss_fn(name: str):
-    return cross_entropy if name == "ce" else hinge
 
 
 def same_run(saved: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -212,12 +205,16 @@ class TuningJob:
         wall_before = st.wall_seconds
         elapsed = lambda: wall_before + (time.monotonic() - t_start)  # noqa: E731
 
-        ctx = _Context(self, backend, budget, None, data, info, st, elapsed, ledger)
+        scorer = TaskScorer(backend, budget, ledger, elapsed, data, cfg.loss, st)
+        ctx = _RunLoop(self, scorer, budget, st, info, elapsed)
         if cfg.task.search_label_words and st.verbalizer is None:
-            st.verbalizer = await ctx.search_verbalizer(cfg.task.search_label_words)
+            st.verbalizer = await scorer.search_verbalizer(cfg.task.search_label_words,
+                                                           reserve_after=ctx.final_calls + 1)
         if st.verbalizer is not None:
-            ctx.data = data = dataclasses.replace(data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))
+            scorer.data = data = dataclasses.replace(
+                data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))
         ctx.tuner = tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
+        scorer.calibrate_option = getattr(getattr(tuner, "config", None), "calibrate", False)
         if saved is not None:
             tuner.load_state_dict(saved["tuner"])
         stop = await ctx.loop()
@@ -230,90 +227,20 @@ class TuningJob:
             log.exception("progress callback failed")
 
 
-class _Context:
-    """The pieces of one run, so the loop's steps read as short methods."""
+class _RunLoop:
+    """One run's generations, dev checks, checkpoints and result; what a score means is :class:`TaskScorer`'s."""
 
-    def __init__(self, job: TuningJob, backend: Backend, budget: Budget, tuner: Tuner | None,
-                 data: TaskData, info: ModelInfo, st: _State, elapsed: Callable[[], float],
-                 ledger: BudgetLedger | None = None):
-        self.job, self.cfg, self.backend, self.budget = job, job.config, backend, budget
-        self.tuner, self.data, self.info, self.st, self.elapsed = tuner, data, info, st, elapsed
-        self.scorer = MeteredScorer(backend, budget, ledger, elapsed)
-        self.loss_fn = _loss_fn(self.cfg.loss)
+    def __init__(self, job: TuningJob, scorer: TaskScorer, budget: Budget, st: _State,
+                 info: ModelInfo, elapsed: Callable[[], float]):
+        self.job, self.cfg, self.scorer, self.budget = job, job.config, scorer, budget
+        self.st, self.info, self.elapsed = st, info, elapsed
+        self.tuner: Tuner | None = None
         self.final_calls = 1 + (1 if self.cfg.evaluate_test else 0)  # last dev check + test evaluation
         self._gen_seconds: list[float] = []
 
     @property
-    def calibrate(self) -> bool:
-        """Content-free calibration (Zhao et al. 2021) of every scoring but the label-word search: the method's
-        ``calibrate`` option; ``"auto"`` (the text methods' default) scores both ways until the dev choice."""
-        option = getattr(getattr(self.tuner, "config", None), "calibrate", False)
-        if option == "auto":
-            return True if self.st.calibrated is None else self.st.calibrated
-        return option is True
-
-    # -------------------------------------------------------------- scoring under the budget
-
-    async def score(self, split_name: str, prompts: PromptBatch, reserve_after: int = 0,
-                    words: Sequence[str] | None = None) -> np.ndarray:
-        """(C, N, K) class logits of ``prompts`` on a split (calibrated when the method asks for it), budget
-        reserved first; ``reserve_after`` calls must stay free. ``words``: score these words instead and return
-        their (C, N, V) logits as they are."""
-        if words is not None:
-            split = getattr(self.data, split_name)
-            job = ScoreJob(template=self.data.task.template, texts=split.texts, text_pairs=split.text_pairs,
-                           label_words=list(words), prompts=prompts)
-            return await self._score_job(split_name, job, reserve_after)
-        raw, calibrated = await self.score_both(split_name, prompts, reserve_after)
-        return calibrated if calibrated is not None else raw
-
-    async def score_both(self, split_name: str, prompts: PromptBatch,
-                         reserve_after: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw (C, N, K) class logits, and the calibrated ones from the same call (None when not calibrating):
-        with calibration the content-free inputs ride along in each candidate's call (their tokens are counted)."""
-        split = getattr(self.data, split_name)
-        sets = self.data.task.word_sets
-        texts, pairs, m = list(split.texts), split.text_pairs, 0
-        if self.calibrate:
-            texts = calibration.with_content_free(split.texts)
-            m = len(texts) - len(split.texts)
-            pairs = None if pairs is None else calibration.with_content_free(pairs)
-        job = ScoreJob(template=self.data.task.template, texts=texts, text_pairs=pairs,
-                       label_words=flat_words(sets), prompts=prompts)
-        logits = class_logits(await self._score_job(split_name, job, reserve_after), sets)
-        if not m:
-            return logits, None
-        return calibration.split_content_free(logits, m), calibration.calibrate(logits, m)
-
-    async def search_verbalizer(self, per_class: int) -> tuple[tuple[str, ...], ...]:
-        """Choose ``per_class`` label words per class from the training texts, spending one call (see
-        :mod:`bbt_client.verbalizer`); candidates that are not one token for the endpoint are dropped first."""
-        task, train = self.data.task, self.data.train
-        pools = candidate_words(train.texts, train.labels, task.num_classes, task.label_words, 2 * per_class)
-        spelled = await self.backend.tokenize(words=[w for pool in pools for w in pool])  # not billed: no model work
-        ids = {t.word: t.ids for t in spelled.words}
-        words, owners, by_id = [], [], set()  # one word per token id: an uncased vocabulary merges cases
-        for k, pool in enumerate(pools):
-            for w in pool:
-                if len(ids.get(w, ())) == 1 and ids[w][0] not in by_id:
-                    by_id.add(ids[w][0])
-                    words.append(w)
-                    owners.append(k)
-        short = [task.class_names[k] for k in range(task.num_classes) if owners.count(k) < per_class]
-        if short:
-            raise ConfigError(f"fewer than {per_class} candidate label words are single tokens for this endpoint "
-                              f"for class(es) {short}; lower search_label_words")
-        logits = await self.score("train", PromptBatch.zero_shot(), reserve_after=self.final_calls + 1, words=words)
-        found = tuple(tuple(words[v] for v in cols)
-                      for cols in select_words(logits[0], train.labels, owners, task.num_classes, per_class))
-        log.info("label words found on the training texts: %s", {c: list(ws) for c, ws in zip(task.class_names, found)})
-        return found
-
-    async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:
-        result = await self.scorer.score(split_name, job, reserve_after)
-        self.st.endpoint_calls += result.endpoint_calls if result.endpoint_calls is not None else job.num_calls
-        self.st.endpoint_tokens += int(result.tokens)
-        return result.logits
+    def data(self) -> TaskData:
+        return self.scorer.data
 
     def _batch_of(self, prompt: np.ndarray | None) -> PromptBatch:
         if prompt is not None and self.tuner.prompt_kind == "text":
@@ -321,17 +248,16 @@ class _Context:
         return prompt_batch(self.tuner.prompt_kind, prompt, getattr(self.tuner, "config", None))
 
     async def evaluate(self, split_name: str, prompt: np.ndarray | None, reserve_after: int = 0) -> tuple[float, float]:
-        logits = await self.score(split_name, self._batch_of(prompt), reserve_after)
-        labels = getattr(self.data, split_name).labels
-        return float(accuracy(logits, labels)[0]), float(self.loss_fn(logits, labels)[0])
+        logits = await self.scorer.score(split_name, self._batch_of(prompt), reserve_after)
+        acc, loss = self.scorer.metrics(split_name, logits)
+        return float(acc[0]), float(loss[0])
 
     async def _zero_shot(self) -> None:
         """Zero-shot test accuracy, raw and (for calibrating methods) calibrated, from one call."""
-        raw, cal = await self.score_both("test", PromptBatch.zero_shot(), reserve_after=self.final_calls)
-        labels = self.data.test.labels
-        self.st.zero_shot_test_accuracy = float(accuracy(raw, labels)[0])
+        raw, cal = await self.scorer.score_both("test", PromptBatch.zero_shot(), reserve_after=self.final_calls)
+        self.st.zero_shot_test_accuracy = float(self.scorer.metrics("test", raw)[0][0])
         if cal is not None:
-            self.st.zero_shot_calibrated_test_accuracy = float(accuracy(cal, labels)[0])
+            self.st.zero_shot_calibrated_test_accuracy = float(self.scorer.metrics("test", cal)[0][0])
 
     # -------------------------------------------------------------- the loop
 
@@ -377,10 +303,8 @@ class _Context:
         # would stall every other job's HTTP in a sweep (torch releases the GIL, so the jobs overlap). A budget
         # stop may have left a batch asked and unscored: that one goes first.
         batch = self.tuner.pending_batch() or await asyncio.to_thread(self.tuner.ask)
-        logits = await self.score("train", batch, reserve_after)
-        labels = self.data.train.labels
-        losses = self.loss_fn(logits, labels)
-        accs = accuracy(logits, labels)
+        logits = await self.scorer.score("train", batch, reserve_after)
+        accs, losses = self.scorer.metrics("train", logits)
         await asyncio.to_thread(self.tuner.tell, losses, logits)
         self.st.generation += 1
         self._gen_seconds.append(time.monotonic() - t0)
@@ -404,9 +328,8 @@ class _Context:
         raw and calibrated and the run keeps the reading with the better dev accuracy (ties: lower loss)."""
         if getattr(self.tuner.config, "calibrate", None) != "auto" or self.st.calibrated is not None:
             return await self._score_dev(empty, reserve_after)
-        raw, cal = await self.score_both("dev", self._batch_of(empty), reserve_after)
-        labels = self.data.dev.labels
-        (ra, rl), (ca, cl) = [(float(accuracy(x, labels)[0]), float(self.loss_fn(x, labels)[0])) for x in (raw, cal)]
+        raw, cal = await self.scorer.score_both("dev", self._batch_of(empty), reserve_after)
+        (ra, rl), (ca, cl) = [tuple(float(m[0]) for m in self.scorer.metrics("dev", x)) for x in (raw, cal)]
         self.st.calibrated = (ca, -cl) >= (ra, -rl)
         log.info("calibrate=auto: bare template on dev %.3f raw, %.3f calibrated; the run %s", ra, ca,
                  "calibrates" if self.st.calibrated else "scores raw")
@@ -477,7 +400,7 @@ class _Context:
             best_dev_accuracy=st.best_dev_accuracy, best_generation=st.best_generation,
             test_accuracy=test_acc, zero_shot_test_accuracy=st.zero_shot_test_accuracy,
             zero_shot_calibrated_test_accuracy=st.zero_shot_calibrated_test_accuracy,
-            prompt_text=text, calibrated=self.calibrate,
+            prompt_text=text, calibrated=self.scorer.calibrate,
             test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},

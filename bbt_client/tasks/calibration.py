@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bbt_client.losses import log_softmax
+from bbt_client.tasks.losses import log_softmax
 
 #: The content-free inputs scored with every candidate ("[MASK]" of the paper is left out: on a masked LM served
 #: through a text API it would be a second mask token).

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bbt_client import checkpoint as ckpt
+from bbt_client.run import checkpoint as ckpt
 from bbt_client.config import TuneConfig, parse_config
 from bbt_client.errors import BBTError, CheckpointError, ConfigError, EndpointError
-from bbt_client.job import Progress, TuningJob, evaluate_run
-from bbt_client.plot import RUN_METRICS
+from bbt_client.run.job import Progress, TuningJob, evaluate_run
+from bbt_client.cli.plot import RUN_METRICS
 
 CONFIG_FILE = "config.json"
-log = logging.getLogger("bbt_client.cli")
+log = logging.getLogger("bbt_client.cli.commands")
 
 
 # ---------------------------------------------------------------- progress display
@@ -131,7 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt prompt_tokens=10 --opt popsize=20 (repeatable)")
     t.add_argument("--preset", help="named settings under your flags: default, reference (the papers' code's "
-                   "choices; see bbt_client/presets.py)")
+                   "choices; see bbt_client/methods/presets.py)")
     t.add_argument("--out", type=Path, help="run directory (result.json, prompt.npy, checkpoint)")
     t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     mode = t.add_mutually_exclusive_group()
@@ -160,6 +160,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--band", choices=["minmax", "std"], default="minmax", help="band over seeds")
     p.add_argument("--ceiling", type=float, help="draw a reference line at this accuracy (e.g. the white-box ceiling)")
     p.add_argument("--out", type=Path, help="PNG path (default RUN/curve.png, DIR/accuracy_vs_calls.png)")
+
+    m = sub.add_parser("methods", help="list the methods, or one method's options with their defaults")
+    m.add_argument("name", nargs="?", help="a method: print each option, its type, default and meaning")
 
     s = sub.add_parser("sweep", help="tasks x methods x variants x seeds x nested budgets, concurrent and resumable")
     s.add_argument("--out", type=Path, required=True, help="sweep directory (re-run the command to continue it)")
@@ -251,7 +254,7 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
 
 def _apply_preset(data: dict[str, Any], name: str) -> dict[str, Any]:
     """``data`` with preset ``name`` filled in under what the config file and the flags set."""
-    from bbt_client.presets import apply_to_config, resolve_preset
+    from bbt_client.methods.presets import apply_to_config, resolve_preset
 
     task = data.get("task") or {}
     settings = resolve_preset(name, data.get("method", "bbtv2"), task.get("name", "sst2"))
@@ -305,7 +308,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bbt_client.results import load_result
+    from bbt_client.run.results import load_result
 
     result = load_result(args.run)
     cfg = TuneConfig.model_validate(result.config)
@@ -334,7 +337,7 @@ def _format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from bbt_client.results import load_result
+    from bbt_client.run.results import load_result
 
     rows = [load_result(r).model_dump(mode="json", exclude={"config"}) for r in args.run]
     print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
@@ -372,7 +375,7 @@ def _accounting_notes(row: dict[str, Any]) -> list[str]:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from bbt_client.plot import plot_run, plot_runs, plot_sweep
+    from bbt_client.cli.plot import plot_run, plot_runs, plot_sweep
 
     if args.sweep is not None:
         path = plot_sweep(args.sweep, args.out, band=args.band, ceiling=args.ceiling)
@@ -387,7 +390,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from bbt_client.sweep import Sweep, SweepSpec, Variant, parse_variant, summary_markdown
+    from bbt_client.cli.sweep import Sweep, SweepSpec, Variant, parse_variant, summary_markdown
 
     try:
         spec = SweepSpec(
@@ -407,12 +410,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from bbt_client.methods.registry import describe_options, known_methods, tuner_class
+
+    if args.name is None:
+        for name in known_methods():
+            cls = tuner_class(name)
+            print(f"{name:<13} {cls.prompt_kind:<8} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print("\nbbt methods NAME lists a method's options; set them with bbt tune --opt KEY=VALUE")
+        return 0
+    rows = [(n, k, json.dumps(d, default=str), doc) for n, k, d, doc in describe_options(args.name)]
+    widths = [max(len(r[i]) for r in [("option", "type", "default"), *rows]) for i in range(3)]
+    print(f"{'option':<{widths[0]}}  {'type':<{widths[1]}}  {'default':<{widths[2]}}  meaning")
+    for row in rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"tune": _cmd_tune, "evaluate": _cmd_evaluate, "report": _cmd_report, "plot": _cmd_plot,
-                "sweep": _cmd_sweep}
+                "sweep": _cmd_sweep, "methods": _cmd_methods}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from bbt_client import calibration
+from bbt_client.tasks import calibration
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
 from bbt_client.config import TuneConfig
-from bbt_client.losses import accuracy
+from bbt_client.tasks.losses import accuracy
 from bbt_client.methods.registry import make_config
-from bbt_client.tasks import load_task_data
-from bbt_client.verbalizer import class_logits, flat_words
+from bbt_client.tasks.datasets import load_task_data
+from bbt_client.tasks.verbalizer import class_logits, flat_words
 
 
 def prompt_batch(kind: str, prompt: np.ndarray | str | None, method_config: Any = None) -> PromptBatch:
@@ -40,7 +40,7 @@ def prompt_batch(kind: str, prompt: np.ndarray | str | None, method_config: Any 
 
 async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config: TuneConfig | None = None) -> dict:
     """Re-score a finished run's tuned prompt on its test set: reproduces ``test_accuracy`` of result.json."""
-    from bbt_client.results import load_result, read_prompt
+    from bbt_client.run.results import load_result, read_prompt
 
     run_dir = Path(run_dir)
     result = load_result(run_dir)

@@ -113,7 +113,7 @@ class CompassSearch:
 
 def load_optimiser(data: bytes) -> Any:
     """A CMA-ES or compass search back from its ``state_bytes`` (trusted input: a pickle)."""
-    from bbt_client.optim import CMAES, import_cma
+    from bbt_client.search.cmaes import CMAES, import_cma
 
     import_cma()  # a CMA-ES pickle would otherwise import it the usual way
     state = pickle.loads(data)

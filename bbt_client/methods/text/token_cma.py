@@ -1,7 +1,7 @@
 """``cmaes-tokens``: BBT's recipe — CMA-ES in a small random subspace — applied to discrete prompts.
 
 CMA-ES searches z ∈ R^d; a fixed, seeded random projection A (d → n·V) turns z into scores for every entry of the
-candidate vocabulary (:mod:`bbt_client.prompt_vocab`) in each of the n slots, and each slot takes its
+candidate vocabulary (:mod:`bbt_client.methods.text.vocabulary`) in each of the n slots, and each slot takes its
 highest-scoring entry:
 
     scores = (z @ A).reshape(n, V),    prompt_i = vocabulary[argmax_j scores[i, j]]
@@ -10,7 +10,7 @@ So the project's core (derivative-free search over a low-dimensional z, a random
 per generation) carries over to endpoints that accept only text. Different z may give the same prompt string
 (identical candidates in one generation are scored as they are); the best prompt is the lowest-training-loss
 candidate seen. A is regenerated from the seed, never stored; CMA-ES state (with its private RNG) is
-checkpointed through :class:`~bbt_client.optim.CMAES`.
+checkpointed through :class:`~bbt_client.search.cmaes.CMAES`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from bbt_client.methods.discrete import DiscretePromptConfig, DiscretePromptTuner
-from bbt_client.optim import CMAES
-from bbt_client.projection import derive_seed
+from bbt_client.methods.text.discrete import DiscretePromptConfig, DiscretePromptTuner
+from bbt_client.search.cmaes import CMAES
+from bbt_client.search.projection import derive_seed
 
 _STREAM_PROJECTION, _STREAM_CMA = 81, 82
 
@@ -32,6 +32,7 @@ class TokenCMAConfig(DiscretePromptConfig):
 
     #: d: dimension CMA-ES searches.
     intrinsic_dim: int = Field(50, ge=2, le=10_000)
+    #: CMA-ES initial step size σ0.
     sigma0: float = Field(1.0, gt=0)
 
 

@@ -12,9 +12,9 @@ import asyncio
 from typing import Callable
 
 from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
-from bbt_client.budget import Budget, Reservation
+from bbt_client.run.budget import Budget, Reservation
 from bbt_client.errors import BudgetExhausted
-from bbt_client.ledger import BudgetLedger
+from bbt_client.run.ledger import BudgetLedger
 
 
 class MeteredScorer:

@@ -1,0 +1,1 @@
+"""Optimisers and projections: CMA-ES, compass search, random subspaces. Pure numpy."""

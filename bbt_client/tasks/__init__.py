@@ -1,0 +1,1 @@
+"""Tasks: bundled and user data, k-shot splits, templates, label words, calibration, losses."""
