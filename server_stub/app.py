@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server_stub.batching import ModelWorker, default_max_batch_tokens
-from server_stub.http import HttpLimits
-from server_stub.int8 import OUTLIER_CHANNELS
-from server_stub.model import PromptedLM, default_model_dir
-from server_stub.openai_face import FaceOptions, OpenAIFace
-from server_stub.service import ScoringService, ServiceLimits
+from server_stub.engine.int8 import OUTLIER_CHANNELS
+from server_stub.engine.model import PromptedLM, default_model_dir
+from server_stub.engine.worker import ModelWorker, default_max_batch_tokens
+from server_stub.http.framing import HttpLimits
+from server_stub.http.routes_openai import FaceOptions, OpenAIFace
+from server_stub.http.routes_v1 import ScoringService, ServiceLimits
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,15 @@ class ServerOptions:
     port: int = 8080
     device: str = "auto"
     dtype: str = "float32"
-    #: None (default) or "int8": int8 linear layers, CPU only (:mod:`server_stub.int8`).
+    #: None (default) or "int8": int8 linear layers, CPU only (:mod:`server_stub.engine.int8`).
     quantize: str | None = None
-    #: With ``quantize="int8"``: input channels per linear kept float32 (:data:`server_stub.int8.OUTLIER_CHANNELS`).
+    #: With ``quantize="int8"``: input channels per linear kept float32
+    #: (:data:`server_stub.engine.int8.OUTLIER_CHANNELS`).
     int8_outliers: int = OUTLIER_CHANNELS
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    #: Tokens per forward micro-batch; None: :func:`server_stub.batching.default_max_batch_tokens` for the device.
+    #: Tokens per forward micro-batch; None: :func:`server_stub.engine.worker.default_max_batch_tokens` for the device.
     max_batch_tokens: int | None = None
     max_prompt_tokens: int = 64
     max_candidates: int = 256
@@ -60,7 +61,7 @@ class ServerOptions:
     enable_prompt_embeds: bool = False
     max_logprobs: int = 20
     logprobs_mode: str = "processed_logprobs"
-    #: Test hook run on the model thread before each job (see :class:`server_stub.batching.ModelWorker`).
+    #: Test hook run on the model thread before each job (see :class:`server_stub.engine.worker.ModelWorker`).
     before_job: Callable[[], None] | None = None
 
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from server_stub.engine.loading import LoadedLM
 from server_stub.errors import InvalidInput
-from server_stub.loading import LoadedLM
 
 #: vLLM reports a log-probability of -inf (a token masked out) as this number, since JSON has no -inf.
 LOGPROB_FLOOR = -9999.0

@@ -33,12 +33,12 @@ from bbt_client.protocol import (
     WordTokens,
     tensor_digest,
 )
-from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
+from server_stub.engine.model import PromptedLM, ScoreJob, ScoreOutput
+from server_stub.engine.worker import MAX_BATCH_TOKENS, ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
-from server_stub.http import Handler, HttpLimits, HttpServer, Request
-from server_stub.model import PromptedLM, ScoreJob, ScoreOutput
-from server_stub.openai_face import OpenAIFace
-from server_stub.usage import UsageMeter
+from server_stub.http.framing import Handler, HttpLimits, HttpServer, Request
+from server_stub.http.routes_openai import OpenAIFace
+from server_stub.http.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class ScoringService:
         return TokenizeResponse(words=words, text_token_counts=counts)
 
     def _score_group(self, bodies: Sequence[ScoreRequest]) -> list[ScoreResponse | Exception]:
-        """Score queued requests together (:mod:`server_stub.shared_batches`); one response or error each.
+        """Score queued requests together (:mod:`server_stub.engine.shared_batches`); one response or error each.
 
         Each request is validated on its own first, so a bad one fails alone; if a shared pass itself fails,
         its requests are retried one by one so that only the one that breaks the model fails."""

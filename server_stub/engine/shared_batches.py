@@ -7,7 +7,7 @@ into micro-batches of at most ``max_batch_tokens`` tokens (padding included), ru
 request gets its own label words at its own answer slots. A request alone goes through the same code, so
 "alone" and "shared" differ only in which rows share a GEMM (float-noise differences, never different maths).
 
-Pure compute on an already validated :class:`ScoreJob`; :meth:`server_stub.model.PromptedLM.prepare_score`
+Pure compute on an already validated :class:`ScoreJob`; :meth:`server_stub.engine.model.PromptedLM.prepare_score`
 builds one.
 """
 
@@ -22,8 +22,8 @@ import torch
 from bbt_client.protocol import PromptBatch
 
 if TYPE_CHECKING:
-    from server_stub.layout import _Encoded
-    from server_stub.model import PromptedLM
+    from server_stub.engine.layout import _Encoded
+    from server_stub.engine.model import PromptedLM
 
 
 @dataclass

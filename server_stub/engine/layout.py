@@ -2,7 +2,7 @@
 
 Why a module of its own: where the prompt slots, the text and the answer slot sit in each row (and how texts
 are truncated to fit) is the contract of protocol v1's "Sequence layout" section; the prompted forward pass
-(:mod:`server_stub.model`) only consumes the rows.
+(:mod:`server_stub.engine.model`) only consumes the rows.
 
 Layout of one row::
 
@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from server_stub.engine.loading import LoadedLM
 from server_stub.errors import InvalidInput
-from server_stub.loading import LoadedLM
 
 _PLACEHOLDER = re.compile(r"\{(text|text_a|text_b|mask)\}")
 

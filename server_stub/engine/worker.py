@@ -11,7 +11,7 @@ and a bad request fails alone. A job not yet picked keeps its place: the group i
 becomes free, from what is queued then (no waiting for stragglers, so one client alone is never slowed).
 
 ``before_job`` runs on the worker thread before each job (once per job of a group, in queue order). Tests
-pass a gate (:class:`server_stub.testing.RequestGate`, or ``--test-gate FIFO`` for a subprocess) that holds a
+pass a gate (:class:`server_stub.gate.RequestGate`, or ``--test-gate FIFO`` for a subprocess) that holds a
 job until the test releases it, so "a request is in flight" is an event they wait for, never a guess about time.
 """
 

@@ -13,9 +13,9 @@ Sequence layout (one row per candidate × text)::
   for the N texts; their output is then expanded to C × N and only layers >= l run per candidate.
 
 Everything here is pure compute: no HTTP, no JSON. Invalid input raises :class:`InvalidInput`. Loading the
-checkpoint (layout, head, special tokens, ``--quantize``) is :mod:`server_stub.loading`; laying out the rows,
-:mod:`server_stub.layout`; packing the rows of several requests into shared micro-batches,
-:mod:`server_stub.shared_batches`; the last layer at the answer slot only, :mod:`server_stub.answer_layer`.
+checkpoint (layout, head, special tokens, ``--quantize``) is :mod:`.loading`; laying out the rows,
+:mod:`.layout`; packing the rows of several requests into shared micro-batches, :mod:`.shared_batches`; the
+last layer at the answer slot only, :mod:`.answer_layer`.
 """
 
 
@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from bbt_client.protocol import PromptBatch
-from server_stub.answer_layer import answer_layer_for
-from server_stub.batching import MAX_BATCH_TOKENS
+from server_stub.engine.answer_layer import answer_layer_for
+from server_stub.engine.layout import TextLayout, _Encoded
+from server_stub.engine.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
+from server_stub.engine.shared_batches import ScoreJob, ScoreOutput, score_shared
+from server_stub.engine.worker import MAX_BATCH_TOKENS
 from server_stub.errors import InvalidInput
-from server_stub.layout import TextLayout, _Encoded
-from server_stub.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
-from server_stub.shared_batches import ScoreJob, ScoreOutput, score_shared
 
 __all__ = ["PromptedLM", "ScoreOutput", "ScoreJob", "LoadedLM", "REFERENCE_TEXT", "default_model_dir",
            "resolve_device"]
@@ -52,7 +52,7 @@ class PromptedLM(TextLayout):
     """Loads a local HF checkpoint once (:class:`LoadedLM`), lays out sequences (:class:`TextLayout`) and scores
     (candidate prompt × text) pairs in micro-batches."""
 
-    #: The last layer at the answer slot only (:mod:`server_stub.answer_layer`), or None: every position.
+    #: The last layer at the answer slot only (:mod:`server_stub.engine.answer_layer`), or None: every position.
     answer_layer = None
 
     def _before_quantize(self) -> None:
@@ -185,7 +185,7 @@ class PromptedLM(TextLayout):
 
     def run_score_jobs(self, jobs: Sequence[ScoreJob], max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
         """Fill each job's ``out``: jobs with equal :attr:`ScoreJob.key` share micro-batches
-        (:mod:`server_stub.shared_batches`); a split deep job runs its own two phases."""
+        (:mod:`server_stub.engine.shared_batches`); a split deep job runs its own two phases."""
         groups: dict[tuple, list[ScoreJob]] = {}
         with torch.inference_mode():
             for job in jobs:
