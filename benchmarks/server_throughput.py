@@ -62,7 +62,7 @@ tensor (query, key, value) share that work and one wider product (:class:`server
 Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default
 until this round) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB
 mmap threshold and every allocation faults in fresh pages; smaller ones stay in cache
-(:data:`server_stub.engine.worker.MAX_BATCH_TOKENS`).
+(:data:`server_stub.engine.micro_batches.MAX_BATCH_TOKENS`).
 
 Prints a table, then as the LAST line one JSON object with the fields above (and the older ``bare_seq_per_s``,
 ``ratio`` = server / bare, ``max_abs_logit_diff`` of the server against the baseline).
@@ -321,7 +321,7 @@ def main() -> None:
     if args.quick:
         args.candidates, args.texts, args.requests, args.tune_calls = 4, 8, 1, 60
     cuda = args.device.startswith("cuda")
-    from server_stub.engine.worker import default_max_batch_tokens
+    from server_stub.engine.micro_batches import default_max_batch_tokens
 
     args.max_batch_tokens = args.max_batch_tokens or default_max_batch_tokens("cuda" if cuda else "cpu")
 

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from server_stub.engine.int8 import OUTLIER_CHANNELS
+from server_stub.engine.micro_batches import default_max_batch_tokens
 from server_stub.engine.model import PromptedLM, default_model_dir
-from server_stub.engine.worker import ModelWorker, default_max_batch_tokens
+from server_stub.engine.worker import ModelWorker
 from server_stub.http.framing import HttpLimits
 from server_stub.http.routes_openai import FaceOptions, OpenAIFace
 from server_stub.http.routes_v1 import ScoringService, ServiceLimits
@@ -40,7 +41,8 @@ class ServerOptions:
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    #: Tokens per forward micro-batch; None: :func:`server_stub.engine.worker.default_max_batch_tokens` for the device.
+    #: Tokens per forward micro-batch; None: :func:`server_stub.engine.micro_batches.default_max_batch_tokens`
+    #: for the device.
     max_batch_tokens: int | None = None
     max_prompt_tokens: int = 64
     max_candidates: int = 256

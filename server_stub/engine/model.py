@@ -34,8 +34,8 @@ from bbt_client.protocol import PromptBatch
 from server_stub.engine.answer_layer import answer_layer_for
 from server_stub.engine.layout import TextLayout, _Encoded
 from server_stub.engine.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
+from server_stub.engine.micro_batches import MAX_BATCH_TOKENS, micro_batch_spans
 from server_stub.engine.shared_batches import ScoreJob, ScoreOutput, score_shared
-from server_stub.engine.worker import MAX_BATCH_TOKENS
 from server_stub.errors import InvalidInput
 
 __all__ = ["PromptedLM", "ScoreOutput", "ScoreJob", "LoadedLM", "REFERENCE_TEXT", "default_model_dir",
@@ -221,20 +221,11 @@ class PromptedLM(TextLayout):
         return full
 
     def _micro_batches(self, lengths: np.ndarray, copies: int, max_batch_tokens: int) -> Iterator[np.ndarray]:
-        """Row indices (text-major: row = text * copies + copy) grouped so rows × longest ≤ max_batch_tokens.
-
-        Rows go in order of text length so each micro-batch pads little.
-        """
+        """Row indices (text-major: row = text * copies + copy) in micro-batches (:func:`micro_batch_spans`)."""
         order = np.argsort(lengths, kind="stable")
         rows = (order[:, None] * copies + np.arange(copies)[None, :]).reshape(-1)
-        row_len = lengths[rows // copies]
-        start = 0
-        while start < len(rows):
-            end = start + 1
-            while end < len(rows) and (end - start + 1) * row_len[end] <= max_batch_tokens:
-                end += 1
+        for start, end in micro_batch_spans(lengths[rows // copies], max_batch_tokens):
             yield rows[start:end]
-            start = end
 
     def _batch_inputs(self, enc: _Encoded, text_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
         lens = enc.lengths[text_idx]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from server_stub.engine.loading import LoadedLM
+from server_stub.engine.micro_batches import micro_batch_spans
 from server_stub.errors import InvalidInput
 
 #: vLLM reports a log-probability of -inf (a token masked out) as this number, since JSON has no -inf.
@@ -126,14 +127,10 @@ def _check_lengths(lm: LoadedLM, lengths: Sequence[int]) -> None:
 
 def _run(lm: LoadedLM, embeds: list[torch.Tensor], answers: list[int], billed: list[int],
          max_batch_tokens: int, reduce: Callable[[torch.Tensor], Any]) -> NextTokenOutput:
-    """Right-padded micro-batches (rows × longest <= max_batch_tokens, shortest first); full-vocab logits."""
+    """Right-padded micro-batches (:func:`micro_batch_spans`, shortest first); full-vocab logits."""
     out = NextTokenOutput([None] * len(embeds), prompt_tokens=billed)
     order = sorted(range(len(embeds)), key=lambda i: len(embeds[i]))
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * len(embeds[order[end]]) <= max_batch_tokens:
-            end += 1
+    for start, end in micro_batch_spans([len(embeds[i]) for i in order], max_batch_tokens):
         idx = order[start:end]
         S = max(len(embeds[i]) for i in idx)
         x = torch.zeros(len(idx), S, lm.hidden_size, dtype=lm.dtype, device=lm.device)
@@ -149,7 +146,6 @@ def _run(lm: LoadedLM, embeds: list[torch.Tensor], answers: list[int], billed: l
             out.rows[i] = reduce(row)
         out.tokens_processed += sum(len(embeds[i]) for i in idx)
         out.forward_passes += 1
-        start = end
     return out
 
 

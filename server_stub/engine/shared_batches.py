@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bbt_client.protocol import PromptBatch
+from server_stub.engine.micro_batches import micro_batch_spans
 
 if TYPE_CHECKING:
     from server_stub.engine.layout import _Encoded
@@ -87,7 +88,7 @@ def score_shared(lm: "PromptedLM", jobs: Sequence[ScoreJob], max_batch_tokens: i
     for j in jobs:
         j.out.forward_passes = j.out.tokens_processed = 0
     enc0 = jobs[0].enc
-    for start, end in _pack(row_len, max_batch_tokens):
+    for start, end in micro_batch_spans(row_len, max_batch_tokens):
         b_job, b_t, b_c, b_len = row_job[start:end], row_tloc[start:end], row_cand[start:end], row_len[start:end]
         S = int(b_len.max())
         ids = np.full((end - start, S), lm.pad_id, dtype=np.int64)
@@ -117,14 +118,3 @@ def score_shared(lm: "PromptedLM", jobs: Sequence[ScoreJob], max_batch_tokens: i
             job.out.tokens_processed += int(b_len[at].sum())
     return outs
 
-
-def _pack(row_len: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) spans of rows (sorted by length) with rows × longest <= max_batch_tokens (one row at least)."""
-    spans, start = [], 0
-    while start < len(row_len):
-        end = start + 1
-        while end < len(row_len) and (end - start + 1) * row_len[end] <= max_batch_tokens:
-            end += 1
-        spans.append((start, end))
-        start = end
-    return spans

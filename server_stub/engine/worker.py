@@ -28,20 +28,6 @@ from server_stub.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
-#: Default tokens (padding included) per forward micro-batch on a CPU. Why so few: past ~4k tokens MiniLM's
-#: feed-forward activations (tokens x 1536 floats) pass 32 MiB, where glibc's malloc maps fresh pages for
-#: every allocation and each one faults in, and below that smaller activations stay in the CPU's caches: on
-#: this 2-core CPU 4096 served 1.07x faster than 8192 and 2048 1.12x faster than 4096
-#: (``benchmarks/server_throughput.py``, its ``server@N`` path).
-MAX_BATCH_TOKENS = 2048
-#: The same on a GPU, where a micro-batch should fill the device (kept at the earlier default: unmeasured).
-GPU_MAX_BATCH_TOKENS = 8192
-
-
-def default_max_batch_tokens(device_type: str) -> int:
-    return MAX_BATCH_TOKENS if device_type == "cpu" else GPU_MAX_BATCH_TOKENS
-
-
 #: ``runner(args) -> results``: one result or exception instance per argument, in order.
 GroupRunner = Callable[[Sequence[Any]], Sequence[Any]]
 

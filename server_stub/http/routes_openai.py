@@ -34,7 +34,8 @@ from server_stub.engine.next_token import (
     pick,
     prompt_ids,
 )
-from server_stub.engine.worker import MAX_BATCH_TOKENS, ModelWorker
+from server_stub.engine.micro_batches import MAX_BATCH_TOKENS
+from server_stub.engine.worker import ModelWorker
 from server_stub.errors import BadRequest, ServerError
 from server_stub.http.framing import Handler, Request
 from server_stub.http.openai_models import (

@@ -33,8 +33,9 @@ from bbt_client.protocol import (
     WordTokens,
     tensor_digest,
 )
+from server_stub.engine.micro_batches import MAX_BATCH_TOKENS
 from server_stub.engine.model import PromptedLM, ScoreJob, ScoreOutput
-from server_stub.engine.worker import MAX_BATCH_TOKENS, ModelWorker
+from server_stub.engine.worker import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http.framing import Handler, HttpLimits, HttpServer, Request
 from server_stub.http.routes_openai import OpenAIFace
