@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from server_stub.engine.int8 import OUTLIER_CHANNELS
+from server_stub.engine.loading import default_model_dir
 from server_stub.engine.micro_batches import default_max_batch_tokens
-from server_stub.engine.model import PromptedLM, default_model_dir
+from server_stub.engine.model import PromptedLM
 from server_stub.engine.worker import ModelWorker
 from server_stub.http.framing import HttpLimits
 from server_stub.http.routes_openai import FaceOptions, OpenAIFace

@@ -113,7 +113,7 @@ class LoadedLM:
         self.vocab_size = int(self.word_embeddings.weight.shape[0])
         self.num_layers = len(self.layers)
         self.max_seq_len = self._max_seq_len()
-        self._special_prefix, self._special_suffix = self._special_tokens()
+        self.special_prefix, self.special_suffix = self._special_tokens()
         self.pad_id = next(
             i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None
         )
@@ -221,8 +221,8 @@ class LoadedLM:
 
     def _reference_forward(self) -> None:
         """One plain forward pass of the reference text (hooks read what they need from it)."""
-        ids = self._special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
-        ids = (ids + self._special_suffix)[: self.max_seq_len]
+        ids = self.special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
+        ids = (ids + self.special_suffix)[: self.max_seq_len]
         x = torch.tensor([ids], device=self.device)
         self.base_model(input_ids=x, attention_mask=torch.ones_like(x), **self._extra_kwargs())
 

@@ -52,7 +52,7 @@ def prompt_ids(lm: LoadedLM, text: str, add_special_tokens: bool = True) -> list
     ids = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not add_special_tokens:
         return ids
-    return list(lm._special_prefix) + ids + list(lm._special_suffix)
+    return list(lm.special_prefix) + ids + list(lm.special_suffix)
 
 
 def logits_for_texts(lm: LoadedLM, texts: Sequence[str], max_batch_tokens: int,
@@ -62,10 +62,10 @@ def logits_for_texts(lm: LoadedLM, texts: Sequence[str], max_batch_tokens: int,
     mask = [lm.tokenizer.mask_token_id] if lm.kind == "masked" else []
     for t in texts:
         body = list(lm.tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids = list(lm._special_prefix) + body + mask + list(lm._special_suffix)
+        ids = list(lm.special_prefix) + body + mask + list(lm.special_suffix)
         if not ids:
             raise InvalidInput("an empty prompt gives this causal model nothing to continue; send some text")
-        answer = len(lm._special_prefix) + len(body) if mask else len(ids) - 1
+        answer = len(lm.special_prefix) + len(body) if mask else len(ids) - 1
         seqs.append(ids)
         answers.append(answer)
         billed.append(len(ids) - len(mask))
@@ -81,8 +81,8 @@ def logits_for_embeds(lm: LoadedLM, rows: Sequence[torch.Tensor], max_batch_toke
     with torch.inference_mode():
         embeds, answers = [], []
         if lm.kind == "masked":
-            pre = lm.word_embeddings(torch.tensor(lm._special_prefix, dtype=torch.long, device=lm.device))
-            post = lm.word_embeddings(torch.tensor([lm.tokenizer.mask_token_id, *lm._special_suffix],
+            pre = lm.word_embeddings(torch.tensor(lm.special_prefix, dtype=torch.long, device=lm.device))
+            post = lm.word_embeddings(torch.tensor([lm.tokenizer.mask_token_id, *lm.special_suffix],
                                                    device=lm.device))
         for r in rows:
             r = r.to(lm.device, lm.dtype)

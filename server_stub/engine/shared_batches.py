@@ -2,29 +2,27 @@
 
 Why: concurrent tuning jobs each send (candidate × text) grids; served one request at a time, every request
 ends in a part-filled micro-batch and pays its own Python overhead. Here the rows of all compatible requests
-(:attr:`ScoreJob.key`: same prompt mode, slot layout and prompt shape) are sorted by length together, packed
-into micro-batches of at most ``max_batch_tokens`` tokens (padding included), run once, and split back: each
-request gets its own label words at its own answer slots. A request alone goes through the same code, so
-"alone" and "shared" differ only in which rows share a GEMM (float-noise differences, never different maths).
+(:attr:`PreparedScoreRequest.key`: same prompt mode, slot layout and prompt shape) are sorted by length
+together, packed into micro-batches of at most ``max_batch_tokens`` tokens (padding included), run once, and
+split back: each request gets its own label words at its own answer slots. A request alone goes through the
+same code, so "alone" and "shared" differ only in which rows share a GEMM (float-noise differences, never
+different maths).
 
-Pure compute on an already validated :class:`ScoreJob`; :meth:`server_stub.engine.model.PromptedLM.prepare_score`
-builds one.
+Pure compute on an already validated :class:`PreparedScoreRequest`;
+:meth:`server_stub.engine.model.PromptedLM.prepare_score` builds one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from bbt_client.protocol import PromptBatch
+from server_stub.engine.layout import EncodedRows
 from server_stub.engine.micro_batches import micro_batch_spans
-
-if TYPE_CHECKING:
-    from server_stub.engine.layout import _Encoded
-    from server_stub.engine.model import PromptedLM
 
 
 @dataclass
@@ -38,10 +36,11 @@ class ScoreOutput:
 
 
 @dataclass
-class ScoreJob:
-    """One scoring request ready for the model: tokenized texts, prompts on the device, label ids."""
+class PreparedScoreRequest:
+    """One /v1/score request ready for the model: validated, its texts laid out, its prompts on the device, its
+    label ids; ``out`` receives the logits."""
 
-    enc: "_Encoded"
+    enc: EncodedRows
     prompts: PromptBatch
     #: (C, n, D) shallow, (C, L, n, D) deep, None zero-shot; unused by the split (base + layer) path.
     full: torch.Tensor | None
@@ -67,7 +66,20 @@ class ScoreJob:
         return (self.enc.mode, self.enc.slot_start, shape)
 
 
-def score_shared(lm: "PromptedLM", jobs: Sequence[ScoreJob], max_batch_tokens: int) -> list[torch.Tensor]:
+class RowScorer(Protocol):
+    """What :func:`score_shared` needs of the model: :class:`server_stub.engine.model.PromptedLM`, described here
+    rather than imported, since that module imports this one."""
+
+    device: torch.device
+    pad_id: int
+    #: (B, D) last hidden states at each row's answer slot.
+    forward_answer: Callable[..., torch.Tensor]
+    #: (B, K) float32 label-word logits of those states.
+    head_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def score_shared(lm: RowScorer, jobs: Sequence[PreparedScoreRequest],
+                 max_batch_tokens: int) -> list[torch.Tensor]:
     """Each job's logits (N*C, K) float32, text-major (row = text * C + candidate); all jobs share one key."""
     sizes = [(len(j.enc.lengths), j.num_candidates) for j in jobs]
     text_job = np.concatenate([np.full(n, k) for k, (n, _) in enumerate(sizes)])

@@ -34,7 +34,8 @@ from bbt_client.protocol import (
     tensor_digest,
 )
 from server_stub.engine.micro_batches import MAX_BATCH_TOKENS
-from server_stub.engine.model import PromptedLM, ScoreJob, ScoreOutput
+from server_stub.engine.model import PromptedLM
+from server_stub.engine.shared_batches import PreparedScoreRequest, ScoreOutput
 from server_stub.engine.worker import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
 from server_stub.http.framing import Handler, HttpLimits, HttpServer, Request
@@ -173,8 +174,8 @@ class ScoringService:
         return self._stats_cache[key]
 
     def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        words = [WordTokens(word=w, ids=self.lm.word_ids(w)) for w in body.words]
-        counts = [len(ids) for ids in self.lm.text_ids(body.texts)] if body.texts else []
+        words = [WordTokens(word=w, ids=self.lm.layout.word_ids(w)) for w in body.words]
+        counts = [len(ids) for ids in self.lm.layout.text_ids(body.texts)] if body.texts else []
         return TokenizeResponse(words=words, text_token_counts=counts)
 
     def _score_group(self, bodies: Sequence[ScoreRequest]) -> list[ScoreResponse | Exception]:
@@ -183,7 +184,7 @@ class ScoringService:
         Each request is validated on its own first, so a bad one fails alone; if a shared pass itself fails,
         its requests are retried one by one so that only the one that breaks the model fails."""
         results: list[ScoreResponse | Exception | None] = [None] * len(bodies)
-        jobs: dict[int, ScoreJob] = {}
+        jobs: dict[int, PreparedScoreRequest] = {}
         for i, body in enumerate(bodies):
             try:
                 jobs[i] = self.lm.prepare_score(body.template, body.texts, body.label_words,
