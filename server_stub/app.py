@@ -1,4 +1,4 @@
-"""Assemble model, worker, service and HTTP server from one options object, and run until told to stop.
+"""Assemble model, worker, both faces' routes and the HTTP server from one options object; run until told to stop.
 
 Shared by the CLI (``python -m server_stub``) and :func:`server_stub.testing.run_server`.
 """
@@ -16,9 +16,10 @@ from server_stub.engine.loading import default_model_dir
 from server_stub.engine.micro_batches import default_max_batch_tokens
 from server_stub.engine.model import PromptedLM
 from server_stub.engine.worker import ModelWorker
-from server_stub.http.framing import HttpLimits
+from server_stub.http.framing import HttpLimits, HttpServer
 from server_stub.http.routes_openai import FaceOptions, OpenAIFace
-from server_stub.http.routes_v1 import ScoringService, ServiceLimits
+from server_stub.http.routes_v1 import PUBLIC_PATHS, ScoringService, ServiceLimits
+from server_stub.http.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ async def serve(
         max_batch_tokens=max_batch_tokens,
         cache_bytes=opts.cache_bytes,
     )
-    service = ScoringService(lm, worker, limits, max_body_bytes=opts.max_body_bytes)
+    meter = UsageMeter()  # both faces count into it: GET /v1/usage reports all work done
+    v1 = ScoringService(lm, worker, meter, limits, max_body_bytes=opts.max_body_bytes)
     http_limits = HttpLimits(
         max_header_bytes=opts.max_header_bytes,
         max_body_bytes=opts.max_body_bytes,
@@ -104,11 +106,13 @@ async def serve(
         body_timeout=opts.body_timeout,
         idle_timeout=opts.idle_timeout,
     )
-    face = OpenAIFace(lm, worker, service.meter, FaceOptions(
+    face = OpenAIFace(lm, worker, meter, FaceOptions(
         served_model_name=opts.served_model_name or lm.name, enable_prompt_embeds=opts.enable_prompt_embeds,
         max_logprobs=opts.max_logprobs, logprobs_mode=opts.logprobs_mode, max_prompts=opts.max_texts,
         max_batch_tokens=max_batch_tokens))
-    server = service.http_server(opts.api_key, http_limits, face)
+    # One port, one API key: protocol v1's routes and the OpenAI face's, errors on the face's in OpenAI's shape.
+    server = HttpServer({**v1.routes(), **face.routes()}, api_key=opts.api_key, public_paths=PUBLIC_PATHS,
+                        limits=http_limits, error_format=face.error_format)
     port = await server.start(opts.host, opts.port)
     log.info("serving %s (%s, %d layers, D=%d, %s) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
              lm.hidden_size, lm.quantization or str(lm.dtype).removeprefix("torch."), opts.host, port, lm.device,
