@@ -11,7 +11,7 @@ from typing import Sequence
 #: this 2-core CPU 4096 served 1.07x faster than 8192 and 2048 1.12x faster than 4096
 #: (``benchmarks/server_throughput.py``, its ``server@N`` path).
 MAX_BATCH_TOKENS = 2048
-#: The same on a GPU, where a micro-batch should fill the device (kept at the earlier default: unmeasured).
+#: The same on a GPU, where a micro-batch should fill the device (not tuned by measurement).
 GPU_MAX_BATCH_TOKENS = 8192
 
 
