@@ -8,7 +8,7 @@ a shared base plus a small spread, per layer scaled by the model's hidden-state 
 candidates of their training loss under int8 with their loss under fp32. No timing, so a busy machine does
 not bias the figures. In-process, on the bundled model (or ``--model``), AG News training texts.
 
-Variants: ``stock`` (``torch.ao`` dynamic int8 on every linear), ``per-token`` (:class:`server_stub.int8.Int8Linear`
+Variants: ``stock`` (``torch.ao`` dynamic int8 on every linear), ``per-token`` (:class:`server_stub.engine.int8.Int8Linear`
 without outlier channels: a scale per output channel and a range per token, last round's ``--quantize int8``)
 and ``int8`` (today's ``--quantize int8`` as the server loads it: the same with each linear's 16 largest input
 channels on the server's reference text kept in float32).
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server_stub.int8 import quantize_linear_int8  # noqa: E402  (after the path insert)
+from server_stub.engine.int8 import quantize_linear_int8  # noqa: E402  (after the path insert)
 
 TEMPLATE, WORDS = "{mask} News: {text}", ["World", "Sports", "Business", "Tech"]
 CLASSES = ["World", "Sports", "Business", "Sci/Tech"]

@@ -13,7 +13,7 @@ background load hits all alike. Workload is BBT-shaped: C candidate shallow prom
   before timing) plus the head at the answer slot.
 - ``server``: POST /v1/score to a default server (fp32 on the CPU, fp16 with ``--device cuda``), body built
   before timing; everything else (JSON, base64, HTTP, queue, hooks, micro-batching, head) is timed.
-- ``int8``: the same against ``--quantize int8`` (CPU only; :mod:`server_stub.int8`).
+- ``int8``: the same against ``--quantize int8`` (CPU only; :mod:`server_stub.engine.int8`).
 - ``flops_per_token`` = 2 x parameters of the linear layers + attention (4 x S x D per layer, S = tokens per
   sequence); ``flops_utilization`` = server seq/s x tokens/seq x flops/token / ``gemm_gflops``.
 - concurrent: 8 jobs (own prompts each) send one request at once, against the same 8 requests sent one after
@@ -37,7 +37,7 @@ On a quiet 2-core AMD EPYC (fp32 GEMM 150 GFLOP/s), one BERT layer at 104 x 78 t
 attention 10 %, gelu 6 %, bias copy 4.6 %, layer norm 2.4 % -- the same picture; the model's own GEMM shapes
 run at the issue shapes' rate there, and a hand-fused layer (one QKV GEMM, in-place residuals) was 4 % slower
 than HF's. So the fp32 path is GEMM-bound; what is not GEMM is elementwise work HF runs unfused. What was
-cheap to fix: the last layer now runs at the answer slot only (:mod:`server_stub.answer_layer`: ~14 % of the
+cheap to fix: the last layer now runs at the answer slot only (:mod:`server_stub.engine.answer_layer`: ~14 % of the
 FLOPs skipped, 1.13x measured on the same model, fp32 and int8 alike; logits equal up to 1e-6). Int8 cuts the
 GEMM cost; cross-request batching lets concurrent jobs share micro-batches. ``torch._int_mm``, the obvious
 route to per-token activation scales, ran 40x slower than fp32 here. Through the whole scoring path (2,048-token
@@ -49,7 +49,7 @@ Face's eager attention is 1.09x SDPA at 20 tokens per sequence but 0.94x at 78: 
 Int8 on MiniLM, first form (torch's stock dynamic linear: one weight scale per matrix, one activation scale
 per batch): labels mostly agreed with fp32 but its logit noise was as large as what one candidate prompt
 changes against another, and BBTv2 lost 19 points of AG News accuracy tuning against it. Today's
-:mod:`server_stub.int8` gives each weight row and each token its own range (batch-mates no longer move a
+:mod:`server_stub.engine.int8` gives each weight row and each token its own range (batch-mates no longer move a
 candidate's score) and keeps each layer's 16 loudest input channels in float32. Its price is elementwise work
 around torch's int8 kernel (a per-token min/max, a rescale of the input, a low-rank correction of the output),
 so its speed over fp32 depends on how much faster the CPU's int8 GEMM is (``benchmarks/int8_fidelity.py``
@@ -57,12 +57,12 @@ measures its fidelity, the AG News runs in README what it costs in tuning). On t
 ran 1.6-1.8x fp32's addmm at the model's shapes (2,048 rows), yet per 384 x 384 linear the work around it took
 ~1.8 ms beside its ~2.2 ms. Since then the outlier channels are zeroed and put back in place instead of copying
 the input, the kernel is told the rescaled rows' known range instead of finding it, and linears that read one
-tensor (query, key, value) share that work and one wider product (:class:`server_stub.int8.SiblingGroup`).
+tensor (query, key, value) share that work and one wider product (:class:`server_stub.engine.int8.SiblingGroup`).
 
 Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default
 until this round) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB
 mmap threshold and every allocation faults in fresh pages; smaller ones stay in cache
-(:data:`server_stub.batching.MAX_BATCH_TOKENS`).
+(:data:`server_stub.engine.micro_batches.MAX_BATCH_TOKENS`).
 
 Prints a table, then as the LAST line one JSON object with the fields above (and the older ``bare_seq_per_s``,
 ``ratio`` = server / bare, ``max_abs_logit_diff`` of the server against the baseline).
@@ -321,7 +321,7 @@ def main() -> None:
     if args.quick:
         args.candidates, args.texts, args.requests, args.tune_calls = 4, 8, 1, 60
     cuda = args.device.startswith("cuda")
-    from server_stub.batching import default_max_batch_tokens
+    from server_stub.engine.micro_batches import default_max_batch_tokens
 
     args.max_batch_tokens = args.max_batch_tokens or default_max_batch_tokens("cuda" if cuda else "cpu")
 

@@ -16,9 +16,9 @@ import sys
 import threading
 
 from server_stub.app import ServerOptions, serve
+from server_stub.engine.int8 import OUTLIER_CHANNELS
+from server_stub.engine.loading import QUANTIZATIONS
 from server_stub.gate import FifoGate
-from server_stub.int8 import OUTLIER_CHANNELS
-from server_stub.loading import QUANTIZATIONS
 
 
 def parse_args(argv: list[str] | None = None) -> ServerOptions:

@@ -1,4 +1,4 @@
-"""Assemble model, worker, service and HTTP server from one options object, and run until told to stop.
+"""Assemble model, worker, both faces' routes and the HTTP server from one options object; run until told to stop.
 
 Shared by the CLI (``python -m server_stub``) and :func:`server_stub.testing.run_server`.
 """
@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server_stub.batching import ModelWorker, default_max_batch_tokens
-from server_stub.http import HttpLimits
-from server_stub.int8 import OUTLIER_CHANNELS
-from server_stub.model import PromptedLM, default_model_dir
-from server_stub.openai_face import FaceOptions, OpenAIFace
-from server_stub.service import ScoringService, ServiceLimits
+from server_stub.engine.int8 import OUTLIER_CHANNELS
+from server_stub.engine.loading import default_model_dir
+from server_stub.engine.micro_batches import default_max_batch_tokens
+from server_stub.engine.model import PromptedLM
+from server_stub.engine.worker import ModelWorker
+from server_stub.http.framing import HttpLimits, HttpServer
+from server_stub.http.routes_openai import FaceOptions, OpenAIFace
+from server_stub.http.routes_v1 import PUBLIC_PATHS, ScoringService, ServiceLimits
+from server_stub.http.usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,16 @@ class ServerOptions:
     port: int = 8080
     device: str = "auto"
     dtype: str = "float32"
-    #: None (default) or "int8": int8 linear layers, CPU only (:mod:`server_stub.int8`).
+    #: None (default) or "int8": int8 linear layers, CPU only (:mod:`server_stub.engine.int8`).
     quantize: str | None = None
-    #: With ``quantize="int8"``: input channels per linear kept float32 (:data:`server_stub.int8.OUTLIER_CHANNELS`).
+    #: With ``quantize="int8"``: input channels per linear kept float32
+    #: (:data:`server_stub.engine.int8.OUTLIER_CHANNELS`).
     int8_outliers: int = OUTLIER_CHANNELS
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    #: Tokens per forward micro-batch; None: :func:`server_stub.batching.default_max_batch_tokens` for the device.
+    #: Tokens per forward micro-batch; None: :func:`server_stub.engine.micro_batches.default_max_batch_tokens`
+    #: for the device.
     max_batch_tokens: int | None = None
     max_prompt_tokens: int = 64
     max_candidates: int = 256
@@ -60,7 +65,7 @@ class ServerOptions:
     enable_prompt_embeds: bool = False
     max_logprobs: int = 20
     logprobs_mode: str = "processed_logprobs"
-    #: Test hook run on the model thread before each job (see :class:`server_stub.batching.ModelWorker`).
+    #: Test hook run on the model thread before each job (see :class:`server_stub.engine.worker.ModelWorker`).
     before_job: Callable[[], None] | None = None
 
 
@@ -92,7 +97,8 @@ async def serve(
         max_batch_tokens=max_batch_tokens,
         cache_bytes=opts.cache_bytes,
     )
-    service = ScoringService(lm, worker, limits, max_body_bytes=opts.max_body_bytes)
+    meter = UsageMeter()  # both faces count into it: GET /v1/usage reports all work done
+    v1 = ScoringService(lm, worker, meter, limits, max_body_bytes=opts.max_body_bytes)
     http_limits = HttpLimits(
         max_header_bytes=opts.max_header_bytes,
         max_body_bytes=opts.max_body_bytes,
@@ -100,11 +106,13 @@ async def serve(
         body_timeout=opts.body_timeout,
         idle_timeout=opts.idle_timeout,
     )
-    face = OpenAIFace(lm, worker, service.meter, FaceOptions(
+    face = OpenAIFace(lm, worker, meter, FaceOptions(
         served_model_name=opts.served_model_name or lm.name, enable_prompt_embeds=opts.enable_prompt_embeds,
         max_logprobs=opts.max_logprobs, logprobs_mode=opts.logprobs_mode, max_prompts=opts.max_texts,
         max_batch_tokens=max_batch_tokens))
-    server = service.http_server(opts.api_key, http_limits, face)
+    # One port, one API key: protocol v1's routes and the OpenAI face's, errors on the face's in OpenAI's shape.
+    server = HttpServer({**v1.routes(), **face.routes()}, api_key=opts.api_key, public_paths=PUBLIC_PATHS,
+                        limits=http_limits, error_format=face.error_format)
     port = await server.start(opts.host, opts.port)
     log.info("serving %s (%s, %d layers, D=%d, %s) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
              lm.hidden_size, lm.quantization or str(lm.dtype).removeprefix("torch."), opts.host, port, lm.device,

@@ -1,6 +1,7 @@
 """Errors the server turns into JSON responses: each carries its HTTP status and protocol error code.
 
-Raised by pure model/service logic so it never has to know about HTTP; ``http.py`` maps them.
+Raised by the engine and the route handlers alike, so neither has to know about HTTP responses;
+:mod:`server_stub.http.framing` maps them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test gates: hold each model job until a test releases it, so tests wait on events instead of time.
 
-A gate is the ``before_job`` hook of :class:`server_stub.batching.ModelWorker`: it runs on the model thread
+A gate is the ``before_job`` hook of :class:`server_stub.engine.worker.ModelWorker`: it runs on the model thread
 right before a job computes. "The request is in flight" is then a fact a test observes (the gate reports
 the job entered) rather than a guess ("it must still be running 0.5 s after it was sent"), and "finish it
 now" is an action the test takes.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from server_stub.app import ServerOptions, serve
-from server_stub.model import PromptedLM
+from server_stub.engine.model import PromptedLM
 
 
 @contextmanager

@@ -22,9 +22,9 @@ from bbt_client.protocol import (
     TensorRef,
     tensor_digest,
 )
-from server_stub.batching import ModelWorker
+from server_stub.engine.model import PromptedLM
+from server_stub.engine.worker import ModelWorker
 from server_stub.gate import RequestGate
-from server_stub.model import PromptedLM
 from server_stub.testing import run_server
 
 TEXTS_A = ["a great movie , loved it", "the plot was slow", "terrible"]

@@ -21,7 +21,7 @@ from bbt_client.protocol import (
     ShallowPrompt,
     Tensor,
 )
-from server_stub.model import PromptedLM
+from server_stub.engine.model import PromptedLM
 from server_stub.testing import run_server
 
 torch.set_num_threads(1)

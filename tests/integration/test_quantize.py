@@ -10,9 +10,9 @@ import torch
 
 from bbt_client.protocol import PromptBatch
 from server_stub.__main__ import parse_args
-from server_stub.int8 import OUTLIER_CHANNELS, Int8Linear, Int8Sibling, quantize_linear_int8
-from server_stub.loading import check_precision
-from server_stub.model import PromptedLM
+from server_stub.engine.int8 import OUTLIER_CHANNELS, Int8Linear, Int8Sibling, quantize_linear_int8
+from server_stub.engine.loading import check_precision
+from server_stub.engine.model import PromptedLM
 from server_stub.testing import run_server
 
 TEXTS = ["a great movie , loved it", "the plot was slow and dull", "terrible", "good actors but a bad film",

@@ -20,7 +20,7 @@ import pytest
 
 from bbt_client.protocol import ScoreRequest, ShallowPrompt, Tensor
 from server_stub.__main__ import parse_args
-from server_stub.batching import ModelWorker
+from server_stub.engine.worker import ModelWorker
 from server_stub.errors import Overloaded
 from server_stub.gate import RequestGate
 

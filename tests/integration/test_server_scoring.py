@@ -17,7 +17,7 @@ from bbt_client.protocol import (
     TensorRef,
     tensor_digest,
 )
-from server_stub.model import PromptedLM
+from server_stub.engine.model import PromptedLM
 from server_stub.testing import run_server
 
 torch.set_num_threads(1)
@@ -259,7 +259,7 @@ def test_micro_batching_gives_same_logits_and_counts_passes(tiny_bert_dir, tiny_
 
 
 def test_cpu_micro_batches_default_to_the_cpu_size(tiny_server, tiny_bert_dir):
-    from server_stub.batching import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS
+    from server_stub.engine.micro_batches import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS
 
     spec, _ = _prompts("shallow", 50, 3, 32)  # ~3,400 tokens: over the CPU size, under the GPU one
     req = ScoreRequest(template=MASKED_TEMPLATE, texts=TEXTS, label_words=WORDS, prompt=spec)

@@ -77,7 +77,7 @@ def test_key_is_compared_in_constant_time(tiny_bert_dir, monkeypatch):
     """The comparison goes through hmac.compare_digest (timing-safe) on every authenticated request."""
     import hmac
 
-    from server_stub import http as server_http
+    from server_stub.http import framing as server_http
     from server_stub.testing import run_server
 
     calls = []

@@ -34,7 +34,7 @@ def test_shared_digests():
 
 def test_server_side_function_counts_tied_parameters_once():
     torch = pytest.importorskip("torch")
-    from server_stub.weight_digests import weight_digests as module_digests
+    from server_stub.engine.weight_digests import weight_digests as module_digests
 
     torch.manual_seed(0)
     emb = torch.nn.Embedding(10, 4)

@@ -1,4 +1,4 @@
-"""The four protocol routes on top of a :class:`PromptedLM`: decode, resolve cached tensors, score, meter.
+"""Protocol v1's routes on top of a :class:`PromptedLM`: decode, resolve cached tensors, score, meter.
 
 All model work (including base64 decoding and the tensor cache) runs on the single model worker
 thread, so the cache needs no lock and the event loop only parses JSON and moves bytes.
@@ -33,14 +33,18 @@ from bbt_client.protocol import (
     WordTokens,
     tensor_digest,
 )
-from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
+from server_stub.engine.micro_batches import MAX_BATCH_TOKENS
+from server_stub.engine.model import PromptedLM
+from server_stub.engine.shared_batches import PreparedScoreRequest, ScoreOutput
+from server_stub.engine.worker import ModelWorker
 from server_stub.errors import InvalidInput, UnknownTensor
-from server_stub.http import Handler, HttpLimits, HttpServer, Request
-from server_stub.model import PromptedLM, ScoreJob, ScoreOutput
-from server_stub.openai_face import OpenAIFace
-from server_stub.usage import UsageMeter
+from server_stub.http.framing import Handler, HttpLimits, Request
+from server_stub.http.usage import UsageMeter
 
 log = logging.getLogger(__name__)
+
+#: Routes served without the API key: liveness probes need no secret.
+PUBLIC_PATHS = frozenset({"/v1/health"})
 
 
 @dataclass
@@ -82,9 +86,9 @@ class TensorCache:
 
 
 class ScoringService:
-    """Route handlers; build the HTTP server with :meth:`http_server`."""
+    """Route handlers; :meth:`routes` plugs them into :class:`server_stub.http.framing.HttpServer`."""
 
-    def __init__(self, lm: PromptedLM, worker: ModelWorker, limits: ServiceLimits | None = None,
+    def __init__(self, lm: PromptedLM, worker: ModelWorker, meter: UsageMeter, limits: ServiceLimits | None = None,
                  max_body_bytes: int = HttpLimits.max_body_bytes):
         self.lm = lm
         self.worker = worker
@@ -92,7 +96,7 @@ class ScoringService:
         self.max_body_bytes = max_body_bytes
         self.cache = TensorCache(self.limits.cache_bytes)
         self._stats_cache: dict[str, LayerStatsResponse] = {}
-        self.meter = UsageMeter()
+        self.meter = meter
         self.info = ModelInfo(
             name=lm.name,
             kind=lm.kind,
@@ -115,9 +119,8 @@ class ScoringService:
             dtype=str(lm.dtype).removeprefix("torch."),
         )
 
-    def http_server(self, api_key: str | None, limits: HttpLimits, face: OpenAIFace | None = None) -> HttpServer:
-        """Protocol v1's routes, plus the OpenAI/vLLM face's when ``face`` is given (same port, same API key)."""
-        routes: dict[str, dict[str, Handler]] = {
+    def routes(self) -> dict[str, dict[str, Handler]]:
+        return {
             "/v1/health": {"GET": self.health},
             "/v1/model": {"GET": self.model_info},
             "/v1/tokenize": {"POST": self.tokenize},
@@ -125,10 +128,6 @@ class ScoringService:
             "/v1/layer_stats": {"POST": self.layer_stats},
             "/v1/usage": {"GET": self.usage},
         }
-        if face is not None:
-            routes.update(face.routes())
-        return HttpServer(routes, api_key=api_key, public_paths=frozenset({"/v1/health"}), limits=limits,
-                          error_format=face.error_format if face is not None else None)
 
     # ------------------------------------------------------------------ routes
 
@@ -172,17 +171,17 @@ class ScoringService:
         return self._stats_cache[key]
 
     def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
-        words = [WordTokens(word=w, ids=self.lm.word_ids(w)) for w in body.words]
-        counts = [len(ids) for ids in self.lm.text_ids(body.texts)] if body.texts else []
+        words = [WordTokens(word=w, ids=self.lm.layout.word_ids(w)) for w in body.words]
+        counts = [len(ids) for ids in self.lm.layout.text_ids(body.texts)] if body.texts else []
         return TokenizeResponse(words=words, text_token_counts=counts)
 
     def _score_group(self, bodies: Sequence[ScoreRequest]) -> list[ScoreResponse | Exception]:
-        """Score queued requests together (:mod:`server_stub.shared_batches`); one response or error each.
+        """Score queued requests together (:mod:`server_stub.engine.shared_batches`); one response or error each.
 
         Each request is validated on its own first, so a bad one fails alone; if a shared pass itself fails,
         its requests are retried one by one so that only the one that breaks the model fails."""
         results: list[ScoreResponse | Exception | None] = [None] * len(bodies)
-        jobs: dict[int, ScoreJob] = {}
+        jobs: dict[int, PreparedScoreRequest] = {}
         for i, body in enumerate(bodies):
             try:
                 jobs[i] = self.lm.prepare_score(body.template, body.texts, body.label_words,

@@ -3,7 +3,7 @@
 Requests are lenient about keys (``extra="allow"``): OpenAI clients send many knobs (``temperature``,
 ``top_p``, ``seed``, ``user`` ...) that a greedy one-token scorer has no use for; like vLLM, unknown keys are
 ignored. Keys whose meaning the face cannot honour (``stream``, ``echo``, ``n`` > 1, ``max_tokens`` > 1) are
-refused by :mod:`server_stub.openai_face` with a 400 instead. Responses follow OpenAI's shapes, which the
+refused by :mod:`server_stub.http.routes_openai` with a 400 instead. Responses follow OpenAI's shapes, which the
 official ``openai`` SDK validates.
 """
 

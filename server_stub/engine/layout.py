@@ -2,7 +2,7 @@
 
 Why a module of its own: where the prompt slots, the text and the answer slot sit in each row (and how texts
 are truncated to fit) is the contract of protocol v1's "Sequence layout" section; the prompted forward pass
-(:mod:`server_stub.model`) only consumes the rows.
+(:mod:`server_stub.engine.model`) only consumes the rows.
 
 Layout of one row::
 
@@ -14,19 +14,18 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from server_stub.engine.loading import LoadedLM
 from server_stub.errors import InvalidInput
-from server_stub.loading import LoadedLM
 
 _PLACEHOLDER = re.compile(r"\{(text|text_a|text_b|mask)\}")
 
 
 @dataclass
-class _Encoded:
+class EncodedRows:
     """N texts laid out as padded id rows: ``ids`` (N, S) int64, ``lengths`` (N,), ``answer`` (N,)."""
 
     ids: np.ndarray
@@ -37,19 +36,19 @@ class _Encoded:
     mode: str = "replace"
 
 
-class TextLayout(LoadedLM):
-    """A loaded LM that tokenizes label words and lays out (template, text) rows with prompt slots."""
+class TextLayout:
+    """Tokenizes label words and lays out (template, text) rows with prompt slots for one loaded checkpoint."""
 
-    def __init__(self, path: str | Path, **kwargs) -> None:
-        super().__init__(path, **kwargs)
+    def __init__(self, lm: LoadedLM) -> None:
+        self.lm = lm
         self._text_cache: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
 
     def word_ids(self, word: str) -> list[int]:
         """Ids of ``word`` as it appears at the answer slot: after a space for BPE; WordPiece ignores it."""
-        spaced = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        spaced = self.lm.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         if len(spaced) == 1:
             return spaced
-        plain = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        plain = self.lm.tokenizer(word, add_special_tokens=False)["input_ids"]
         return plain if len(plain) == 1 else spaced
 
     def label_word_ids(self, words: Sequence[str]) -> list[int]:
@@ -57,7 +56,7 @@ class TextLayout(LoadedLM):
         for w in words:
             ids = self.word_ids(w)
             if len(ids) != 1:
-                pieces = self.tokenizer.convert_ids_to_tokens(ids)
+                pieces = self.lm.tokenizer.convert_ids_to_tokens(ids)
                 raise InvalidInput(
                     f"label word {w!r} is {len(ids)} tokens {pieces} for this model; "
                     "choose words that are a single token (check with /v1/tokenize)"
@@ -77,7 +76,7 @@ class TextLayout(LoadedLM):
                 self._text_cache.move_to_end((t, leading_space))
             out.append(hit)
         if todo:
-            enc = self.tokenizer(
+            enc = self.lm.tokenizer(
                 [(" " + texts[i]) if leading_space else texts[i] for i in todo], add_special_tokens=False
             )["input_ids"]
             for i, ids in zip(todo, enc):
@@ -90,13 +89,14 @@ class TextLayout(LoadedLM):
     def encode(
         self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int,
         slot_ids: Sequence[int] | None = None, mode: str = "replace",
-    ) -> _Encoded:
+    ) -> EncodedRows:
         """Lay out N sequences (right-padded); texts are truncated (longest first) to fit ``max_seq_len``.
 
         The n prompt slots hold ``slot_ids`` (``add`` mode) or padding ids whose embeddings a ``replace`` prompt
         overwrites."""
+        lm = self.lm
         pieces = _split_template(template)
-        if self.kind == "causal":
+        if lm.kind == "causal":
             mask_at = next(i for i, (k, _) in enumerate(pieces) if k == "mask")
             if any(k != "lit" or v.strip() for k, v in pieces[mask_at + 1 :]):
                 raise InvalidInput("for a causal LM {mask} must end the template (the answer is the next token)")
@@ -111,7 +111,7 @@ class TextLayout(LoadedLM):
                 carry_space = text.endswith((" ", "\t", "\n"))
                 text = text.rstrip()
                 if text:
-                    segments.append(("ids", self.tokenizer(text, add_special_tokens=False)["input_ids"], False))
+                    segments.append(("ids", lm.tokenizer(text, add_special_tokens=False)["input_ids"], False))
             elif kind == "mask":
                 carry_space = False
                 segments.append(("mask", [], False))
@@ -123,23 +123,23 @@ class TextLayout(LoadedLM):
             if kind == "text":
                 src = texts if which == "a" else text_pairs
                 groups[(which, space)] = self.text_ids(src, leading_space=space)
-        fixed = len(self._special_prefix) + n_prompt + len(self._special_suffix)
-        fixed += sum(len(v) for k, v, _ in segments if k == "ids") + (1 if self.kind == "masked" else 0)
-        room = self.max_seq_len - fixed
+        fixed = len(lm.special_prefix) + n_prompt + len(lm.special_suffix)
+        fixed += sum(len(v) for k, v, _ in segments if k == "ids") + (1 if lm.kind == "masked" else 0)
+        room = lm.max_seq_len - fixed
         n_text_slots = sum(1 for k, _, _ in segments if k == "text")
         if room < n_text_slots:
             raise InvalidInput(
-                f"template plus {n_prompt} prompt tokens take {fixed} of the model's {self.max_seq_len} "
+                f"template plus {n_prompt} prompt tokens take {fixed} of the model's {lm.max_seq_len} "
                 "tokens and leave no room for the text; shorten the template or use fewer prompt tokens"
             )
         rows: list[list[int]] = []
         answers: list[int] = []
-        mask_id = self.tokenizer.mask_token_id
+        mask_id = lm.tokenizer.mask_token_id
         uses = {key: sum(1 for k, v, sp in segments if k == "text" and (v, sp) == key) for key in groups}
         for i in range(len(texts)):
             slots = {key: ids[i] for key, ids in groups.items()}
             slots = _truncate_longest_first(slots, room, uses)
-            row = list(self._special_prefix) + (list(slot_ids) if slot_ids is not None else [self.pad_id] * n_prompt)
+            row = list(lm.special_prefix) + (list(slot_ids) if slot_ids is not None else [lm.pad_id] * n_prompt)
             answer = -1
             for kind, value, space in segments:
                 if kind == "ids":
@@ -147,21 +147,21 @@ class TextLayout(LoadedLM):
                 elif kind == "text":
                     row.extend(slots[(value, space)])
                 else:
-                    if self.kind == "masked":
+                    if lm.kind == "masked":
                         answer = len(row)
                         row.append(mask_id)
                     else:
                         answer = len(row) - 1
-            row.extend(self._special_suffix)
+            row.extend(lm.special_suffix)
             if answer < 0:
                 raise InvalidInput("template and text produce an empty sequence before {mask}")
             rows.append(row)
             answers.append(answer)
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        ids = np.full((len(rows), int(lengths.max())), self.pad_id, dtype=np.int64)
+        ids = np.full((len(rows), int(lengths.max())), lm.pad_id, dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
-        return _Encoded(ids, lengths, np.array(answers, dtype=np.int64), len(self._special_prefix), n_prompt, mode)
+        return EncodedRows(ids, lengths, np.array(answers, dtype=np.int64), len(lm.special_prefix), n_prompt, mode)
 
 
 def _split_template(template: str) -> list[tuple[str, str]]:

@@ -4,11 +4,11 @@ vLLM's ``/tokenize``, on the same port as protocol v1.
 Why: the ``vllm`` and ``openai`` backends (and any third-party OpenAI client) can then run against a server that
 really scores, instead of fakes. The face computes one next token per prompt (``max_tokens`` 1; docs in
 docs/openai_face.md): with a masked LM the "next token" is the distribution at a [MASK] appended after the prompt
-(see :mod:`server_stub.next_token`). Behaviour copied from vLLM where the backends depend on it: ``prompt_embeds``
-only with ``--enable-prompt-embeds``, ``logprobs`` capped at ``--max-logprobs`` (400 above it), -inf log-probs
-reported as -9999.0, ``return_tokens_as_token_ids`` keys ``token_id:<id>``, a 404 for any model name but the
-served one. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, and invalid requests are
-400 (as OpenAI and vLLM answer), never 422. All model work runs on the single model worker.
+(see :mod:`server_stub.engine.next_token`). Behaviour copied from vLLM where the backends depend on it:
+``prompt_embeds`` only with ``--enable-prompt-embeds``, ``logprobs`` capped at ``--max-logprobs`` (400 above it),
+-inf log-probs reported as -9999.0, ``return_tokens_as_token_ids`` keys ``token_id:<id>``, a 404 for any model
+name but the served one. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``, and
+invalid requests are 400 (as OpenAI and vLLM answer), never 422. All model work runs on the single model worker.
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from server_stub.batching import MAX_BATCH_TOKENS, ModelWorker
-from server_stub.errors import BadRequest, ServerError
-from server_stub.http import Handler, Request
-from server_stub.loading import LoadedLM
-from server_stub.next_token import (
+from server_stub.engine.loading import LoadedLM
+from server_stub.engine.next_token import (
     LOGPROBS_MODES,
     NextTokenOutput,
     check_embeds,
@@ -37,7 +34,11 @@ from server_stub.next_token import (
     pick,
     prompt_ids,
 )
-from server_stub.openai_models import (
+from server_stub.engine.micro_batches import MAX_BATCH_TOKENS
+from server_stub.engine.worker import ModelWorker
+from server_stub.errors import BadRequest, ServerError
+from server_stub.http.framing import Handler, Request
+from server_stub.http.openai_models import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -58,7 +59,7 @@ from server_stub.openai_models import (
     TopLogprob,
     Usage,
 )
-from server_stub.usage import UsageMeter
+from server_stub.http.usage import UsageMeter
 
 #: The face's routes; errors on them are rendered in OpenAI's shape.
 FACE_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize"})
@@ -88,7 +89,8 @@ def invalid(message: str, code: str = "bad_request") -> ServerError:
 
 
 class OpenAIFace:
-    """Route handlers; :meth:`routes` and :meth:`error_format` plug into :class:`server_stub.http.HttpServer`."""
+    """Route handlers; :meth:`routes` and :meth:`error_format` plug into
+    :class:`server_stub.http.framing.HttpServer`."""
 
     def __init__(self, lm: LoadedLM, worker: ModelWorker, meter: UsageMeter, options: FaceOptions):
         self.lm, self.worker, self.meter, self.options = lm, worker, meter, options

@@ -24,8 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from server_stub.engine.loading import LoadedLM
+from server_stub.engine.micro_batches import micro_batch_spans
 from server_stub.errors import InvalidInput
-from server_stub.loading import LoadedLM
 
 #: vLLM reports a log-probability of -inf (a token masked out) as this number, since JSON has no -inf.
 LOGPROB_FLOOR = -9999.0
@@ -51,7 +52,7 @@ def prompt_ids(lm: LoadedLM, text: str, add_special_tokens: bool = True) -> list
     ids = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
     if not add_special_tokens:
         return ids
-    return list(lm._special_prefix) + ids + list(lm._special_suffix)
+    return list(lm.special_prefix) + ids + list(lm.special_suffix)
 
 
 def logits_for_texts(lm: LoadedLM, texts: Sequence[str], max_batch_tokens: int,
@@ -61,10 +62,10 @@ def logits_for_texts(lm: LoadedLM, texts: Sequence[str], max_batch_tokens: int,
     mask = [lm.tokenizer.mask_token_id] if lm.kind == "masked" else []
     for t in texts:
         body = list(lm.tokenizer(t, add_special_tokens=False)["input_ids"])
-        ids = list(lm._special_prefix) + body + mask + list(lm._special_suffix)
+        ids = list(lm.special_prefix) + body + mask + list(lm.special_suffix)
         if not ids:
             raise InvalidInput("an empty prompt gives this causal model nothing to continue; send some text")
-        answer = len(lm._special_prefix) + len(body) if mask else len(ids) - 1
+        answer = len(lm.special_prefix) + len(body) if mask else len(ids) - 1
         seqs.append(ids)
         answers.append(answer)
         billed.append(len(ids) - len(mask))
@@ -80,8 +81,8 @@ def logits_for_embeds(lm: LoadedLM, rows: Sequence[torch.Tensor], max_batch_toke
     with torch.inference_mode():
         embeds, answers = [], []
         if lm.kind == "masked":
-            pre = lm.word_embeddings(torch.tensor(lm._special_prefix, dtype=torch.long, device=lm.device))
-            post = lm.word_embeddings(torch.tensor([lm.tokenizer.mask_token_id, *lm._special_suffix],
+            pre = lm.word_embeddings(torch.tensor(lm.special_prefix, dtype=torch.long, device=lm.device))
+            post = lm.word_embeddings(torch.tensor([lm.tokenizer.mask_token_id, *lm.special_suffix],
                                                    device=lm.device))
         for r in rows:
             r = r.to(lm.device, lm.dtype)
@@ -126,14 +127,10 @@ def _check_lengths(lm: LoadedLM, lengths: Sequence[int]) -> None:
 
 def _run(lm: LoadedLM, embeds: list[torch.Tensor], answers: list[int], billed: list[int],
          max_batch_tokens: int, reduce: Callable[[torch.Tensor], Any]) -> NextTokenOutput:
-    """Right-padded micro-batches (rows × longest <= max_batch_tokens, shortest first); full-vocab logits."""
+    """Right-padded micro-batches (:func:`micro_batch_spans`, shortest first); full-vocab logits."""
     out = NextTokenOutput([None] * len(embeds), prompt_tokens=billed)
     order = sorted(range(len(embeds)), key=lambda i: len(embeds[i]))
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and (end - start + 1) * len(embeds[order[end]]) <= max_batch_tokens:
-            end += 1
+    for start, end in micro_batch_spans([len(embeds[i]) for i in order], max_batch_tokens):
         idx = order[start:end]
         S = max(len(embeds[i]) for i in idx)
         x = torch.zeros(len(idx), S, lm.hidden_size, dtype=lm.dtype, device=lm.device)
@@ -149,7 +146,6 @@ def _run(lm: LoadedLM, embeds: list[torch.Tensor], answers: list[int], billed: l
             out.rows[i] = reduce(row)
         out.tokens_processed += sum(len(embeds[i]) for i in idx)
         out.forward_passes += 1
-        start = end
     return out
 
 

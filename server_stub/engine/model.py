@@ -13,9 +13,9 @@ Sequence layout (one row per candidate × text)::
   for the N texts; their output is then expanded to C × N and only layers >= l run per candidate.
 
 Everything here is pure compute: no HTTP, no JSON. Invalid input raises :class:`InvalidInput`. Loading the
-checkpoint (layout, head, special tokens, ``--quantize``) is :mod:`server_stub.loading`; laying out the rows,
-:mod:`server_stub.layout`; packing the rows of several requests into shared micro-batches,
-:mod:`server_stub.shared_batches`; the last layer at the answer slot only, :mod:`server_stub.answer_layer`.
+checkpoint (layout, head, special tokens, ``--quantize``) is :mod:`.loading`; laying out the rows,
+:mod:`.layout`; packing the rows of several requests into shared micro-batches, :mod:`.shared_batches`; the
+last layer at the answer slot only, :mod:`.answer_layer`.
 """
 
 
@@ -31,32 +31,44 @@ import torch
 from torch import nn
 
 from bbt_client.protocol import PromptBatch
-from server_stub.answer_layer import answer_layer_for
-from server_stub.batching import MAX_BATCH_TOKENS
+from server_stub.engine.answer_layer import answer_layer_for
+from server_stub.engine.layout import EncodedRows, TextLayout
+from server_stub.engine.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg
+from server_stub.engine.micro_batches import MAX_BATCH_TOKENS, micro_batch_spans
+from server_stub.engine.shared_batches import PreparedScoreRequest, ScoreOutput, score_shared
 from server_stub.errors import InvalidInput
-from server_stub.layout import TextLayout, _Encoded
-from server_stub.loading import REFERENCE_TEXT, LoadedLM, _hidden_arg, default_model_dir, resolve_device
-from server_stub.shared_batches import ScoreJob, ScoreOutput, score_shared
-
-__all__ = ["PromptedLM", "ScoreOutput", "ScoreJob", "LoadedLM", "REFERENCE_TEXT", "default_model_dir",
-           "resolve_device"]
 
 log = logging.getLogger(__name__)
+
 
 class _StopForward(Exception):
     def __init__(self, hidden: torch.Tensor):
         self.hidden = hidden
 
 
-class PromptedLM(TextLayout):
-    """Loads a local HF checkpoint once (:class:`LoadedLM`), lays out sequences (:class:`TextLayout`) and scores
-    (candidate prompt × text) pairs in micro-batches."""
+class PromptedLM(LoadedLM):
+    """A checkpoint loaded once (:class:`LoadedLM`) that scores (candidate prompt × text) pairs in micro-batches;
+    :attr:`layout` lays out its rows."""
 
-    #: The last layer at the answer slot only (:mod:`server_stub.answer_layer`), or None: every position.
+    #: The last layer at the answer slot only (:mod:`server_stub.engine.answer_layer`), or None: every position.
     answer_layer = None
 
+    def __init__(self, path: str | Path, **kwargs) -> None:
+        """``kwargs``: :class:`LoadedLM`'s (device, dtype, quantize ...)."""
+        super().__init__(path, **kwargs)
+        self.layout = TextLayout(self)
+
+    def encode(self, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None, n_prompt: int,
+               slot_ids: Sequence[int] | None = None, mode: str = "replace") -> EncodedRows:
+        """This model's rows for ``texts`` in ``template`` (:meth:`TextLayout.encode`)."""
+        return self.layout.encode(template, texts, text_pairs, n_prompt, slot_ids=slot_ids, mode=mode)
+
+    def label_word_ids(self, words: Sequence[str]) -> list[int]:
+        """One token id per label word, or InvalidInput (:meth:`TextLayout.label_word_ids`)."""
+        return self.layout.label_word_ids(words)
+
     def _before_quantize(self) -> None:
-        probe = self._special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"][:40]
+        probe = self.special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"][:40]
         self.answer_layer = answer_layer_for(self, probe)  # checked before int8 swaps in its own noise
 
     # ------------------------------------------------------------------ prompt slots
@@ -169,7 +181,7 @@ class PromptedLM(TextLayout):
         *,
         text_pairs: Sequence[str] | None = None,
         max_candidates: int = 256,
-    ) -> ScoreJob:
+    ) -> PreparedScoreRequest:
         """Validate and tokenize one request (raises :class:`InvalidInput`); :meth:`run_score_jobs` computes it."""
         self.check_prompts(prompts, max_candidates)
         label_ids = torch.tensor(self.label_word_ids(label_words), device=self.device)
@@ -177,16 +189,17 @@ class PromptedLM(TextLayout):
                           slot_ids=self.slot_ids(prompts), mode=prompts.mode)
         out = ScoreOutput(np.empty(0), sequences=prompts.num_candidates * len(texts), forward_passes=0,
                           tokens_processed=0)
-        job = ScoreJob(enc, prompts, None, label_ids, out)
+        job = PreparedScoreRequest(enc, prompts, None, label_ids, out)
         if not job.split:
             with torch.inference_mode():
                 job.full = self._full_prompts(prompts)
         return job
 
-    def run_score_jobs(self, jobs: Sequence[ScoreJob], max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
-        """Fill each job's ``out``: jobs with equal :attr:`ScoreJob.key` share micro-batches
-        (:mod:`server_stub.shared_batches`); a split deep job runs its own two phases."""
-        groups: dict[tuple, list[ScoreJob]] = {}
+    def run_score_jobs(self, jobs: Sequence[PreparedScoreRequest],
+                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+        """Fill each job's ``out``: jobs with equal :attr:`PreparedScoreRequest.key` share micro-batches
+        (:mod:`server_stub.engine.shared_batches`); a split deep job runs its own two phases."""
+        groups: dict[tuple, list[PreparedScoreRequest]] = {}
         with torch.inference_mode():
             for job in jobs:
                 if job.key is None:
@@ -200,7 +213,7 @@ class PromptedLM(TextLayout):
                     self._finish(job, logits)
 
     @staticmethod
-    def _finish(job: ScoreJob, logits: torch.Tensor) -> None:
+    def _finish(job: PreparedScoreRequest, logits: torch.Tensor) -> None:
         N, C = len(job.enc.lengths), job.num_candidates
         job.out.logits = logits.float().cpu().numpy().reshape(N, C, -1).transpose(1, 0, 2).copy()
 
@@ -221,22 +234,13 @@ class PromptedLM(TextLayout):
         return full
 
     def _micro_batches(self, lengths: np.ndarray, copies: int, max_batch_tokens: int) -> Iterator[np.ndarray]:
-        """Row indices (text-major: row = text * copies + copy) grouped so rows × longest ≤ max_batch_tokens.
-
-        Rows go in order of text length so each micro-batch pads little.
-        """
+        """Row indices (text-major: row = text * copies + copy) in micro-batches (:func:`micro_batch_spans`)."""
         order = np.argsort(lengths, kind="stable")
         rows = (order[:, None] * copies + np.arange(copies)[None, :]).reshape(-1)
-        row_len = lengths[rows // copies]
-        start = 0
-        while start < len(rows):
-            end = start + 1
-            while end < len(rows) and (end - start + 1) * row_len[end] <= max_batch_tokens:
-                end += 1
+        for start, end in micro_batch_spans(lengths[rows // copies], max_batch_tokens):
             yield rows[start:end]
-            start = end
 
-    def _batch_inputs(self, enc: _Encoded, text_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _batch_inputs(self, enc: EncodedRows, text_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
         lens = enc.lengths[text_idx]
         S = int(lens.max())
         ids = torch.from_numpy(enc.ids[text_idx, :S]).to(self.device)
@@ -244,7 +248,7 @@ class PromptedLM(TextLayout):
         return ids, mask, int(lens.sum())
 
     def _score_split(
-        self, enc: _Encoded, p: PromptBatch, label_ids: torch.Tensor, mbt: int, meter: ScoreOutput
+        self, enc: EncodedRows, p: PromptBatch, label_ids: torch.Tensor, mbt: int, meter: ScoreOutput
     ) -> torch.Tensor:
         """Base + layer l + candidates: layers < l once per text, then layers >= l per candidate."""
         N, C, l = len(enc.lengths), p.num_candidates, int(p.layer)
@@ -279,7 +283,7 @@ class PromptedLM(TextLayout):
         self,
         ids: torch.Tensor,
         mask: torch.Tensor,
-        enc: _Encoded,
+        enc: EncodedRows,
         per_layer: dict[int, torch.Tensor],
         *,
         start_layer: int = 0,
@@ -317,9 +321,7 @@ class PromptedLM(TextLayout):
         """
         embeds = self.word_embeddings(ids)
         if mode == "replace" and 0 in per_layer and start_layer == 0:
-            p0 = per_layer[0]
-            embeds = embeds.clone()
-            embeds[:, slot_start : slot_start + p0.shape[1]] = p0.to(embeds.dtype)
+            embeds = _prompt_at_slots(embeds, per_layer[0], slot_start, mode)
         acts_at = (lambda j: j in per_layer) if mode == "add" else (lambda j: j > 0 and j in per_layer)
 
         def make_hook(j: int):
@@ -330,12 +332,7 @@ class PromptedLM(TextLayout):
                 if j == capture_at:
                     raise _StopForward(h)
                 if acts_at(j):
-                    p = per_layer[j].to(h.dtype)
-                    h = h.clone()
-                    if mode == "add":
-                        h[:, slot_start : slot_start + p.shape[1]] += p
-                    else:
-                        h[:, slot_start : slot_start + p.shape[1]] = p
+                    h = _prompt_at_slots(h, per_layer[j], slot_start, mode)
                 if observe is not None:
                     observe(j, h)
                 return _replace_hidden_arg(args, kwargs, h)
@@ -390,12 +387,7 @@ class PromptedLM(TextLayout):
         h = self.forward_layers(ids, mask, per_layer, slot_start=slot_start, start_layer=start_layer,
                                 start_hidden=start_hidden, capture_at=last, mode=mode)
         if last in per_layer and (mode == "add" or last > 0):  # what forward_layers' hook does at that layer
-            p = per_layer[last].to(h.dtype)
-            h = h.clone()
-            if mode == "add":
-                h[:, slot_start : slot_start + p.shape[1]] += p
-            else:
-                h[:, slot_start : slot_start + p.shape[1]] = p
+            h = _prompt_at_slots(h, per_layer[last], slot_start, mode)
         return self.answer_layer(h, mask, answer)
 
     def head_logits(self, h: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
@@ -416,6 +408,17 @@ def _clipped_std(x: np.ndarray, rounds: int, sigmas: float) -> float:
         x = np.clip(x, mu - sigmas * sd, mu + sigmas * sd)
     return float(x.std())
 
+
+def _prompt_at_slots(h: torch.Tensor, p: torch.Tensor, slot_start: int, mode: str) -> torch.Tensor:
+    """A copy of ``h`` (B, S, D) with ``p`` (B, n, D) added to (``add``) or written over (``replace``) its n
+    prompt slots."""
+    p = p.to(h.dtype)
+    h = h.clone()
+    if mode == "add":
+        h[:, slot_start : slot_start + p.shape[1]] += p
+    else:
+        h[:, slot_start : slot_start + p.shape[1]] = p
+    return h
 
 
 def _replace_hidden_arg(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:

@@ -2,28 +2,27 @@
 
 Why: concurrent tuning jobs each send (candidate × text) grids; served one request at a time, every request
 ends in a part-filled micro-batch and pays its own Python overhead. Here the rows of all compatible requests
-(:attr:`ScoreJob.key`: same prompt mode, slot layout and prompt shape) are sorted by length together, packed
-into micro-batches of at most ``max_batch_tokens`` tokens (padding included), run once, and split back: each
-request gets its own label words at its own answer slots. A request alone goes through the same code, so
-"alone" and "shared" differ only in which rows share a GEMM (float-noise differences, never different maths).
+(:attr:`PreparedScoreRequest.key`: same prompt mode, slot layout and prompt shape) are sorted by length
+together, packed into micro-batches of at most ``max_batch_tokens`` tokens (padding included), run once, and
+split back: each request gets its own label words at its own answer slots. A request alone goes through the
+same code, so "alone" and "shared" differ only in which rows share a GEMM (float-noise differences, never
+different maths).
 
-Pure compute on an already validated :class:`ScoreJob`; :meth:`server_stub.model.PromptedLM.prepare_score`
-builds one.
+Pure compute on an already validated :class:`PreparedScoreRequest`;
+:meth:`server_stub.engine.model.PromptedLM.prepare_score` builds one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from bbt_client.protocol import PromptBatch
-
-if TYPE_CHECKING:
-    from server_stub.layout import _Encoded
-    from server_stub.model import PromptedLM
+from server_stub.engine.layout import EncodedRows
+from server_stub.engine.micro_batches import micro_batch_spans
 
 
 @dataclass
@@ -37,10 +36,11 @@ class ScoreOutput:
 
 
 @dataclass
-class ScoreJob:
-    """One scoring request ready for the model: tokenized texts, prompts on the device, label ids."""
+class PreparedScoreRequest:
+    """One /v1/score request ready for the model: validated, its texts laid out, its prompts on the device, its
+    label ids; ``out`` receives the logits."""
 
-    enc: "_Encoded"
+    enc: EncodedRows
     prompts: PromptBatch
     #: (C, n, D) shallow, (C, L, n, D) deep, None zero-shot; unused by the split (base + layer) path.
     full: torch.Tensor | None
@@ -66,7 +66,20 @@ class ScoreJob:
         return (self.enc.mode, self.enc.slot_start, shape)
 
 
-def score_shared(lm: "PromptedLM", jobs: Sequence[ScoreJob], max_batch_tokens: int) -> list[torch.Tensor]:
+class RowScorer(Protocol):
+    """What :func:`score_shared` needs of the model: :class:`server_stub.engine.model.PromptedLM`, described here
+    rather than imported, since that module imports this one."""
+
+    device: torch.device
+    pad_id: int
+    #: (B, D) last hidden states at each row's answer slot.
+    forward_answer: Callable[..., torch.Tensor]
+    #: (B, K) float32 label-word logits of those states.
+    head_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def score_shared(lm: RowScorer, jobs: Sequence[PreparedScoreRequest],
+                 max_batch_tokens: int) -> list[torch.Tensor]:
     """Each job's logits (N*C, K) float32, text-major (row = text * C + candidate); all jobs share one key."""
     sizes = [(len(j.enc.lengths), j.num_candidates) for j in jobs]
     text_job = np.concatenate([np.full(n, k) for k, (n, _) in enumerate(sizes)])
@@ -87,7 +100,7 @@ def score_shared(lm: "PromptedLM", jobs: Sequence[ScoreJob], max_batch_tokens: i
     for j in jobs:
         j.out.forward_passes = j.out.tokens_processed = 0
     enc0 = jobs[0].enc
-    for start, end in _pack(row_len, max_batch_tokens):
+    for start, end in micro_batch_spans(row_len, max_batch_tokens):
         b_job, b_t, b_c, b_len = row_job[start:end], row_tloc[start:end], row_cand[start:end], row_len[start:end]
         S = int(b_len.max())
         ids = np.full((end - start, S), lm.pad_id, dtype=np.int64)
@@ -117,14 +130,3 @@ def score_shared(lm: "PromptedLM", jobs: Sequence[ScoreJob], max_batch_tokens: i
             job.out.tokens_processed += int(b_len[at].sum())
     return outs
 
-
-def _pack(row_len: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) spans of rows (sorted by length) with rows × longest <= max_batch_tokens (one row at least)."""
-    spans, start = [], 0
-    while start < len(row_len):
-        end = start + 1
-        while end < len(row_len) and (end - start + 1) * row_len[end] <= max_batch_tokens:
-            end += 1
-        spans.append((start, end))
-        start = end
-    return spans

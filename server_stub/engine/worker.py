@@ -11,7 +11,7 @@ and a bad request fails alone. A job not yet picked keeps its place: the group i
 becomes free, from what is queued then (no waiting for stragglers, so one client alone is never slowed).
 
 ``before_job`` runs on the worker thread before each job (once per job of a group, in queue order). Tests
-pass a gate (:class:`server_stub.testing.RequestGate`, or ``--test-gate FIFO`` for a subprocess) that holds a
+pass a gate (:class:`server_stub.gate.RequestGate`, or ``--test-gate FIFO`` for a subprocess) that holds a
 job until the test releases it, so "a request is in flight" is an event they wait for, never a guess about time.
 """
 
@@ -27,20 +27,6 @@ from typing import Any, Callable, Sequence
 from server_stub.errors import Overloaded
 
 log = logging.getLogger(__name__)
-
-#: Default tokens (padding included) per forward micro-batch on a CPU. Why so few: past ~4k tokens MiniLM's
-#: feed-forward activations (tokens x 1536 floats) pass 32 MiB, where glibc's malloc maps fresh pages for
-#: every allocation and each one faults in, and below that smaller activations stay in the CPU's caches: on
-#: this 2-core CPU 4096 served 1.07x faster than 8192 and 2048 1.12x faster than 4096
-#: (``benchmarks/server_throughput.py``, its ``server@N`` path).
-MAX_BATCH_TOKENS = 2048
-#: The same on a GPU, where a micro-batch should fill the device (kept at the earlier default: unmeasured).
-GPU_MAX_BATCH_TOKENS = 8192
-
-
-def default_max_batch_tokens(device_type: str) -> int:
-    return MAX_BATCH_TOKENS if device_type == "cpu" else GPU_MAX_BATCH_TOKENS
-
 
 #: ``runner(args) -> results``: one result or exception instance per argument, in order.
 GroupRunner = Callable[[Sequence[Any]], Sequence[Any]]

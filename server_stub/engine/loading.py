@@ -2,7 +2,7 @@
 
 Why a module of its own: loading decides the model's *layout* (masked or causal, a real MLM head or one tied
 to the word embeddings, where the transformer blocks live, which special tokens wrap a sequence); scoring
-(:mod:`server_stub.model`, :mod:`server_stub.next_token`) only uses those facts.
+(:mod:`server_stub.engine.model`, :mod:`server_stub.engine.next_token`) only uses those facts.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server_stub.int8 import OUTLIER_CHANNELS, quantize_linear_int8
-from server_stub.weight_digests import weight_digests
+from server_stub.engine.int8 import OUTLIER_CHANNELS, quantize_linear_int8
+from server_stub.engine.weight_digests import weight_digests
 
-log = logging.getLogger("server_stub.model")
+log = logging.getLogger(__name__)
 
 #: Fixed text whose hidden-state statistics define ``ModelInfo.hidden_std``.
 REFERENCE_TEXT = (
@@ -26,7 +26,8 @@ REFERENCE_TEXT = (
 )
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: ``--quantize`` choices besides ``None`` (off): int8 linear layers (CPU only, fp32 model; :mod:`server_stub.int8`).
+#: ``--quantize`` choices besides ``None`` (off): int8 linear layers (CPU only, fp32 model;
+#: :mod:`server_stub.engine.int8`).
 QUANTIZATIONS = ("int8",)
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -112,7 +113,7 @@ class LoadedLM:
         self.vocab_size = int(self.word_embeddings.weight.shape[0])
         self.num_layers = len(self.layers)
         self.max_seq_len = self._max_seq_len()
-        self._special_prefix, self._special_suffix = self._special_tokens()
+        self.special_prefix, self.special_suffix = self._special_tokens()
         self.pad_id = next(
             i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None
         )
@@ -220,8 +221,8 @@ class LoadedLM:
 
     def _reference_forward(self) -> None:
         """One plain forward pass of the reference text (hooks read what they need from it)."""
-        ids = self._special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
-        ids = (ids + self._special_suffix)[: self.max_seq_len]
+        ids = self.special_prefix + self.tokenizer(REFERENCE_TEXT, add_special_tokens=False)["input_ids"]
+        ids = (ids + self.special_suffix)[: self.max_seq_len]
         x = torch.tensor([ids], device=self.device)
         self.base_model(input_ids=x, attention_mask=torch.ones_like(x), **self._extra_kwargs())
 

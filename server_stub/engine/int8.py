@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-log = logging.getLogger("server_stub.model")
+log = logging.getLogger(__name__)
 
 _WEIGHT_MAX = 63  # 7 bits: |w| * 255 * 2 stays inside int16 (see the module docstring)
 #: Input channels per linear kept in float32 when :func:`quantize_linear_int8` is given a calibration pass.
