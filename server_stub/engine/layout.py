@@ -11,17 +11,16 @@ Layout of one row::
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from bbt_client.tasks.template import split_template, truncate_longest_first
 from server_stub.engine.loading import LoadedLM
 from server_stub.errors import InvalidInput
 
-_PLACEHOLDER = re.compile(r"\{(text|text_a|text_b|mask)\}")
 
 
 @dataclass
@@ -95,7 +94,7 @@ class TextLayout:
         The n prompt slots hold ``slot_ids`` (``add`` mode) or padding ids whose embeddings a ``replace`` prompt
         overwrites."""
         lm = self.lm
-        pieces = _split_template(template)
+        pieces = split_template(template)
         if lm.kind == "causal":
             mask_at = next(i for i, (k, _) in enumerate(pieces) if k == "mask")
             if any(k != "lit" or v.strip() for k, v in pieces[mask_at + 1 :]):
@@ -137,8 +136,8 @@ class TextLayout:
         mask_id = lm.tokenizer.mask_token_id
         uses = {key: sum(1 for k, v, sp in segments if k == "text" and (v, sp) == key) for key in groups}
         for i in range(len(texts)):
-            slots = {key: ids[i] for key, ids in groups.items()}
-            slots = _truncate_longest_first(slots, room, uses)
+            keys = list(groups)
+            slots = dict(zip(keys, truncate_longest_first([groups[k][i] for k in keys], room, [uses[k] for k in keys])))
             row = list(lm.special_prefix) + (list(slot_ids) if slot_ids is not None else [lm.pad_id] * n_prompt)
             answer = -1
             for kind, value, space in segments:
@@ -162,32 +161,3 @@ class TextLayout:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         return EncodedRows(ids, lengths, np.array(answers, dtype=np.int64), len(lm.special_prefix), n_prompt, mode)
-
-
-def _split_template(template: str) -> list[tuple[str, str]]:
-    """[("lit", "..."), ("text", ""), ("mask", ""), ...] in order."""
-    out: list[tuple[str, str]] = []
-    pos = 0
-    for m in _PLACEHOLDER.finditer(template):
-        if m.start() > pos:
-            out.append(("lit", template[pos : m.start()]))
-        kind = m.group(1)
-        out.append(("text" if kind == "text_a" else kind, ""))
-        pos = m.end()
-    if pos < len(template):
-        out.append(("lit", template[pos:]))
-    return out
-
-
-def _truncate_longest_first(slots: dict, room: int, uses: dict) -> dict:
-    """Cut the longest text one token at a time until all slots fit ``room`` (``uses``: times each appears)."""
-    lens = {k: len(v) for k, v in slots.items()}
-    if sum(lens[k] * uses[k] for k in lens) <= room:
-        return slots
-    if len(slots) == 1:
-        ((k, v),) = slots.items()
-        return {k: v[: room // uses[k]]}
-    while sum(lens[k] * uses[k] for k in lens) > room:
-        k = max(lens, key=lens.get)
-        lens[k] -= 1
-    return {k: v[: lens[k]] for k, v in slots.items()}

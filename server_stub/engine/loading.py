@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from bbt_client.lm.layers import LayerList
 from server_stub.engine.int8 import OUTLIER_CHANNELS, quantize_linear_int8
 from server_stub.engine.weight_digests import weight_digests
 
@@ -186,14 +186,11 @@ class LoadedLM:
     def _find_layers(self) -> None:
         """The transformer blocks: the ModuleList with num_hidden_layers entries (encoder.layer, h, layers)."""
         n = int(getattr(self.config, "num_hidden_layers", 0) or getattr(self.config, "n_layer", 0))
-        for qual, mod in self.base_model.named_modules():
-            if isinstance(mod, nn.ModuleList) and len(mod) == n and n > 0:
-                parent_name, _, attr = qual.rpartition(".")
-                self._layers_parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-                self._layers_attr = attr
-                self.layers = mod
-                return
-        raise ValueError(f"{self.architecture}: cannot find its list of {n} transformer layers")
+        try:
+            self.layer_list = LayerList.of(self.base_model, n)
+        except ValueError:
+            raise ValueError(f"{self.architecture}: cannot find its list of {n} transformer layers") from None
+        self.layers = self.layer_list.layers
 
     def _max_seq_len(self) -> int:
         c = self.config

@@ -22,13 +22,11 @@ last layer at the answer slot only, :mod:`.answer_layer`.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from bbt_client.protocol import PromptBatch
 from server_stub.engine.answer_layer import answer_layer_for
@@ -344,7 +342,7 @@ class PromptedLM(LoadedLM):
             for j in range(start_layer, self.num_layers)
         ]
         try:
-            with self._layers_from(start_layer):
+            with self.layer_list.only(start_layer):
                 out = self.base_model(inputs_embeds=embeds, attention_mask=mask, **self._extra_kwargs())
         except _StopForward as stop:
             return stop.hidden
@@ -352,18 +350,6 @@ class PromptedLM(LoadedLM):
             for h in handles:
                 h.remove()
         return out[0]
-
-    @contextmanager
-    def _layers_from(self, start: int) -> Iterator[None]:
-        """Temporarily run only layers[start:] (the model is used by one worker thread only)."""
-        if start == 0:
-            yield
-            return
-        setattr(self._layers_parent, self._layers_attr, nn.ModuleList(list(self.layers)[start:]))
-        try:
-            yield
-        finally:
-            setattr(self._layers_parent, self._layers_attr, self.layers)
 
     def forward_answer(
         self,

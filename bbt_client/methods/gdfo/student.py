@@ -21,7 +21,6 @@ torch and transformers are imported lazily: the plain client does not need them.
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from bbt_client.errors import ConfigError
+from bbt_client.lm.layers import LayerList
+from bbt_client.tasks.template import split_template, truncate_longest_first
 
 #: Parameter-name fragments trained in ``bitfit`` mode: biases and LayerNorms (Ben Zaken et al., 2022).
 _BITFIT_KEYS = ("bias", "LayerNorm")
@@ -121,7 +122,11 @@ class Student:
     def __init__(self, path: str | Path | None = None, num_layers: int | None = None, trainable: str = "bitfit"):
         torch = require_torch()
         model, self.tokenizer, self.source = _load_backbone(path, num_layers)
-        layers = _encoder_layers(model)
+        try:
+            self._layer_list = LayerList.of(model, model.config.num_hidden_layers)
+        except ValueError:
+            raise ConfigError("cannot find the student's transformer layers (expected a BERT-style encoder)") from None
+        layers = self._layer_list.layers
         if num_layers is not None:
             if not 1 <= num_layers <= len(layers):
                 raise ConfigError(f"student_layers must be in 1..{len(layers)}, got {num_layers}")
@@ -221,11 +226,10 @@ class Student:
             raise ConfigError(f"{len(slot_ids)} slot ids for {n_prompt} prompt tokens")
         torch = self._torch
         tok = self.tokenizer
-        tpl = template.replace("{text_a}", "{text}")
-        pieces = _split_template(tpl)
+        pieces = split_template(template)
         rows, masks = [], []
         for i, text in enumerate(texts):
-            fill = {"{text}": text, "{text_b}": text_pairs[i] if text_pairs is not None else ""}
+            fill = {"text": text, "text_b": text_pairs[i] if text_pairs is not None else ""}
             fixed: list[list[int]] = []
             free: list[list[int]] = []
             order: list[tuple[str, int]] = []
@@ -237,12 +241,12 @@ class Student:
                     fixed.append([tok.mask_token_id])
                     order.append(("fixed", len(fixed) - 1))
                 else:
-                    free.append(tok(fill[val].rstrip(), add_special_tokens=False)["input_ids"])
+                    free.append(tok(fill[kind].rstrip(), add_special_tokens=False)["input_ids"])
                     order.append(("free", len(free) - 1))
             room = self.max_len - 2 - n_prompt - sum(len(f) for f in fixed)
             if room < 0:
                 raise ConfigError(f"the template and {n_prompt} prompt tokens do not fit the student's {self.max_len} positions")
-            free = _truncate(free, room)
+            free = truncate_longest_first(free, room)
             ids = [tok.cls_token_id] + ([tok.pad_token_id or 0] * n_prompt if slot_ids is None else list(slot_ids))
             for kind, j in order:
                 ids += fixed[j] if kind == "fixed" else free[j]
@@ -330,20 +334,9 @@ class Student:
         rows = torch.arange(mask_pos.shape[0])
         if self._answer_layer is None:
             return self.model(**inputs).last_hidden_state[rows, mask_pos]
-        with self._without_last_layer():
+        with self._layer_list.only(stop=-1):
             h = self.model(**inputs).last_hidden_state  # the last layer's input
         return self._answer_layer(h, inputs["attention_mask"], mask_pos)
-
-    @contextmanager
-    def _without_last_layer(self):
-        """Run the model on all layers but the last (a student is used by one thread at a time)."""
-        parent, attr = _layers_slot(self.model)
-        layers = getattr(parent, attr)
-        setattr(parent, attr, type(layers)(list(layers)[:-1]))
-        try:
-            yield
-        finally:
-            setattr(parent, attr, layers)
 
     def _checked_answer_layer(self):
         """The last layer's answer-only twin if it reproduces the model's own on two padded probe texts, else None."""
@@ -361,43 +354,4 @@ class Student:
             finally:
                 self._answer_layer = None
 
-        return checked_answer_layer(_encoder_layers(self.model)[-1], self.model.config, states)
-
-
-def _layers_slot(model) -> tuple[Any, str]:
-    """(parent module, attribute name) of the model's list of transformer layers."""
-    for parent, attr in (("encoder", "layer"), ("transformer", "layer")):
-        if hasattr(getattr(model, parent, None), attr):
-            return getattr(model, parent), attr
-    raise ConfigError("cannot find the student's transformer layers (expected a BERT-style encoder)")
-
-
-def _encoder_layers(model):
-    parent, attr = _layers_slot(model)
-    return getattr(parent, attr)
-
-
-def _split_template(template: str) -> list[tuple[str, str]]:
-    """``'{text} It was {mask} .'`` -> [('slot','{text}'), ('lit',' It was '), ('mask',''), ('lit',' .')]."""
-    out: list[tuple[str, str]] = []
-    rest = template
-    while rest:
-        hits = [(rest.find(s), s) for s in ("{text}", "{text_b}", "{mask}") if rest.find(s) >= 0]
-        if not hits:
-            out.append(("lit", rest))
-            break
-        pos, slot = min(hits)
-        if pos > 0:
-            out.append(("lit", rest[:pos]))
-        out.append(("mask", "") if slot == "{mask}" else ("slot", slot))
-        rest = rest[pos + len(slot):]
-    return out
-
-
-def _truncate(seqs: list[list[int]], room: int) -> list[list[int]]:
-    """Cut the longest sequence first until their total length fits ``room``."""
-    seqs = [list(s) for s in seqs]
-    while sum(len(s) for s in seqs) > room:
-        longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
-        seqs[longest].pop()
-    return seqs
+        return checked_answer_layer(self._layer_list.layers[-1], self.model.config, states)
