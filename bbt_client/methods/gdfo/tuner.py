@@ -93,7 +93,7 @@ class GDFOConfig(BaseModel):
     #: layers have MiniLM's shapes, and the student's forward/backward passes dominate GDFO's CPU time
     #: (measured: ~1.4x MiniLM-3 per generation on AG News, its SentencePiece sequences being ~10% longer).
     student_layers: int | None = Field(default=3, ge=1)
-    #: What distillation trains in the student: "bitfit" (biases only) or "all" weights.
+    #: What distillation trains in the student: "bitfit" (biases and LayerNorm weights) or "all" weights.
     student_trainable: Literal["bitfit", "all"] = "bitfit"
     #: "auto": share the teacher's projection only when digests prove the student holds the endpoint's word
     #: embeddings (same input space); "own": always the student's own.
