@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bbt_client import checkpoint as ckpt  # noqa: E402
+from bbt_client.run import checkpoint as ckpt  # noqa: E402
 from bbt_client.backends.base import PromptBatch, ScoreJob  # noqa: E402
 from bbt_client.backends.http import RetryPolicy  # noqa: E402
 from bbt_client.backends.server import ServerBackend  # noqa: E402

@@ -1,16 +1,16 @@
 """Where int8's logit noise enters: fp32 against two int8 forms of the same model, candidate by candidate.
 
-Why: the stock dynamic int8 linear (one weight scale per matrix, one activation scale per batch; what
-``--quantize int8`` ran until this round) kept labels mostly equal to fp32's but cost BBTv2 19 points of AG
-News accuracy (README, "Server speed"). What CMA-ES needs is the *ranking* of close candidates, so besides
+Why: the stock dynamic int8 linear (one weight scale per matrix, one activation scale per batch; the
+``stock`` variant below) keeps labels mostly equal to fp32's but cost BBTv2 19 points of AG News accuracy
+(docs/server.md, "int8"). What CMA-ES needs is the *ranking* of close candidates, so besides
 label agreement this measures, for C deep candidates drawn close together (a CMA-ES population late in a run:
 a shared base plus a small spread, per layer scaled by the model's hidden-state std), the correlation across
 candidates of their training loss under int8 with their loss under fp32. No timing, so a busy machine does
 not bias the figures. In-process, on the bundled model (or ``--model``), AG News training texts.
 
 Variants: ``stock`` (``torch.ao`` dynamic int8 on every linear), ``per-token`` (:class:`server_stub.engine.int8.Int8Linear`
-without outlier channels: a scale per output channel and a range per token, last round's ``--quantize int8``)
-and ``int8`` (today's ``--quantize int8`` as the server loads it: the same with each linear's 16 largest input
+without outlier channels: a scale per output channel and a range per token: ``--quantize int8 --int8-outliers 0``)
+and ``int8`` (``--quantize int8`` as the server loads it: the same with each linear's 16 largest input
 channels on the server's reference text kept in float32).
 
 Last line: one JSON object ``{"variants": {name: {"linears", "label_agreement", "max_abs_logit_diff",

@@ -4,7 +4,7 @@ Setup: servers run as SUBPROCESSES (``python -m server_stub``) with the same tor
 loop, which runs in this process; the paths are timed in alternating rounds (never two at once), so drifting
 background load hits all alike. Workload is BBT-shaped: C candidate shallow prompts (C, n, D) on N texts.
 
-- ``gemm_gflops``: torch GEMM rate on the issue's shapes (1024x1024·1024x1536, 2048x384·384x1536,
+- ``gemm_gflops``: torch GEMM rate on three reference shapes (1024x1024·1024x1536, 2048x384·384x1536,
   4096x1536·1536x384), fp32 on the CPU with the run's thread count (fp16 on CUDA), measured in every round
   beside the paths (:class:`GemmRate`); ``model_gemm_gflops`` the same on the model's own linear shapes at
   ``--max-batch-tokens`` rows, and ``model_gemm_utilization`` the server's rate against that.
@@ -20,8 +20,8 @@ background load hits all alike. Workload is BBT-shaped: C candidate shallow prom
   another; ``concurrent_ratio`` = aggregate seq/s / one job's (cross-request batching shares passes).
 - ``client_share_of_wall``: one short BBT tuning run against the fp32 server: wall time minus the time a
   request was on the wire or in the server (an httpx transport that times each exchange), over wall time.
-  The run's first import of pycma counts: it was 1.4 s of ~35 s (matplotlib and scipy, which pycma imports
-  eagerly when installed) until :func:`bbt_client.search.cmaes.import_cma` left them out (0.13 s).
+  The run's first import of pycma counts: :func:`bbt_client.search.cmaes.import_cma` keeps pycma from importing
+  matplotlib and scipy (0.13 s instead of 1.4 s of a ~35 s run).
 
 Profile of the server's /v1/score (MiniLM-L6, C=20, N=32, n=50, 78 tokens/seq, 2 threads; torch.profiler
 self-CPU share; machine shared, so shares, not rates):
@@ -35,7 +35,7 @@ self-CPU share; machine shared, so shares, not rates):
 
 On a quiet 2-core AMD EPYC (fp32 GEMM 150 GFLOP/s), one BERT layer at 104 x 78 tokens: addmm 76 %, flash
 attention 10 %, gelu 6 %, bias copy 4.6 %, layer norm 2.4 % -- the same picture; the model's own GEMM shapes
-run at the issue shapes' rate there, and a hand-fused layer (one QKV GEMM, in-place residuals) was 4 % slower
+run at the reference shapes' rate there, and a hand-fused layer (one QKV GEMM, in-place residuals) was 4 % slower
 than HF's. So the fp32 path is GEMM-bound; what is not GEMM is elementwise work HF runs unfused. What was
 cheap to fix: the last layer now runs at the answer slot only (:mod:`server_stub.engine.answer_layer`: ~14 % of the
 FLOPs skipped, 1.13x measured on the same model, fp32 and int8 alike; logits equal up to 1e-6). Int8 cuts the
@@ -46,21 +46,21 @@ copies, layer norm and adds 4 %. ``torch.compile`` of each layer gave 1.006x the
 the flash kernel and fuses only the GELU and layer-norm passes; with its weight freezing, 0.83x), and Hugging
 Face's eager attention is 1.09x SDPA at 20 tokens per sequence but 0.94x at 78: neither kept.
 
-Int8 on MiniLM, first form (torch's stock dynamic linear: one weight scale per matrix, one activation scale
-per batch): labels mostly agreed with fp32 but its logit noise was as large as what one candidate prompt
-changes against another, and BBTv2 lost 19 points of AG News accuracy tuning against it. Today's
-:mod:`server_stub.engine.int8` gives each weight row and each token its own range (batch-mates no longer move a
+Int8 on MiniLM with torch's stock dynamic linear (one weight scale per matrix, one activation scale per
+batch): labels mostly agree with fp32 but its logit noise is as large as what one candidate prompt changes
+against another, and BBTv2 lost 19 points of AG News accuracy tuning against it. :mod:`server_stub.engine.int8`
+gives each weight row and each token its own range (batch-mates no longer move a
 candidate's score) and keeps each layer's 16 loudest input channels in float32. Its price is elementwise work
 around torch's int8 kernel (a per-token min/max, a rescale of the input, a low-rank correction of the output),
 so its speed over fp32 depends on how much faster the CPU's int8 GEMM is (``benchmarks/int8_fidelity.py``
-measures its fidelity, the AG News runs in README what it costs in tuning). On this AVX2 host the kernel alone
+measures its fidelity, docs/server.md what it costs in tuning). On this AVX2 host the kernel alone
 ran 1.6-1.8x fp32's addmm at the model's shapes (2,048 rows), yet per 384 x 384 linear the work around it took
-~1.8 ms beside its ~2.2 ms. Since then the outlier channels are zeroed and put back in place instead of copying
+~1.8 ms beside its ~2.2 ms; so the outlier channels are zeroed and put back in place instead of copying
 the input, the kernel is told the rescaled rows' known range instead of finding it, and linears that read one
 tensor (query, key, value) share that work and one wider product (:class:`server_stub.engine.int8.SiblingGroup`).
 
-Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the CPU default
-until this round) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB
+Micro-batch size: ``server@N`` times an fp32 server at ``--compare-max-batch-tokens`` N (8192: the GPU
+default) beside the default's. Past ~4k tokens MiniLM's feed-forward activations pass glibc's 32 MiB
 mmap threshold and every allocation faults in fresh pages; smaller ones stay in cache
 (:data:`server_stub.engine.micro_batches.MAX_BATCH_TOKENS`).
 
@@ -134,7 +134,7 @@ class GemmRate:
 
 def model_gemm_shapes(lm, rows: int) -> list[tuple[int, int, int]]:
     """The (M, K, N) of the model's own linear layers at ``rows`` tokens per micro-batch, one per distinct
-    shape: the rate its GEMMs can reach, below the issue's larger-K shapes on some CPUs."""
+    shape: the rate its GEMMs can reach, below the reference shapes' larger-K rate on some CPUs."""
     from torch import nn
 
     return sorted({(rows, m.in_features, m.out_features) for m in lm.base_model.modules()
@@ -312,7 +312,7 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="every path's micro-batch size (default: the server's own default)")
     p.add_argument("--compare-max-batch-tokens", type=int, default=8192,
-                   help="also time an fp32 server at this micro-batch size (8192: the CPU default until this round)")
+                   help="also time an fp32 server at this micro-batch size (8192: the GPU default)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every path (GEMM rate too)")
     p.add_argument("--tune-calls", type=int, default=200, help="API calls of the client-share BBT run")
     p.add_argument("--quick", action="store_true",

@@ -25,10 +25,10 @@ from bbt_client.cli.sweep import load_summary
 
 #: White-box prompt-tuning ceilings of the default model (MiniLM-L6, tied head, n = 5, 16-shot, seed 42), as
 #: measured by ``benchmarks/whitebox_ceiling.py`` (60 Adam steps on the prompt; AG News on 1,000 test
-#: examples, SST-2 on its 872) and reported in README "Results". Not re-run here: it takes ~5 minutes.
+#: examples, SST-2 on its 872). Not re-run here: it takes ~5 minutes.
 WHITEBOX_CEILING = {"agnews": 0.745, "sst2": 0.546}
 
-#: Sized for ~40 minutes on an otherwise idle 2-core CPU — an estimate from README's 400-call timings, halved:
+#: Sized for ~40 minutes on an otherwise idle 2-core CPU — an estimate from 400-call timings, halved:
 #: per seed, 200 calls of BBT (~210 s), BBTv2 (~140 s) and GDFO (~300 s), plus the test evaluations at 100
 #: calls. (--quick took 18 min of wall time with the 2 cores shared by four other busy processes.)
 DEFAULTS = {"tasks": "agnews", "methods": "bbt,bbtv2,gdfo", "seeds": "13,42,100", "budgets": "100,200",

@@ -23,7 +23,7 @@ from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.run.job import tune
 from server_stub.testing import spawn_server
 
-#: Method options sized for the CPU default model (MiniLM, D=384, L=6); see README "Deviations".
+#: Method options sized for the CPU default model (MiniLM, D=384, L=6); see docs/deviations.md.
 #: The papers' d=500 and popsize 20 are kept; n=50 prompt tokens is cut to 5 because every prompt token
 #: lengthens every scored sequence (cost ∝ n + text length) on a 2-core CPU.
 METHOD_OPTIONS: dict[str, dict] = {

@@ -15,7 +15,7 @@ through its OpenAI/vLLM face, as to any hosted endpoint:
   seed, for comparison.
 
 Every method gets the same call and token budgets. The template ends with ``{mask}`` because a text API scores
-the next token. Prints a table, then as its last line one JSON object (see README "Tuning through text APIs").
+the next token. Prints a table, then as its last line one JSON object (see docs/text-apis.md).
 """
 
 from __future__ import annotations
@@ -113,13 +113,13 @@ async def _run_all(args: argparse.Namespace, url: str) -> dict:
 
 
 def _targets(report: dict) -> dict:
-    """The issue's targets, computed (None where a run is missing)."""
+    """The text methods against zero-shot, computed (None where a run is missing)."""
     rows = report["methods"]
     text = {n: r for n, r in rows.items() if r["backend"] == "openai" and r["test_accuracy"] is not None}
     best_name = max(text, key=lambda n: text[n]["test_accuracy"]) if text else None
     best = text[best_name]["test_accuracy"] if text else None
     zs, zc = report.get("zero_shot_test_accuracy"), report.get("zero_shot_calibrated_test_accuracy")
-    # the issue's targets are against the task's own words; also say what the tuning adds over zero-shot with
+    # the targets are against the task's own words; also say what the tuning adds over zero-shot with
     # the best run's own verbalizer (its searched words, read the better way), so a verbalizer gain is not
     # mistaken for a prompt gain
     own = zs, zc

@@ -1,7 +1,7 @@
 """Tune a prompt against the local black-box server on the bundled model: what ``make tune`` runs.
 
     python examples/tune_local.py --task agnews --out runs/agnews-42     # ~5-8 min on a 2-core CPU
-    python examples/tune_local.py --task sst2 --method bbt               # SST-2 works too (see README:
+    python examples/tune_local.py --task sst2 --method bbt               # SST-2 works too (see docs/server.md:
                                                                           # the default model is at chance on it)
     python examples/tune_local.py --budget-calls 40 --test-limit 20      # a smoke run in seconds
 
@@ -30,13 +30,13 @@ from bbt_client.run.results import RunResult
 log = logging.getLogger("examples.tune_local")
 
 #: Budgets sized so each task finishes in ~5-8 minutes on 2 CPU cores (20 candidates per generation,
-#: ~70 sequences/s). The same sizes as benchmarks/tune_sst2.py uses for the README table.
+#: ~70 sequences/s). The same sizes as benchmarks/tune_sst2.py uses.
 TASK_DEFAULTS: dict[str, dict] = {
     "agnews": {"budget_calls": 400, "test_limit": 1000},
     "sst2": {"budget_calls": 600, "test_limit": None},
 }
 #: The papers' d=500 and popsize 20 are kept; 50 prompt tokens are cut to 5 because every prompt token
-#: lengthens every scored sequence on a CPU (see README "Deviations from the papers").
+#: lengthens every scored sequence on a CPU (see docs/deviations.md).
 METHOD_OPTIONS = {"prompt_tokens": 5}
 
 

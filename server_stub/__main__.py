@@ -38,7 +38,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
     p.add_argument("--quantize", default=d.quantize, choices=list(QUANTIZATIONS),
                    help="int8: int8 linear layers, a scale per weight row and a range per token, 16 outlier input "
                         "channels per layer kept float32 (CPU only; how much faster than float32 depends on the "
-                        "CPU's int8 GEMM -- README 'Server speed'; BBTv2 tuned against it on AG News within a point "
+                        "CPU's int8 GEMM -- docs/server.md; BBTv2 tuned against it on AG News within a point "
                         "of float32)")
     p.add_argument("--int8-outliers", type=int, metavar="K",
                    help=f"with --quantize int8: input channels per layer kept float32 (default {OUTLIER_CHANNELS}; 0 "

@@ -75,7 +75,7 @@ class PromptSearchConfig(BaseModel):
     #: on "N/A" and "" in the same call, and loss, accuracy and the result read the calibrated label scores. It
     #: takes out the label prior a prompt has not yet learnt to undo (AG News zero-shot: the default model answers
     #: one class). On by default: on AG News it lifted both methods on every seed (three-seed means at 400 calls:
-    #: BBT 0.314 -> 0.399, BBTv2 0.440 -> 0.494; README, Results). ``False`` scores raw label logits. The tuning
+    #: BBT 0.314 -> 0.399, BBTv2 0.440 -> 0.494). ``False`` scores raw label logits. The tuning
     #: job applies it; an ask/tell loop of your own scores as you choose (the helpers: :mod:`bbt_client.tasks.calibration`).
     calibrate: bool = True
 

@@ -8,7 +8,7 @@ budget: the job's single call budget is shared by all layers simply by running t
 it is spent (the code runs ``budget // (popsize · L)`` rounds, e.g. 8000 // (20 · 24) = 16 for
 RoBERTa-large).
 
-``schedule="joint"`` (not the paper's; measured in README, Results) replaces the round-robin with one CMA-ES over
+``schedule="joint"`` (not the paper's; docs/methods.md) replaces the round-robin with one CMA-ES over
 one z that sets every layer's prompt at once, ``A_l z + p0_l`` for every l, each A_l scaled as below: a call
 moves all layers, the whole deep prompt lives in one d-dimensional subspace, and every candidate is sent whole
 (C, L, n, D), so the server cannot reuse lower layers.

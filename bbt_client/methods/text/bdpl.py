@@ -12,7 +12,7 @@ is clipped to norm ``clip_norm`` and applied with Adam (``lr``), after which eac
 probability simplex (Euclidean projection). The best prompt is the lowest-training-loss sample seen; the
 distribution's argmax is reported as a metric (``mode_prompt``).
 
-Deviations from the paper and its code (also in README "Deviations"):
+Deviations from the paper and its code (also in docs/deviations.md):
 - one generation scores every candidate on the whole few-shot training set (the code samples mini-batches of 4
   texts per step); an API call is one candidate on that batch, as for BBT;
 - the gradient of log p_i(s) is the exact e_s / p_i(s); the reference code writes -1/p_i(j) into every other
