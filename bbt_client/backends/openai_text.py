@@ -72,7 +72,8 @@ _NO_TOKENIZE_ROUTE = {400, 404, 405, 422, 501}
 _NO_ROUTE = {404, 405, 501}
 #: What the probe scores, and words whose single token it biases or asks for by id.
 PROBE_TEXT = "The capital of France is"
-PROBE_WORDS = ("zebra", "banana", "purple", "river", "seven")
+PROBE_BATCH = (PROBE_TEXT, "Paris is a city", "hello")
+PROBE_WORDS = ("great", "zebra", "banana", "purple", "river")
 _CAP_IN_MESSAGE = re.compile(r"(?:max(?:imum)? allowed:?|less than or equal to|at most|maximum(?: value)? is)\s*(\d+)",
                              re.I)
 
@@ -500,12 +501,12 @@ class OpenAITextBackend(HttpBackend):
 
     def echo_body(self, prompts: Sequence[str], how: str) -> dict[str, Any]:
         """Score the prompts themselves: Completions ``echo`` with no generated token, or vLLM's
-        ``prompt_logprobs`` (the actual tokens only) with the prompt's token ids to check the label's tail."""
+        ``prompt_logprobs`` with the actual tokens only (keyed by id, which checks the label's tail)."""
         body: dict[str, Any] = {"model": self.model, "prompt": list(prompts), "temperature": 0}
         if how == "echo":
             body.update(echo=True, logprobs=1, max_tokens=0)
         else:
-            body.update(prompt_logprobs=0, max_tokens=1, return_token_ids=True)
+            body.update(max_tokens=1, prompt_logprobs=0)
         return body
 
     async def _score_echo(self, seqs: list[str], words: list[str], pieces: list[list[int]],
@@ -538,22 +539,15 @@ class OpenAITextBackend(HttpBackend):
             if entries is None:
                 raise ProtocolError("the endpoint returned no prompt_logprobs; it does not support them here "
                                     "(use --backend-opt scoring=echo or top-k; bbt probe tells which work)")
-            got = c.prompt_token_ids
-            if got is not None and (len(got) != len(entries) or list(got[-n:]) != list(ids)):
-                raise ProtocolError(f"the prompt ends in token ids {list(got[-n:])}, not {word!r}'s {list(ids)}: the "
-                                    "endpoint tokenizes the label word differently in context")
-            values = []
-            for j in range(len(entries) - n, len(entries)):
-                e = entries[j] if j >= 0 else None
-                if not e:
-                    raise ProtocolError(f"no prompt logprob for {word!r}'s token {j}")
-                if got is not None and str(got[j]) in e:
-                    values.append(e[str(got[j])].logprob)
-                elif len(e) == 1:
-                    values.append(next(iter(e.values())).logprob)
-                else:
-                    raise ProtocolError("prompt_logprobs lists several tokens per position and no prompt_token_ids "
-                                        "to tell the actual one")
+            tail = entries[-n:] if len(entries) > n else []
+            if len(tail) != n or not all(e and len(e) == 1 for e in tail):
+                raise ProtocolError(f"prompt_logprobs do not hold one actual token for each of {word!r}'s {n} "
+                                    "tokens after the text (asked with prompt_logprobs=0)")
+            got = [int(next(iter(e))) for e in tail]
+            if got != list(ids):
+                raise ProtocolError(f"the prompt ends in token ids {got}, not {word!r}'s {list(ids)}: the endpoint "
+                                    "tokenizes the label word differently in context")
+            values = [next(iter(e.values())).logprob for e in tail]
         else:
             if c.text is not None and len(c.text) > len(prompt) and c.text.startswith(prompt):
                 raise ProtocolError("the endpoint generated tokens after an echoed prompt despite max_tokens=0, so "

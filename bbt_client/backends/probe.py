@@ -155,12 +155,17 @@ async def probe_openai(b: "OpenAITextBackend", counted: Counted, words: list[str
 
     r["bias_in_logprobs"] = None
     if top is not None and probe_id is not None:
-        r["bias_in_logprobs"] = await _bias_shown(b, p, top, probe_word, probe_id, _match_labels)
+        r["bias_in_logprobs"] = await _bias_shown(b, p, top, probe_word, probe_id, _match_labels,
+                                                  by_id=r["tokenize"].get("field") == "prompt")
     if b.api == "completions" and top is not None:
-        r["echo"] = await _echo_works(b, p)
+        r["echo"], r["batching"] = await _echo_and_batching(b, p)
         r["prompt_logprobs"] = await _prompt_logprobs_work(b, p)
-        r["logprob_token_ids"] = await _by_ids_work(b, p, probe_id)
-        r["batching"] = await _batching(b, p)
+        ids = None
+        if words:
+            pieces = await b._word_pieces(list(words))
+            if pieces and all(len(x) == 1 for x in pieces):
+                ids = list(dict.fromkeys(x[0] for x in pieces))
+        r["logprob_token_ids"] = await _by_ids_work(b, p, ids or ([probe_id] if probe_id is not None else None))
     else:
         r.update(echo=False, prompt_logprobs=False, logprob_token_ids=False)
     await _choose_openai(b, r, words)
@@ -190,15 +195,18 @@ async def _tokenize_shape(b: "OpenAITextBackend") -> dict:
     return {"route": True, "field": None, "note": "answers no tokens for either 'prompt' or 'content'"}
 
 
-async def _bias_shown(b, p: _Prober, top: dict, word: str, tid: int, match) -> bool | None:
+async def _bias_shown(b, p: _Prober, top: dict, word: str, tid: int, match, by_id: bool) -> bool | None:
     """Whether a +100 ``logit_bias`` shows in the returned log-probs (processed) or not (raw, as OpenAI and vLLM's
-    default). None: the endpoint refused the bias or the biased token did not come back at all."""
-    bias = {str(tid): 100.0}
+    default). None: the endpoint refused the bias or the biased token did not come back at all. ``by_id``: the
+    server takes vLLM's ``return_tokens_as_token_ids``, so the token is found by id, not by its text."""
+    bias = {str(tid): 100}
     try:
         if b.api == "completions":
-            resp, _ = await p.completions({"model": b.model, "prompt": "The capital of France is", "max_tokens": 1,
-                                           "temperature": 0, "logprobs": min(5, b.max_logprobs),
-                                           "logit_bias": bias})
+            body = {"model": b.model, "prompt": "The capital of France is", "max_tokens": 1, "temperature": 0,
+                    "logprobs": min(5, b.max_logprobs), "logit_bias": bias}
+            if by_id:
+                body["return_tokens_as_token_ids"] = True
+            resp, _ = await p.completions(body)
             biased = first_top_logprobs(resp, 1, "prompts")[0]
         else:
             biased = _chat_top(await p.chat({"model": b.model, "messages": [{"role": "user", "content":
@@ -209,28 +217,58 @@ async def _bias_shown(b, p: _Prober, top: dict, word: str, tid: int, match) -> b
         return None
     if not biased:
         return None
-    value, missing = match(biased, [word], 0.0)
+    if f"token_id:{tid}" in biased:
+        value, missing = [biased[f"token_id:{tid}"]], [not usable_logprob(biased[f"token_id:{tid}"])]
+    else:
+        value, missing = match(biased, [word], 0.0)
     if missing[0]:
         return None
     raw, raw_missing = match(top, [word], 0.0)
     return bool(value[0] > -1.0 or (not raw_missing[0] and value[0] > raw[0] + 10))
 
 
-async def _echo_works(b, p: _Prober) -> bool:
-    """Completions ``echo`` with ``max_tokens`` 0 returns the prompt's own token log-probs, and nothing more."""
-    from bbt_client.backends.openai_text import PROBE_TEXT
-
-    try:
-        resp, _ = await p.completions(b.echo_body([PROBE_TEXT], "echo") | {"prompt": PROBE_TEXT})
-    except (RequestRejected, ProtocolError):
-        return False
-    c = resp.choices[0] if resp.choices else None
+def _echo_read(c, prompt: str) -> bool:
+    """One choice of an echo request holds the prompt's own token log-probs and nothing generated."""
     lp = c.logprobs if c else None
     values = (lp.token_logprobs if lp and lp.token_logprobs is not None else
               [t.logprob for t in lp.content] if lp and lp.content else None)
     if not values or len(values) < 2 or not all(usable_logprob(v) for v in values[1:]):
         return False
-    return c.text is None or c.text == PROBE_TEXT
+    return c.text is None or c.text == prompt
+
+
+async def _echo_and_batching(b, p: _Prober) -> tuple[bool | None, str]:
+    """Whether Completions ``echo`` with ``max_tokens`` 0 returns the prompts' own token log-probs, and how the
+    endpoint takes a list of prompts: ``list`` (one choice each), ``array`` (llama.cpp: a JSON array of responses)
+    or ``one per request`` (llama-cpp-python answers a list with a 500; the backend then sends one prompt each).
+    One echo request of three prompts answers both; asked once, without retries, since a server error here is an
+    answer. Where lists fail, echo is not tried alone: llama-cpp-python reads ``max_tokens`` 0 as "until the context
+    is full", which a probe must not pay for."""
+    from bbt_client.backends.openai_text import PROBE_BATCH
+
+    prompts = list(PROBE_BATCH)
+    try:
+        resp, array = await p.completions(b.echo_body(prompts, "echo"), retries=0)
+        if len(resp.choices) == len(prompts):
+            choices = sorted(resp.choices, key=lambda c: c.index)
+            return all(_echo_read(c, t) for c, t in zip(choices, prompts)), "array" if array else "list"
+    except (RequestRejected, ProtocolError):
+        pass  # echo refused, or lists refused: the plain list below tells which
+    except EndpointError as exc:
+        if exc.status != 500:
+            raise
+    try:
+        resp, array = await p.completions({"model": b.model, "prompt": prompts, "max_tokens": 1, "temperature": 0,
+                                           "logprobs": 1}, retries=0)
+        if len(resp.choices) == len(prompts):
+            return False, "array" if array else "list"
+    except (RequestRejected, ProtocolError):
+        pass
+    except EndpointError as exc:
+        if exc.status != 500:
+            raise
+    b.prompts_per_request = 1
+    return None, "one per request"
 
 
 async def _prompt_logprobs_work(b, p: _Prober) -> bool:
@@ -245,41 +283,19 @@ async def _prompt_logprobs_work(b, p: _Prober) -> bool:
     return bool(c and c.prompt_logprobs and len(c.prompt_logprobs) >= 2)
 
 
-async def _by_ids_work(b, p: _Prober, tid: int | None) -> bool | None:
-    """vLLM's ``logprob_token_ids`` returns the asked id (None: no token id to ask for)."""
+async def _by_ids_work(b, p: _Prober, ids: list[int] | None) -> bool | None:
+    """vLLM's ``logprob_token_ids`` returns every asked id: the label words' when they are single tokens
+    (None: no token id to ask for)."""
     from bbt_client.backends.openai_text import PROBE_TEXT
 
-    if tid is None:
+    if not ids:
         return None
     try:
-        resp, _ = await p.completions(b.by_ids_body([PROBE_TEXT], [tid]) | {"prompt": PROBE_TEXT})
+        resp, _ = await p.completions(b.by_ids_body([PROBE_TEXT], ids) | {"prompt": PROBE_TEXT})
     except (RequestRejected, ProtocolError):
         return False
     top = first_top_logprobs(resp, 1, "prompts")[0] or {}
-    return usable_logprob(top.get(f"token_id:{tid}"))
-
-
-async def _batching(b, p: _Prober) -> str:
-    """How the endpoint takes a list of prompts: ``list`` (one choice each), ``array`` (llama.cpp: a JSON array of
-    responses) or ``one per request`` (llama-cpp-python answers 500; the backend then sends one prompt each).
-    Asked once, without retries: a server error here is the answer."""
-    from bbt_client.backends.openai_text import PROBE_TEXT
-
-    try:
-        (resp, array) = await p.completions({"model": b.model, "prompt": [PROBE_TEXT, PROBE_TEXT + " the"],
-                                             "max_tokens": 1, "temperature": 0, "logprobs": 1}, retries=0)
-    except (RequestRejected, ProtocolError):
-        b.prompts_per_request = 1
-        return "one per request"
-    except EndpointError as exc:
-        if exc.status != 500:
-            raise
-        b.prompts_per_request = 1
-        return "one per request"
-    if len(resp.choices) != 2:
-        b.prompts_per_request = 1
-        return "one per request"
-    return "array" if array else "list"
+    return all(usable_logprob(top.get(f"token_id:{i}")) for i in ids)
 
 
 async def _choose_openai(b: "OpenAITextBackend", r: dict, words: Sequence[str]) -> None:
@@ -318,7 +334,9 @@ async def _choose_openai(b: "OpenAITextBackend", r: dict, words: Sequence[str]) 
 
 
 async def probe_vllm(b: "VLLMBackend", counted: Counted, words: list[str]) -> dict:
-    """Probe a vLLM server for the ``vllm`` (prompt_embeds) backend and apply the strategy chosen for ``words``."""
+    """Probe a vLLM server for the ``vllm`` (prompt_embeds) backend and apply the strategy chosen for ``words``:
+    prompt embeddings accepted at all, the logprobs cap (asked with a text prompt: the cap is the server's, the
+    same for both), ``logprob_token_ids`` on embeddings, and whether ``allowed_token_ids`` shows in logprobs."""
     from bbt_client.backends.causal_template import label_text
     from bbt_client.backends.openai_text import PROBE_TEXT, PROBE_WORDS
     from bbt_client.backends.vllm import encode_prompt_embeds
@@ -330,17 +348,17 @@ async def probe_vllm(b: "VLLMBackend", counted: Counted, words: list[str]) -> di
     tk = b.emb.tokenizer
     ids = ([tk.bos_id] if b.add_bos else []) + tk.encode(PROBE_TEXT)
     seq = encode_prompt_embeds(b.emb.embed(ids), b.embeds_dtype)
-    base = {"prompt_embeds": [seq], "max_tokens": 1, "temperature": 0.0, "return_tokens_as_token_ids": True}
-    if b.model is not None:
-        base["model"] = b.model
+    named = {"model": b.model} if b.model is not None else {}
+    base = named | {"prompt_embeds": [seq], "max_tokens": 1, "temperature": 0.0, "return_tokens_as_token_ids": True}
     try:
-        resp, _ = await p.completions(base | {"logprobs": 1})
-        r["prompt_embeds"] = True
+        resp, _ = await p.completions(base | {"logprobs": 5})
         first_top_logprobs(resp, 1, "prompt embeddings")
+        r["prompt_embeds"] = True
     except RequestRejected as exc:
         r.update(prompt_embeds=False, prompt_embeds_refused=_refusal(exc), scoring=None, calls=p.calls)
         return r
-    _, cap, _ = await _capped(lambda k: p.completions(base | {"logprobs": k}))
+    _, cap, _ = await _capped(lambda k: p.completions(named | {"prompt": PROBE_TEXT, "max_tokens": 1,
+                                                                "temperature": 0, "logprobs": k}))
     r["logprobs_cap"] = cap if cap is not None else ">=21"
     if cap is not None:
         b.max_logprobs = cap
@@ -350,7 +368,7 @@ async def probe_vllm(b: "VLLMBackend", counted: Counted, words: list[str]) -> di
         t = tk.encode(label_text(w))
         if len(t) == 1:
             label_ids.append(t[0])
-    label_ids = list(dict.fromkeys(label_ids))[:2] or [ids[-1]]
+    label_ids = list(dict.fromkeys(label_ids)) or [ids[-1]]
     try:
         resp, _ = await p.completions(base | {"logprobs": 1, "logprob_token_ids": label_ids})
         top = first_top_logprobs(resp, 1, "prompt embeddings")[0] or {}
@@ -358,9 +376,9 @@ async def probe_vllm(b: "VLLMBackend", counted: Counted, words: list[str]) -> di
     except RequestRejected as exc:
         r.update(logprob_token_ids=False, logprob_token_ids_refused=_refusal(exc))
     r["restricted_in_logprobs"] = None
-    if len(label_ids) == 2:
+    if 2 <= len(label_ids) <= b.max_logprobs:
         try:
-            resp, _ = await p.completions(base | {"logprobs": 2, "allowed_token_ids": label_ids})
+            resp, _ = await p.completions(base | {"logprobs": len(label_ids), "allowed_token_ids": label_ids})
             top = first_top_logprobs(resp, 1, "prompt embeddings")[0] or {}
             vals = [top.get(f"token_id:{i}") for i in label_ids]
             r["restricted_in_logprobs"] = (all(usable_logprob(v) for v in vals)
