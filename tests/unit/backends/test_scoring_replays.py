@@ -178,3 +178,17 @@ async def test_allowed_token_ids_on_a_default_vllm_floors_all_labels_but_the_sam
     b = embeds_backend(model_dir, scoring="allowed_token_ids", model=SERVED)
     res = await b.score(ScoreJob("{text} It was {mask}", ["fun"], LABELS, PromptBatch.zero_shot()))
     assert res.floored_scores == 3 and b.scoring(4).exact is False
+
+
+@respx.mock
+def test_bbt_probe_prints_what_the_endpoint_can_do_and_the_strategy(capsys):
+    from bbt_client.cli.commands import main
+
+    serve(vllm())
+    assert main(["probe", "--endpoint", URL, "--backend", "openai", "--backend-opt", f"model={SERVED}",
+                 "--label-words", "good,bad,happy"]) == 0
+    rows = {line[:30].strip(): line[30:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["logprobs cap"] == "20" and rows["logit_bias shown in logprobs"] == "no"
+    assert rows["echo"] == rows["prompt_logprobs"] == rows["logprob_token_ids"] == "yes"
+    assert rows["/tokenize"] == "reads 'prompt'" and rows["prompt lists"] == "list"
+    assert rows["strategy"].startswith("logprob_token_ids (exact)") and rows["probe calls"].startswith("6 ")
