@@ -357,9 +357,11 @@ async def probe_vllm(b: "VLLMBackend", counted: Counted, words: list[str]) -> di
     except RequestRejected as exc:
         r.update(prompt_embeds=False, prompt_embeds_refused=_refusal(exc), scoring=None, calls=p.calls)
         return r
-    _, cap, _ = await _capped(lambda k: p.completions(named | {"prompt": PROBE_TEXT, "max_tokens": 1,
-                                                                "temperature": 0, "logprobs": k}))
-    r["logprobs_cap"] = cap if cap is not None else ">=21"
+    ans, cap, refused = await _capped(lambda k: p.completions(named | {"prompt": PROBE_TEXT, "max_tokens": 1,
+                                                                        "temperature": 0, "logprobs": k}))
+    r["logprobs_cap"] = cap if cap is not None else ">=21" if ans is not None else None
+    if refused:
+        r["logprobs_refused"] = refused
     if cap is not None:
         b.max_logprobs = cap
         b.top_logprobs = min(b.top_logprobs, cap)
