@@ -98,7 +98,7 @@ class TaskScorer:
             return self.state.scoring
         report = None
         if self.backend.scoring_option == "auto":
-            report = await self.backend.probe(lambda factory: self.metered.call("probe", factory), words)
+            report = await self.backend.probe(self._counted_probe, words)
             if report.get("model_served") is False:
                 raise ConfigError(f"the endpoint does not serve model {report.get('model')!r}; it serves "
                                   f"{report.get('models')} (set the backend option model)")
@@ -111,6 +111,16 @@ class TaskScorer:
         self.state.scoring = scoring
         log.info("label scoring: %s", self.scoring_line())
         return scoring
+
+    async def _counted_probe(self, factory):
+        """One probe request through the budget; what the endpoint metered is added to its own count too."""
+        async def tracked():
+            value, tokens = await factory()
+            self.state.endpoint_calls += 1
+            self.state.endpoint_tokens += int(tokens)
+            return value, tokens
+
+        return await self.metered.call("probe", tracked)
 
     def scoring_line(self) -> str:
         """One line for logs and progress: the strategy, whether exact, its cost."""
