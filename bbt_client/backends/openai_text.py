@@ -47,7 +47,6 @@ from bbt_client.backends.openai_wire import (  # noqa: F401 - Chat* models stay 
     ChatUsage,
     CompletionChoice,
     CompletionResponse,
-    ModelList,
     TokenizeAnswer,
     first_top_logprobs,
     label_logprobs,
@@ -58,7 +57,7 @@ from bbt_client.backends.openai_wire import (  # noqa: F401 - Chat* models stay 
     usage_tokens,
 )
 from bbt_client.backends.scoring import Scoring, describe
-from bbt_client.errors import ConfigError, EndpointError, ProtocolError, RequestRejected, UnsupportedError
+from bbt_client.errors import ConfigError, ProtocolError, RequestRejected, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens, join_text_prompt
 
 log = logging.getLogger("bbt_client.backends.openai")

@@ -54,7 +54,7 @@ from bbt_client.backends.openai_wire import (
     split_v1,
     usage_tokens,
 )
-from bbt_client.errors import ConfigError, ProtocolError, RequestRejected, UnsupportedError
+from bbt_client.errors import ConfigError, RequestRejected, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 
 EMBEDS_DTYPES = ("float32", "float16", "bfloat16")
