@@ -79,11 +79,14 @@ class TuneConfig(BaseModel):
     eval_every: int = Field(default=5, ge=1)
     evaluate_zero_shot: bool = True
     evaluate_test: bool = True
+    #: Tune even when under 90 % of the zero-shot label scores on the training texts are exact (the rest floors).
+    allow_floored_scores: bool = False
     out: Path | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the original (budgets and output may change)."""
-        d = self.model_dump(mode="json", exclude={"out", "budget"})
+        """The fields a resumed run must share with the original (budgets, output and the floored-scores override
+        may change)."""
+        d = self.model_dump(mode="json", exclude={"out", "budget", "allow_floored_scores"})
         d["endpoint"] = {"backend": self.endpoint.backend}
         return d
 

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
+from bbt_client.backends.scoring import Scoring, describe
 from bbt_client.protocol import ModelInfo, PromptBatch, PromptKind, TokenizeResponse  # noqa: F401 - re-exported
+
+#: Sends one counted probe request: takes a factory of the request (returning its value and the tokens the
+#: endpoint metered) and returns the value. Inside ``bbt tune`` it reserves and settles budget like a score.
+Counted = Callable[[Callable[[], Awaitable[tuple[Any, int]]]], Awaitable[Any]]
+
+
+async def uncounted(factory: Callable[[], Awaitable[tuple[Any, int]]]) -> Any:
+    """The :data:`Counted` of a probe outside a run: just send."""
+    return (await factory())[0]
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,18 @@ class ScoreJob:
 class ScoreResult:
     """``logits`` (C, N, K) float32, finite; ``tokens`` processed as the endpoint metered them (0: not reported);
     ``endpoint_calls``: the calls the endpoint says it served (protocol v1 ``usage.candidates``), None when it
-    does not say."""
+    does not say; ``floored_scores``: how many of the C·N·K label scores are a floor put below what the endpoint
+    returned rather than its own value (see :mod:`bbt_client.backends.scoring`)."""
 
     logits: np.ndarray
     tokens: int
     extra: dict = field(default_factory=dict)
     endpoint_calls: int | None = None
+    floored_scores: int = 0
+
+    @property
+    def label_scores(self) -> int:
+        return int(self.logits.size)
 
 
 class Backend(abc.ABC):
@@ -63,6 +79,22 @@ class Backend(abc.ABC):
 
         Must raise :class:`~bbt_client.errors.ProtocolError` rather than return NaN or wrongly shaped logits.
         """
+
+    #: ``"auto"``: the strategy is chosen by :meth:`probe` (``bbt tune`` probes before it starts).
+    scoring_option: str = "full-vocab"
+
+    def scoring(self, k: int) -> Scoring:
+        """How this backend reads ``k`` label words' scores now, and what it costs."""
+        return describe("full-vocab", k)
+
+    async def probe(self, counted: Counted = uncounted, label_words: Sequence[str] = ()) -> dict:
+        """What the endpoint can do, found by a few requests (each through ``counted``), and the strategy chosen
+        from it, applied to this backend. Backends with one way of scoring have nothing to probe."""
+        return {"backend": type(self).__name__, "scoring": self.scoring(len(label_words) or 2).as_dict()}
+
+    def apply_scoring(self, facts: dict) -> None:
+        """Reapply a strategy a probe chose (``Scoring.facts``), e.g. on resume, without probing again."""
+        return None
 
     async def layer_stats(self, *, template: str, texts: Sequence[str], text_pairs: Sequence[str] | None,
                           prompt_tokens: int, slot_token_ids: Sequence[int] | None) -> list[float]:

@@ -254,8 +254,10 @@ class HttpEndpoint:
         model: type[M] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        retries: int | None = None,
     ) -> M | Any:
         """Send one logical request with retries; returns ``model`` parsed from the JSON body (or the raw JSON).
+        ``retries`` overrides the policy's count (a probe that expects a server error asks once).
 
         Raises AuthenticationError, RateLimitError, RequestRejected, EndpointError (unreachable after retries)
         or ProtocolError (answer is not the promised JSON/model).
@@ -263,7 +265,7 @@ class HttpEndpoint:
         self.requests += 1
         hdrs = self._request_headers(headers)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.retry.max_retries + 1),
+            stop=stop_after_attempt((self.retry.max_retries if retries is None else retries) + 1),
             wait=self._wait,
             retry=retry_if_exception_type(_Transient),
             reraise=True,
@@ -275,7 +277,7 @@ class HttpEndpoint:
                     response = await self._attempt(method, path, json_body=json_body, content=content,
                                                    headers=hdrs, timeout=timeout)
         except _Transient as exc:
-            tries = self.retry.max_retries + 1
+            tries = (self.retry.max_retries if retries is None else retries) + 1
             if exc.status == 429:
                 raise RateLimitError(
                     f"{url} kept answering 429 (rate limited) through {tries} attempts: {exc.message}; "

@@ -7,12 +7,17 @@ tokenizer and input-embedding matrix E, see :mod:`bbt_client.backends.local_embe
 (seq_len, D) tensor (float32, float16 or bfloat16), on ``POST /v1/completions`` with ``max_tokens=1``.
 
 Label scores are the log-probabilities of each label word's (single) token as the next token, read from
-``logprobs`` with ``return_tokens_as_token_ids`` so tokens are matched by id, not by decoded text:
+``logprobs`` with ``return_tokens_as_token_ids`` so tokens are matched by id, not by decoded text, in one of
+three ways (``scoring`` option; ``auto``: the one ``bbt tune`` finds by :meth:`VLLMBackend.probe`, else
+``allowed_token_ids`` when ``restrict_labels`` and ``top-k`` when not):
 
-- ``restrict_labels=True`` (default) also sends vLLM's ``allowed_token_ids`` = the label tokens. When the
-  server runs with ``--logprobs-mode processed_logprobs`` the returned logprobs are then exactly the
-  label tokens' log-softmax over the label set: differences of their logits, which is all the loss needs.
-  With vLLM's default ``raw_logprobs`` the returned top-k come from the unrestricted distribution.
+- ``logprob_token_ids``: vLLM's ``logprob_token_ids`` = the label tokens returns exactly their raw full-vocabulary
+  log-probs, however many (not capped by ``--max-logprobs``). Exact.
+- ``allowed_token_ids``: vLLM's label restriction. When the server runs with ``--logprobs-mode
+  processed_logprobs`` the returned logprobs are exactly the label tokens' log-softmax over the label set
+  (differences of their logits, which is all the loss needs); with vLLM's default ``raw_logprobs`` the returned
+  top-k come from the unrestricted distribution and every label but the sampled one may be floored.
+- ``top-k``: no restriction; labels outside the returned top k are floored.
 - A label token missing from the returned top-k gets ``lowest returned logprob - missing_margin``: its true
   value is below the lowest one shown, so this is an approximation (counted in ``ScoreResult.extra``).
   vLLM reports a -inf log-probability as -9999.0; such a value is treated as missing too, never as a score.
@@ -36,22 +41,24 @@ import io
 from typing import Any, Sequence
 
 import numpy as np
-from bbt_client.backends.base import ScoreJob, ScoreResult
+from bbt_client.backends.base import Counted, ScoreJob, ScoreResult, uncounted
 from bbt_client.backends.causal_template import check_causal_template, label_text, prefix_before_mask
 from bbt_client.backends.http import HttpBackend, HttpEndpoint, RetryPolicy
 from bbt_client.backends.local_embeddings import LocalEmbeddings
+from bbt_client.backends.scoring import Scoring, describe
 from bbt_client.backends.openai_wire import (
     CompletionResponse,
     ModelList,
     first_top_logprobs,
+    label_logprobs,  # noqa: F401 - importable from here
     split_v1,
-    usable_logprob,
     usage_tokens,
 )
-from bbt_client.errors import ConfigError, ProtocolError, RequestRejected, UnsupportedError
+from bbt_client.errors import ConfigError, RequestRejected, UnsupportedError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 
 EMBEDS_DTYPES = ("float32", "float16", "bfloat16")
+SCORINGS = ("auto", "logprob_token_ids", "allowed_token_ids", "top-k")
 
 
 def encode_prompt_embeds(seq: np.ndarray, dtype: str = "float32") -> str:
@@ -65,28 +72,6 @@ def encode_prompt_embeds(seq: np.ndarray, dtype: str = "float32") -> str:
     buf = io.BytesIO()
     torch.save(t, buf)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def label_logprobs(top: dict[str, float] | None, label_ids: Sequence[int], margin: float) -> tuple[np.ndarray, int]:
-    """(K,) label log-probs from one ``top_logprobs`` dict keyed ``token_id:<id>``; missing ones get the floor."""
-    if not top:
-        raise ProtocolError("the endpoint returned no top_logprobs; is logprobs supported on this server?")
-    by_id: dict[int, float] = {}
-    for key, value in top.items():
-        if not key.startswith("token_id:"):
-            raise ProtocolError(f"top_logprobs key {key!r} is not 'token_id:<id>'; the server ignored "
-                                "return_tokens_as_token_ids (vLLM >= 0.9 supports it)")
-        by_id[int(key.split(":", 1)[1])] = float(value)
-    usable = [v for v in by_id.values() if usable_logprob(v)]  # vLLM's -9999.0 stands for -inf: not a score
-    floor = (min(usable) if usable else -100.0) - margin
-    out = np.empty(len(label_ids), dtype=np.float32)
-    missing = 0
-    for k, tid in enumerate(label_ids):
-        v = by_id.get(tid)
-        if not usable_logprob(v):
-            v, missing = floor, missing + 1
-        out[k] = v
-    return out, missing
 
 
 class VLLMBackend(HttpBackend):
@@ -107,6 +92,8 @@ class VLLMBackend(HttpBackend):
         max_retries: int = 5,
         retry: RetryPolicy | None = None,
         restrict_labels: bool = True,
+        scoring: str = "auto",
+        processed_logprobs: bool | None = None,
         top_logprobs: int = 20,
         max_logprobs: int = 20,
         missing_margin: float = 1.0,
@@ -124,6 +111,8 @@ class VLLMBackend(HttpBackend):
                 raise ConfigError("the vllm backend needs --embeddings-from DIR: the served model's Hugging Face "
                                   "folder (tokenizer + safetensors) so the client can embed text itself")
             embeddings = LocalEmbeddings(embeddings_from, embedding_key=embedding_key, tokenizer_from=tokenizer_from)
+        if scoring not in SCORINGS:
+            raise ConfigError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
         if embeds_dtype not in EMBEDS_DTYPES:
             raise ConfigError(f"embeds_dtype must be one of {', '.join(EMBEDS_DTYPES)}")
         if prompts_per_request < 1 or top_logprobs < 1 or max_logprobs < 1:
@@ -136,6 +125,11 @@ class VLLMBackend(HttpBackend):
         self.model: str | None = model
         self._model_known = model is not None
         self.restrict_labels = restrict_labels
+        self.scoring_option = scoring
+        #: The strategy in use; None: ``auto`` not yet probed (then ``restrict_labels`` decides).
+        self.strategy: str | None = None if scoring == "auto" else scoring
+        #: Whether the server's logprobs are taken after the label restriction (None: unknown).
+        self.processed_logprobs = processed_logprobs
         self.top_logprobs = int(top_logprobs)
         self.max_logprobs = int(max_logprobs)
         self.missing_margin = float(missing_margin)
@@ -199,12 +193,40 @@ class VLLMBackend(HttpBackend):
             ids.append(toks[0])
         if len(set(ids)) != len(ids):
             raise ConfigError(f"label words {list(words)} map to repeated tokens {ids}")
-        if len(ids) > self.max_logprobs:
+        if len(ids) > self.max_logprobs and self._current_strategy() != "logprob_token_ids":
             raise ConfigError(
                 f"{len(ids)} label words but the endpoint returns at most max_logprobs={self.max_logprobs} "
                 "log-probs per token, so some labels could never be scored; start vLLM with a larger "
-                "--max-logprobs and set the backend option max_logprobs to match, or use fewer label words")
+                "--max-logprobs and set the backend option max_logprobs to match, use fewer label words, or "
+                "scoring=logprob_token_ids where the server supports it (bbt probe tells)")
         return ids
+
+    # ------------------------------------------------------------------ strategy
+
+    def _current_strategy(self) -> str:
+        if self.strategy is not None:
+            return self.strategy
+        return "allowed_token_ids" if self.restrict_labels else "top-k"
+
+    def scoring(self, k: int) -> Scoring:
+        return describe(self._current_strategy(), k, processed=self.processed_logprobs, facts=self._facts())
+
+    def _facts(self) -> dict:
+        return {"strategy": self._current_strategy(), "max_logprobs": self.max_logprobs,
+                "top_logprobs": self.top_logprobs, "processed_logprobs": self.processed_logprobs}
+
+    def apply_scoring(self, facts: dict) -> None:
+        self.strategy = facts.get("strategy", self.strategy)
+        self.max_logprobs = int(facts.get("max_logprobs", self.max_logprobs))
+        self.top_logprobs = int(facts.get("top_logprobs", self.top_logprobs))
+        self.processed_logprobs = facts.get("processed_logprobs", self.processed_logprobs)
+
+    async def probe(self, counted: Counted = uncounted, label_words: Sequence[str] = ()) -> dict:
+        """What the server can do for prompt embeddings (accepted at all, logprobs cap, ``logprob_token_ids``,
+        whether ``allowed_token_ids`` shows in logprobs), and the strategy chosen from it, applied here."""
+        from bbt_client.backends.probe import probe_vllm
+
+        return await probe_vllm(self, counted, list(label_words))
 
     async def tokenize(self, words: Sequence[str] = (), texts: Sequence[str] = ()) -> TokenizeResponse:
         tok = self.emb.tokenizer
@@ -260,21 +282,26 @@ class VLLMBackend(HttpBackend):
         flat = np.concatenate([r[0] for r in results], axis=0)
         tokens = sum(r[1] for r in results)
         missing = sum(r[2] for r in results)
-        return ScoreResult(logits=flat.reshape(C, N, K), tokens=tokens,
-                           extra={"requests": len(chunks), "missing_label_logprobs": missing})
+        return ScoreResult(logits=flat.reshape(C, N, K), tokens=tokens, floored_scores=missing,
+                           extra={"requests": len(chunks), "missing_label_logprobs": missing,
+                                  "scoring": self._current_strategy()})
 
     def request_body(self, seqs: Sequence[np.ndarray], label_ids: Sequence[int]) -> dict[str, Any]:
+        strategy = self._current_strategy()
         body: dict[str, Any] = {
             "prompt_embeds": [encode_prompt_embeds(s, self.embeds_dtype) for s in seqs],
             "max_tokens": 1,
             "temperature": 0.0,
-            "logprobs": len(label_ids) if self.restrict_labels else max(self.top_logprobs, 1),
+            "logprobs": (1 if strategy == "logprob_token_ids" else len(label_ids) if strategy == "allowed_token_ids"
+                         else max(self.top_logprobs, 1)),
             "return_tokens_as_token_ids": True,
         }
         if self.model is not None:
             body = {"model": self.model, **body}
-        if self.restrict_labels:
+        if strategy == "allowed_token_ids":
             body["allowed_token_ids"] = list(label_ids)
+        elif strategy == "logprob_token_ids":
+            body["logprob_token_ids"] = list(label_ids)
         return body
 
     async def _complete(self, seqs: Sequence[np.ndarray], label_ids: Sequence[int]) -> tuple[np.ndarray, int, int]:

@@ -132,6 +132,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="method option, e.g. --opt prompt_tokens=10 --opt popsize=20 (repeatable)")
     t.add_argument("--preset", help="named settings under your flags: default, reference (the papers' code's "
                    "choices; see bbt_client/methods/presets.py)")
+    t.add_argument("--allow-floored-scores", action="store_true",
+                   help="tune even when under 90%% of the zero-shot label scores on the training texts are the "
+                        "endpoint's own values (see docs/scoring.md)")
     t.add_argument("--out", type=Path, help="run directory (result.json, prompt.npy, checkpoint)")
     t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     mode = t.add_mutually_exclusive_group()
@@ -160,6 +163,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--band", choices=["minmax", "std"], default="minmax", help="band over seeds")
     p.add_argument("--ceiling", type=float, help="draw a reference line at this accuracy (e.g. the white-box ceiling)")
     p.add_argument("--out", type=Path, help="PNG path (default RUN/curve.png, DIR/accuracy_vs_calls.png)")
+
+    pr = sub.add_parser("probe", help="what an endpoint can do for label scoring, and the strategy bbt tune will use")
+    pr.add_argument("--endpoint", required=True, help="endpoint base URL")
+    pr.add_argument("--backend", choices=["server", "vllm", "openai"], default="openai")
+    pr.add_argument("--api-key-env", default="BBT_API_KEY")
+    pr.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="backend option, as for bbt tune (e.g. model=NAME, embeddings_from=DIR)")
+    pr.add_argument("--label-words", help="the label words the strategy is chosen for (default: any single-token "
+                                          "words)")
+    pr.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     m = sub.add_parser("methods", help="list the methods, or one method's options with their defaults")
     m.add_argument("name", nargs="?", help="a method: print each option, its type, default and meaning")
@@ -206,6 +219,8 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
             endpoint[key] = getattr(args, flag)
     if args.backend_opt:
         endpoint["options"] = {**(endpoint.get("options") or {}), **dict(_parse_option(o) for o in args.backend_opt)}
+    if args.allow_floored_scores:
+        data["allow_floored_scores"] = True
     if "url" not in endpoint:
         raise ConfigError("--endpoint is required (e.g. --endpoint http://127.0.0.1:8080)")
     data["endpoint"] = endpoint
@@ -345,6 +360,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         for run, row in zip(args.run, rows):
             if row.get("prompt_text") is not None:
                 print(f"{run}: prompt_text {row['prompt_text']!r}")
+            if row.get("label_score_coverage") is not None or row.get("scoring"):
+                sc, cov = row.get("scoring") or {}, row.get("label_score_coverage")
+                print(f"{run}: label scores {sc.get('strategy', '?')}"
+                      f"{' (exact)' if sc.get('exact') else ''}, coverage "
+                      f"{'-' if cov is None else f'{cov:.4f}'} (exact / all label scores)")
             if row.get("zero_shot_calibrated_test_accuracy") is not None:
                 print(f"{run}: zero-shot test accuracy with content-free calibration "
                       f"{row['zero_shot_calibrated_test_accuracy']:.4f}")
@@ -410,6 +430,57 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from bbt_client.backends import make_backend
+
+    words = [w for w in (args.label_words or "").split(",") if w.strip()]
+    opts = dict(_parse_option(o) for o in args.backend_opt)
+    backend = make_backend(args.backend, args.endpoint, api_key_env=args.api_key_env, **opts)
+
+    async def run() -> dict:
+        async with backend:
+            return await backend.probe(label_words=[w.strip() for w in words])
+
+    report = asyncio.run(run())
+    print(json.dumps(report, indent=2) if args.json else format_probe(report))
+    return 0
+
+
+def format_probe(r: dict[str, Any]) -> str:
+    """A probe report as aligned lines, one per fact, the strategy last."""
+    def yes(v: Any) -> str:
+        return "-" if v is None else "yes" if v is True else "no" if v is False else str(v)
+
+    rows = [("endpoint", r.get("endpoint")), ("backend", r.get("backend"))]
+    if "models" in r:
+        served = r.get("model_served")
+        rows.append(("served models", f"{r['models']}" + ("" if served is None else
+                                                           f" (model {r.get('model')!r} {'served' if served else 'NOT served'})")))
+    if "tokenize" in r:
+        t = r["tokenize"]
+        rows.append(("/tokenize", "no route" if not t.get("route") else
+                     f"reads {t['field']!r}" if t.get("field") else t.get("note", "unusable")))
+    rows.append(("logprobs cap", yes(r.get("logprobs_cap")) + (f" (refused: {r['logprobs_refused']})"
+                                                               if r.get("logprobs_refused") else "")))
+    for key, name in (("completions_shape", "completions shape"), ("batching", "prompt lists"),
+                      ("chat_only", "chat-only"), ("bias_in_logprobs", "logit_bias shown in logprobs"),
+                      ("restricted_in_logprobs", "allowed_token_ids shown in logprobs"), ("echo", "echo"),
+                      ("prompt_logprobs", "prompt_logprobs"), ("logprob_token_ids", "logprob_token_ids"),
+                      ("prompt_embeds", "prompt_embeds")):
+        if key in r:
+            rows.append((name, yes(r[key])))
+    sc = r.get("scoring")
+    if sc:
+        rows.append(("strategy", f"{sc['strategy']} ({'exact' if sc['exact'] else 'may floor labels'}"
+                                 f"{', told' if sc.get('told') else ''}): {sc['cost']}"))
+    else:
+        rows.append(("strategy", "none: the endpoint cannot score labels as configured (see above)"))
+    if "calls" in r:
+        rows.append(("probe calls", f"{r['calls']} (counted in the run's budget when bbt tune probes)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from bbt_client.methods.registry import describe_options, known_methods, tuner_class
 
@@ -432,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"tune": _cmd_tune, "evaluate": _cmd_evaluate, "report": _cmd_report, "plot": _cmd_plot,
-                "sweep": _cmd_sweep, "methods": _cmd_methods}
+                "sweep": _cmd_sweep, "methods": _cmd_methods, "probe": _cmd_probe}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

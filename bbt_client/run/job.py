@@ -78,6 +78,13 @@ class _State:
     verbalizer: tuple[tuple[str, ...], ...] | None = None
     #: ``calibrate="auto"``: whether the run calibrates, chosen on dev before generation 1 (None: not yet).
     calibrated: bool | None = None
+    #: How label scores are read (``bbt_client.backends.scoring``), chosen before the first score, fixed for the run.
+    scoring: dict | None = None
+    #: Label scores read over the run, and how many of them were floors (see ``TaskScorer.label_score_coverage``).
+    label_scores: int = 0
+    floored_label_scores: int = 0
+    #: Coverage of the bare template on the training texts, measured once before tuning (floor-prone strategies).
+    zero_shot_train_coverage: float | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
@@ -207,12 +214,14 @@ class TuningJob:
 
         scorer = TaskScorer(backend, budget, ledger, elapsed, data, cfg.loss, st)
         ctx = _RunLoop(self, scorer, budget, st, info, elapsed)
+        await scorer.resolve_scoring()
         if cfg.task.search_label_words and st.verbalizer is None:
             st.verbalizer = await scorer.search_verbalizer(cfg.task.search_label_words,
                                                            reserve_after=ctx.final_calls + 1)
         if st.verbalizer is not None:
             scorer.data = data = dataclasses.replace(
                 data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))
+        await scorer.check_coverage(cfg.allow_floored_scores, reserve_after=ctx.final_calls + 1)
         ctx.tuner = tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
         scorer.calibrate_option = getattr(getattr(tuner, "config", None), "calibrate", False)
         if saved is not None:
@@ -271,7 +280,7 @@ class _RunLoop:
     async def loop(self) -> str:
         """Run generations until a cap stops the job; returns the stop reason."""
         cfg, st = self.cfg, self.st
-        self._progress("start")
+        self._progress("start", message=self.scorer.scoring_line())
         try:
             if st.generation == 0 and cfg.evaluate_zero_shot and st.zero_shot_test_accuracy is None:
                 await self._zero_shot()
@@ -407,6 +416,7 @@ class _RunLoop:
             verbalizer=[list(ws) for ws in st.verbalizer] if st.verbalizer is not None else None,
             lost_to_crashes=st.lost_to_crashes.model_dump(exclude={"wall_seconds"}),
             endpoint_reported={"calls": st.endpoint_calls, "tokens": st.endpoint_tokens},
+            label_score_coverage=self.scorer.label_score_coverage, scoring=st.scoring,
             config=cfg.model_dump(mode="json"),
         )
 

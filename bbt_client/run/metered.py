@@ -9,7 +9,7 @@ crashes: the reservation is in the ledger before the request leaves; an endpoint
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
 from bbt_client.run.budget import Budget, Reservation
@@ -52,6 +52,28 @@ class MeteredScorer:
             raise
         self._spend(r, rid, result.tokens if result.tokens else None)
         return result
+
+    async def call(self, label: str, factory: Callable[[], Awaitable[tuple[Any, int]]],
+                   tokens_estimate: int = 64) -> Any:
+        """One counted request other than a score (an endpoint probe): one call and ``tokens_estimate`` tokens
+        reserved and made durable first, settled at the tokens the endpoint metered; the same error rules."""
+        cap = self.budget.blocking_cap(1, tokens_estimate)
+        if cap is not None:
+            raise BudgetExhausted(cap, f"not enough {cap} budget left to probe the endpoint")
+        r: Reservation = self.budget.reserve(1, tokens_estimate)
+        rid = self.ledger.reserve(r, label) if self.ledger is not None else None
+        try:
+            value, tokens = await factory()
+        except Exception:
+            self.budget.release(r)
+            if rid is not None:
+                self.ledger.release(rid)
+            raise
+        except BaseException:
+            self._spend(r, rid)
+            raise
+        self._spend(r, rid, tokens if tokens else None)
+        return value
 
     async def _estimate(self, label: str, job: ScoreJob) -> int:
         """An upper bound on the job's tokens, for token and cost caps (0 when neither is set)."""

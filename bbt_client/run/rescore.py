@@ -55,6 +55,8 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
         pairs = None if pairs is None else calibration.with_content_free(pairs)
     owns = backend is None
     backend = backend or make_backend(cfg.endpoint)
+    if result.scoring:  # read the labels the way the run read them
+        backend.apply_scoring(result.scoring.get("facts") or {})
     try:
         job = ScoreJob(template=data.task.template, texts=texts, text_pairs=pairs, label_words=flat_words(sets),
                        prompts=prompt_batch(result.prompt_kind, prompt, make_config(cfg.method, cfg.method_options)))

@@ -80,6 +80,10 @@ class RunResult(BaseModel):
     lost_to_crashes: dict[str, float] = Field(default_factory=dict)
     #: What the endpoint reported serving (calls, tokens) beside the client's own count (*_used).
     endpoint_reported: dict[str, int] = Field(default_factory=dict)
+    #: Exact label scores / all label scores the run read (1.0: none was a floor; see docs/scoring.md).
+    label_score_coverage: float | None = None
+    #: How label scores were read: strategy, whether exact, cost per candidate, the facts it rests on.
+    scoring: dict[str, Any] | None = None
     config: dict[str, Any]
 
 

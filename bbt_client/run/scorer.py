@@ -12,7 +12,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bbt_client.backends.base import Backend, PromptBatch, ScoreJob
-from bbt_client.errors import ConfigError
+from bbt_client.backends.scoring import coverage
+from bbt_client.errors import ConfigError, UnsupportedError
 from bbt_client.run.budget import Budget
 from bbt_client.run.ledger import BudgetLedger
 from bbt_client.run.metered import MeteredScorer
@@ -28,7 +29,8 @@ class TaskScorer:
     """Scores prompts on ``data``'s splits (``"train"``, ``"dev"``, ``"test"``) under ``budget``.
 
     ``state`` is the run's checkpointed state: the scorer adds the endpoint's own counts of every call to its
-    ``endpoint_calls``/``endpoint_tokens`` and reads its ``calibrated`` choice (None until made on dev), which
+    ``endpoint_calls``/``endpoint_tokens``, every score's label scores and floored ones to its
+    ``label_scores``/``floored_label_scores``, and reads its ``calibrated`` choice (None until made on dev), which
     applies when the method's ``calibrate`` option (``calibrate_option``) is ``"auto"``.
     """
 
@@ -38,6 +40,8 @@ class TaskScorer:
         self.metered = MeteredScorer(backend, budget, ledger, elapsed)
         self.loss_fn = cross_entropy if loss == "ce" else hinge
         self.calibrate_option: bool | str = False
+        #: Coverage of the last score alone (see :attr:`label_score_coverage`).
+        self.last_coverage: float | None = None
 
     @property
     def calibrate(self) -> bool:
@@ -83,6 +87,69 @@ class TaskScorer:
         labels = getattr(self.data, split_name).labels
         return accuracy(logits, labels), self.loss_fn(logits, labels)
 
+    async def resolve_scoring(self) -> dict:
+        """How the run reads label scores (``state.scoring``): a resumed run's choice reapplied, else the backend's
+        told strategy, else (``scoring=auto``) the one a probe of the endpoint picks; probe requests that run the
+        model are counted in the budget. A model the endpoint does not serve, or prompt embeddings it refuses, stop
+        the run here, before any score."""
+        words = flat_words(self.data.task.word_sets)
+        if self.state.scoring is not None:
+            self.backend.apply_scoring(self.state.scoring.get("facts") or {})
+            return self.state.scoring
+        report = None
+        if self.backend.scoring_option == "auto":
+            report = await self.backend.probe(self._counted_probe, words)
+            if report.get("model_served") is False:
+                raise ConfigError(f"the endpoint does not serve model {report.get('model')!r}; it serves "
+                                  f"{report.get('models')} (set the backend option model)")
+            if report.get("prompt_embeds") is False:
+                raise UnsupportedError(f"the endpoint refused prompt embeddings ({report.get('prompt_embeds_refused')}"
+                                       "); start vLLM with --enable-prompt-embeds")
+        scoring = self.backend.scoring(len(words)).as_dict()
+        if report is not None:
+            scoring["probe"] = {k: v for k, v in report.items() if k != "scoring"}
+        self.state.scoring = scoring
+        log.info("label scoring: %s", self.scoring_line())
+        return scoring
+
+    async def _counted_probe(self, factory):
+        """One probe request through the budget; what the endpoint metered is added to its own count too."""
+        async def tracked():
+            value, tokens = await factory()
+            self.state.endpoint_calls += 1
+            self.state.endpoint_tokens += int(tokens)
+            return value, tokens
+
+        return await self.metered.call("probe", tracked)
+
+    def scoring_line(self) -> str:
+        """One line for logs and progress: the strategy, whether exact, its cost."""
+        sc = self.state.scoring
+        if not sc:
+            return ""
+        how = "exact" if sc["exact"] else "labels outside what the endpoint returns are floored"
+        return f"scoring {sc['strategy']} ({how}; {sc['cost']})"
+
+    async def check_coverage(self, allow_floored: bool, reserve_after: int, minimum: float = 0.9) -> float | None:
+        """With a strategy that may floor labels, score the bare template on the training texts once (counted) and
+        refuse to tune when under ``minimum`` of the label scores are the endpoint's own values, unless
+        ``allow_floored``. Exact strategies need no such call. Returns the coverage measured (None: not needed)."""
+        st = self.state
+        if (st.scoring or {}).get("exact", True) or st.zero_shot_train_coverage is not None:
+            return st.zero_shot_train_coverage
+        await self.score("train", PromptBatch.zero_shot(), reserve_after=reserve_after)
+        st.zero_shot_train_coverage = cov = self.last_coverage
+        if cov is not None and cov < minimum and not allow_floored:
+            k = (st.scoring.get("facts") or {}).get("top_logprobs")
+            raise ConfigError(
+                f"only {cov:.0%} of the zero-shot label scores on the training texts are the endpoint's own values "
+                f"(scoring {st.scoring['strategy']}); the rest are floors put below what it returned, so tuning "
+                "would optimise made-up numbers. Fixes: echo scoring (--backend-opt scoring=echo where the endpoint "
+                "supports echo or prompt_logprobs; bbt probe tells), fewer or other label words (ones the model "
+                f"ranks in its top {k or 'k'} next tokens), or an instruction in the template that lists the labels; "
+                "or --allow-floored-scores to tune anyway")
+        return cov
+
     async def search_verbalizer(self, per_class: int, reserve_after: int) -> tuple[tuple[str, ...], ...]:
         """Choose ``per_class`` label words per class from the training texts, spending one call (see
         :mod:`bbt_client.tasks.verbalizer`); candidates that are not one token for the endpoint are dropped first."""
@@ -111,4 +178,12 @@ class TaskScorer:
         result = await self.metered.score(split_name, job, reserve_after)
         self.state.endpoint_calls += result.endpoint_calls if result.endpoint_calls is not None else job.num_calls
         self.state.endpoint_tokens += int(result.tokens)
+        self.state.label_scores += result.label_scores
+        self.state.floored_label_scores += int(result.floored_scores)
+        self.last_coverage = coverage(result.label_scores, int(result.floored_scores))
         return result.logits
+
+    @property
+    def label_score_coverage(self) -> float | None:
+        """Exact label scores / all label scores over the run so far (None before any score)."""
+        return coverage(self.state.label_scores, self.state.floored_label_scores)

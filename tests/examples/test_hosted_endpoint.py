@@ -40,23 +40,27 @@ def model_dir(tmp_path_factory, default_model_dir):
 
 
 def fake_vllm(seen: list):
-    """Label logprobs = log-softmax over the allowed tokens of (mean input row) · W: they move with the prompt."""
-    W = np.random.default_rng(1).normal(size=(D, 2))
+    """Label logprobs = log-softmax over the asked tokens (``allowed_token_ids`` or ``logprob_token_ids``) of
+    (mean input row) · W: they move with the prompt. A text prompt (the probe asks the logprobs cap with one)
+    reads as a zero row; a request that names no ids gets two fixed ones."""
+    W = np.random.default_rng(1).normal(size=(D, 4))
 
     def handle(request):
         body = json.loads(request.content)
         seen.append((request.headers.get("authorization"), body))
-        ids = body["allowed_token_ids"]
+        ids = body.get("allowed_token_ids") or body.get("logprob_token_ids") or [1000, 1001]
         choices = []
-        for i, b64 in enumerate(body["prompt_embeds"]):
-            t = torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).float().numpy()
+        rows = body.get("prompt_embeds") or [None]
+        for i, b64 in enumerate(rows):
+            t = (np.zeros((1, D)) if b64 is None else
+                 torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).float().numpy())
             s = t.mean(axis=0) @ W[:, : len(ids)]
             lp = s - np.log(np.exp(s).sum())
             top = {f"token_id:{tid}": float(v) for tid, v in zip(ids, lp)}
             choices.append({"index": i, "text": "x", "finish_reason": "length",
                             "logprobs": {"tokens": ["x"], "token_logprobs": [max(top.values())],
                                          "top_logprobs": [top], "text_offset": [0]}})
-        n = len(body["prompt_embeds"])
+        n = len(rows)
         return httpx.Response(200, json={"id": "c", "object": "text_completion", "model": body["model"],
                                          "choices": choices, "usage": {"prompt_tokens": 10 * n,
                                                                        "completion_tokens": n,
@@ -120,6 +124,7 @@ def test_tunes_against_fake_vllm(example, model_dir, tmp_path, capsys, monkeypat
     seen: list = []
     with respx.mock as mock:
         mock.post(f"{URL}/v1/completions").mock(side_effect=fake_vllm(seen))
+        mock.get(f"{URL}/v1/models").respond(json={"object": "list", "data": [{"id": "tiny"}]})
         rc = run(monkeypatch, mod, ["--shots", "2", "--popsize", "4", "--budget-calls", "24", "--test-limit", "6",
                        "--out", str(tmp_path / "run")], env(model_dir))
     assert rc == 0, capsys.readouterr().err
@@ -130,10 +135,11 @@ def test_tunes_against_fake_vllm(example, model_dir, tmp_path, capsys, monkeypat
     shapes = set()
     for _, body in seen:
         assert body["max_tokens"] == 1 and body["model"] == "tiny"
-        for b64 in body["prompt_embeds"]:
+        for b64 in body.get("prompt_embeds", []):
             shapes.add(torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).shape[1])
     assert shapes == {D}
     assert "via vllm (tiny)" in capsys.readouterr().out
+    assert result.scoring["strategy"] == "logprob_token_ids" and result.label_score_coverage == 1.0
 
 
 @pytest.mark.slow
