@@ -3,8 +3,8 @@
     python benchmarks/tune_text_api.py           # AG News, 16-shot, seed 42, 400 calls per method (~40-50 min, 2 cores)
     python benchmarks/tune_text_api.py --quick   # smoke run: tiny budgets, a few minutes
 
-Starts ``python -m server_stub --model default --enable-prompt-embeds`` in a subprocess and talks to it only
-through its OpenAI/vLLM face, as to any hosted endpoint:
+Starts ``python -m server_stub --model default --enable-prompt-embeds --logprobs-mode processed_logprobs`` in a
+subprocess and talks to it only through its OpenAI/vLLM face, as to any hosted endpoint:
 
 - zero-shot, raw and with content-free calibration (one call on the test set, read both ways);
 - ``bdpl`` and ``cmaes-tokens`` through ``--backend openai`` (text prompts, ``/v1/completions`` logprobs,
@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.methods.split(",")) - set(RUNS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(RUNS)}")
-    extra = ["--enable-prompt-embeds"] + (["--threads", str(args.threads)] if args.threads else [])
+    # processed log-probs (OpenAI's): the openai backend reads its biased label words from them
+    extra = ["--enable-prompt-embeds", "--logprobs-mode", "processed_logprobs"]
+    extra += ["--threads", str(args.threads)] if args.threads else []
     t0 = time.perf_counter()
     with spawn_server("default", *extra) as url:
         report = asyncio.run(_run_all(args, url))
