@@ -166,3 +166,20 @@ def spawn_vllm(model: str | Path, *cli_args: str, served_name: str = "tiny-llama
                 proc.wait()
         if log_path:
             log.close()
+
+
+def vllm_counters(url: str) -> dict[str, float]:
+    """vLLM's own counts from its ``/metrics``: prompt and generated tokens, successful ``/v1/completions`` calls
+    (what a client's call and token counts are checked against)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for name, pattern in [("prompt_tokens", r"^vllm:prompt_tokens_total\{[^}]*\} (\S+)"),
+                          ("generation_tokens", r"^vllm:generation_tokens_total\{[^}]*\} (\S+)"),
+                          ("calls", r'^http_requests_total\{handler="/v1/completions",method="POST",status="2xx"\} (\S+)')]:
+        m = re.search(pattern, text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out

@@ -7,7 +7,6 @@ import base64
 import inspect
 import io
 import json
-import re
 
 import httpx
 import numpy as np
@@ -18,6 +17,7 @@ from bbt_client.backends import make_backend
 from bbt_client.backends.base import PromptBatch, ScoreJob
 from bbt_client.backends.vllm import VLLMBackend
 from bbt_client.cli.commands import main
+from server_stub.testing import vllm_counters
 from tests.vllm.conftest import SERVED
 
 pytestmark = pytest.mark.vllm
@@ -59,18 +59,6 @@ def same(ours, theirs, where: str = "") -> None:
 def answer(resp: dict) -> dict:
     return {"choices": resp["choices"], "usage": {k: resp["usage"][k] for k in
                                                   ("prompt_tokens", "completion_tokens", "total_tokens")}}
-
-
-def metrics(url: str) -> dict[str, float]:
-    """vLLM's counters this suite compares: prompt and generated tokens, successful /v1/completions calls."""
-    text = httpx.get(url + "/metrics", timeout=30).text
-    out = {}
-    for name, pattern in [("prompt_tokens", r'^vllm:prompt_tokens_total\{[^}]*\} (\S+)'),
-                          ("generation_tokens", r'^vllm:generation_tokens_total\{[^}]*\} (\S+)'),
-                          ("calls", r'^http_requests_total\{handler="/v1/completions",method="POST",status="2xx"\} (\S+)')]:
-        m = re.search(pattern, text, re.M)
-        out[name] = float(m.group(1)) if m else 0.0
-    return out
 
 
 def _save(t: torch.Tensor) -> str:
@@ -176,14 +164,14 @@ async def test_vllm_backend_covers_every_label_through_exact_scoring(vllm_url, s
 
 @pytest.mark.parametrize("method", ["bbt", "gdfo"])
 def test_vllm_backend_tunes_and_its_counts_are_vllms(vllm_url, llama_dir, tmp_path, method):
-    before = metrics(vllm_url)
+    before = vllm_counters(vllm_url)
     argv = ["tune", "--backend", "vllm", "--endpoint", vllm_url, "--backend-opt", f"embeddings_from={llama_dir}",
             "--backend-opt", f"model={SERVED}", "--backend-opt", "embeds_dtype=float32", "--task", "sst2",
             "--template", TEMPLATE, "--method", method, "--shots", "2", "--seed", "42", "--budget-calls", "6",
             "--test-limit", "8", "--eval-every", "1", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    after = metrics(vllm_url)
+    after = vllm_counters(vllm_url)
     delta = {k: after[k] - before[k] for k in after}
     assert 0 < result["api_calls_used"] <= 6
     assert result["api_calls_used"] == delta["calls"], (result, delta)
@@ -202,13 +190,13 @@ def test_openai_backend_tunes_text_prompts_through_echo_scoring(vllm_url, tmp_pa
     if option is None:
         pytest.skip("bbt_client's openai backend has no echo scoring yet: under vLLM's raw log-probs its logit_bias "
                     "label reading does not see the biased labels")
-    before = metrics(vllm_url)
+    before = vllm_counters(vllm_url)
     argv = ["tune", "--backend", "openai", "--endpoint", vllm_url, "--backend-opt", f"model={SERVED}",
             "--backend-opt", f"{option}=echo", "--task", "sst2", "--template", TEMPLATE, "--method", method,
             "--shots", "2", "--seed", "42", "--budget-calls", "6", "--test-limit", "8", "--opt", "popsize=4",
             "--opt", "prompt_tokens=2", "--opt", "vocab_size=10", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    delta = {k: v - before[k] for k, v in metrics(vllm_url).items()}
+    delta = {k: v - before[k] for k, v in vllm_counters(vllm_url).items()}
     assert result["api_calls_used"] == delta["calls"]
     assert result["tokens_used"] == delta["prompt_tokens"] + delta["generation_tokens"]
