@@ -168,14 +168,14 @@ def test_vllm_backend_tunes_and_its_counts_are_vllms(vllm_url, llama_dir, tmp_pa
     argv = ["tune", "--backend", "vllm", "--endpoint", vllm_url, "--backend-opt", f"embeddings_from={llama_dir}",
             "--backend-opt", f"model={SERVED}", "--backend-opt", "embeds_dtype=float32", "--task", "sst2",
             "--template", TEMPLATE, "--method", method, "--shots", "2", "--seed", "42", "--budget-calls", "6",
-            "--test-limit", "8", "--eval-every", "1", "--out", str(tmp_path / "run"), "--quiet"]
+            "--test-limit", "8", "--eval-every", "1", "--opt", "popsize=2", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     after = vllm_counters(vllm_url)
     delta = {k: after[k] - before[k] for k in after}
-    assert 0 < result["api_calls_used"] <= 6
-    assert result["api_calls_used"] == delta["calls"], (result, delta)
-    assert result["tokens_used"] == delta["prompt_tokens"] + delta["generation_tokens"], (result, delta)
+    assert result["tokens_used"] == delta["prompt_tokens"] + delta["generation_tokens"] > 0, (result, delta)
+    # the budget counts candidate evaluations; the backend packs several candidates into one HTTP request
+    assert 0 < delta["calls"] <= result["api_calls_used"] <= 6, (result, delta)
 
 
 def _openai_echo_option() -> str | None:
@@ -198,5 +198,5 @@ def test_openai_backend_tunes_text_prompts_through_echo_scoring(vllm_url, tmp_pa
     assert main(argv) == 0
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     delta = {k: v - before[k] for k, v in vllm_counters(vllm_url).items()}
-    assert result["api_calls_used"] == delta["calls"]
-    assert result["tokens_used"] == delta["prompt_tokens"] + delta["generation_tokens"]
+    assert result["tokens_used"] == delta["prompt_tokens"] + delta["generation_tokens"] > 0
+    assert 0 < delta["calls"] <= result["api_calls_used"] <= 6
