@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine:
 #   make tune   - start the local black-box server on the bundled model and tune AG News against it
 #   make test   - run the whole test suite (what CI runs)
+#   make test-vllm - install vLLM (CPU) into .venv-vllm once, then test this server and the vllm backend against it
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install tune test bench clean
+.PHONY: install tune test test-vllm bench clean
 
 # Quiet on purpose (-qq: pip's errors still print): a first `make tune` should show progress, not pip's chatter.
 $(STAMP): pyproject.toml
@@ -24,6 +25,11 @@ tune: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The tests build a tiny Llama folder, start vLLM on it (~30-45 s) and this server beside it (tests/vllm/).
+test-vllm: $(STAMP)
+	@tests/vllm/install.sh
+	$(BIN)/python -m pytest -q -m vllm tests/vllm
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/server_throughput.py

@@ -64,9 +64,12 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
                       help="accept vLLM's prompt_embeds on /v1/completions (as vLLM's flag of that name)")
     face.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                       help="most logprobs/top_logprobs a request may ask for (vLLM's default 20)")
-    face.add_argument("--logprobs-mode", default=d.logprobs_mode, choices=["processed_logprobs", "raw_logprobs"],
-                      help="processed (default, as OpenAI): after logit_bias/allowed_token_ids; raw: the model's own"
-                           " (vLLM's default)")
+    face.add_argument("--logprobs-mode", default=d.logprobs_mode, choices=["raw_logprobs", "processed_logprobs"],
+                      help="raw (default, as vLLM): the model's own log-probs whatever logit_bias says; processed (as "
+                           "OpenAI): after logit_bias/allowed_token_ids")
+    face.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                      help="Jinja chat template for /v1/chat/completions, a file or the text itself (default: the "
+                           "tokenizer's; without one, chat requests are refused as vLLM refuses them)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--exit-with-stdin", action="store_true",
                    help="stop as on SIGTERM when stdin reaches its end (for a parent process that holds the pipe)")
@@ -93,6 +96,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
         max_prompt_tokens=a.max_prompt_tokens, max_candidates=a.max_candidates, max_texts=a.max_texts,
         max_queue=a.max_queue, coalesce_requests=a.coalesce_requests, threads=a.threads, served_model_name=a.served_model_name,
         enable_prompt_embeds=a.enable_prompt_embeds, max_logprobs=a.max_logprobs, logprobs_mode=a.logprobs_mode,
+        chat_template=a.chat_template,
         before_job=FifoGate(a.test_gate) if a.test_gate else None,
     ), a
 

@@ -64,7 +64,10 @@ class ServerOptions:
     served_model_name: str | None = None
     enable_prompt_embeds: bool = False
     max_logprobs: int = 20
-    logprobs_mode: str = "processed_logprobs"
+    #: vLLM's default; "processed_logprobs" reports log-probs after logit_bias/allowed_token_ids, as OpenAI does.
+    logprobs_mode: str = "raw_logprobs"
+    #: Jinja chat template (text, or a file holding it) used instead of the tokenizer's (vLLM's --chat-template).
+    chat_template: str | None = None
     #: Test hook run on the model thread before each job (see :class:`server_stub.engine.worker.ModelWorker`).
     before_job: Callable[[], None] | None = None
 
@@ -76,6 +79,14 @@ def load_model(opts: ServerOptions) -> PromptedLM:
         path, name = Path(opts.model).expanduser(), None
     return PromptedLM(path, device=opts.device, dtype=opts.dtype, max_prompt_tokens=opts.max_prompt_tokens, name=name,
                       quantize=opts.quantize, int8_outliers=opts.int8_outliers)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """vLLM's rule: a path to a file holding the template, or the template itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path.read_text() if len(value) < 4096 and "{" not in value and path.is_file() else value
 
 
 async def serve(
@@ -109,7 +120,7 @@ async def serve(
     face = OpenAIFace(lm, worker, meter, FaceOptions(
         served_model_name=opts.served_model_name or lm.name, enable_prompt_embeds=opts.enable_prompt_embeds,
         max_logprobs=opts.max_logprobs, logprobs_mode=opts.logprobs_mode, max_prompts=opts.max_texts,
-        max_batch_tokens=max_batch_tokens))
+        max_batch_tokens=max_batch_tokens, chat_template=read_chat_template(opts.chat_template)))
     # One port, one API key: protocol v1's routes and the OpenAI face's, errors on the face's in OpenAI's shape.
     server = HttpServer({**v1.routes(), **face.routes()}, api_key=opts.api_key, public_paths=PUBLIC_PATHS,
                         limits=http_limits, error_format=face.error_format)

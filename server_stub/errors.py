@@ -20,13 +20,18 @@ class ServerError(Exception):
 
     status = 500
     code = "internal_error"
+    #: The request field at fault, where known (OpenAI's error ``param``).
+    param: str | None = None
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
         if status is not None:
             self.status = status
         if code is not None:
             self.code = code
+        if param is not None:
+            self.param = param
 
 
 class InvalidInput(ServerError):

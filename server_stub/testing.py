@@ -101,3 +101,85 @@ def spawn_server(model: str | Path = "default", *cli_args: str, startup_timeout:
         proc.stdin.close()
         proc.stdout.close()
 
+
+
+#: Where ``make test-vllm`` installs vLLM (CPU); ``BBT_VLLM_VENV`` points elsewhere.
+VLLM_VENV = Path(os.environ.get("BBT_VLLM_VENV", Path(__file__).resolve().parents[1] / ".venv-vllm"))
+
+
+def vllm_python() -> Path | None:
+    """The vLLM venv's interpreter, or None when vLLM is not installed there."""
+    py = VLLM_VENV / "bin" / "python"
+    return py if py.exists() and (VLLM_VENV / ".bbt-vllm-installed").exists() else None
+
+
+@contextmanager
+def spawn_vllm(model: str | Path, *cli_args: str, served_name: str = "tiny-llama", startup_timeout: float = 300.0,
+               log_path: Path | None = None) -> Iterator[str]:
+    """Run a real vLLM (CPU) OpenAI server on ``model`` with ``--enable-prompt-embeds``; yield its URL.
+
+    Its own process group (API server, engine core and worker): SIGTERM to the group on exit. A 1 GiB KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``): vLLM's CPU default sizes it to most of the machine's memory.
+    """
+    import socket
+    import time
+    import urllib.request
+
+    py = vllm_python()
+    if py is None:
+        raise FileNotFoundError(f"no vLLM in {VLLM_VENV}: run `make test-vllm` (or tests/vllm/install.sh)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env.pop("PYTHONPATH", None)  # vLLM's venv, not this one's packages
+    cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+           served_name, "--enable-prompt-embeds", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+           *cli_args]
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with code {proc.returncode} while starting; log: {log_path}")
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM did not answer within {startup_timeout} s; log: {log_path}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if log_path:
+            log.close()
+
+
+def vllm_counters(url: str) -> dict[str, float]:
+    """vLLM's own counts from its ``/metrics``: prompt and generated tokens, successful ``/v1/completions`` calls
+    (what a client's call and token counts are checked against)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for name, pattern in [("prompt_tokens", r"^vllm:prompt_tokens_total\{[^}]*\} (\S+)"),
+                          ("generation_tokens", r"^vllm:generation_tokens_total\{[^}]*\} (\S+)"),
+                          ("calls", r'^http_requests_total\{handler="/v1/completions",method="POST",status="2xx"\} (\S+)')]:
+        m = re.search(pattern, text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out

@@ -3,6 +3,8 @@
 - ``default_model_dir``: the bundled all-MiniLM-L6-v2 (BertModel, no MLM head; the server ties one).
 - ``tiny_bert_dir`` / ``tiny_gpt2_dir``: randomly initialised 2-layer models built here, offline, in a
   temp dir (BERT reuses MiniLM's WordPiece vocab; GPT-2 gets a small byte-level BPE trained on the spot).
+- ``tiny_llama_dir``: a randomly initialised 2-layer Llama on MiniLM's WordPiece vocab (BOS = [CLS], no trailing
+  [SEP]; :mod:`tests.vllm.tiny_llama`), the causal kind vLLM serves.
 - ``live_server`` / ``tiny_server``: base URL of a real server (127.0.0.1, free port) on those models.
 """
 
@@ -71,10 +73,20 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
+    from tests.vllm.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir, hidden_size=32, layers=2,
+                            heads=2, intermediate_size=64, max_positions=128)
+
+
+@pytest.fixture(scope="session")
 def live_server(default_model_dir):
+    """OpenAI-like log-probs (after logit_bias): the openai backend's label bias, which tests drive through this
+    server, needs them; vLLM's raw default would hide the biased labels."""
     from server_stub.testing import run_server
 
-    with run_server("default") as url:
+    with run_server("default", logprobs_mode="processed_logprobs") as url:
         yield url
 
 

@@ -2,7 +2,7 @@
 
 Requests are lenient about keys (``extra="allow"``): OpenAI clients send many knobs (``temperature``,
 ``top_p``, ``seed``, ``user`` ...) that a greedy one-token scorer has no use for; like vLLM, unknown keys are
-ignored. Keys whose meaning the face cannot honour (``stream``, ``echo``, ``n`` > 1, ``max_tokens`` > 1) are
+ignored. Keys whose meaning the face cannot honour (``stream``, ``n`` > 1, ``max_tokens`` > 1) are
 refused by :mod:`server_stub.http.routes_openai` with a 400 instead. Responses follow OpenAI's shapes, which the
 official ``openai`` SDK validates.
 """
@@ -20,11 +20,15 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     model: str | None = None
-    prompt: str | list[str] | None = None
+    #: Text, texts, token ids, or lists of token ids (OpenAI's four prompt forms).
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
     #: vLLM extra: base64 of ``torch.save`` of a (seq_len, D) tensor, or a list of them.
     prompt_embeds: str | list[str] | None = None
     max_tokens: int | None = None
     logprobs: int | None = None
+    #: vLLM extras: top-N log-probs at every prompt token; exact tokens' log-probs at the generated one.
+    prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
     echo: bool | None = False
     n: int | None = 1
@@ -44,6 +48,9 @@ class ChatMessage(_Request):
 class ChatRequest(_Request):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    #: vLLM extras: a per-request template (refused, as vLLM does without --trust-request-chat-template).
+    chat_template: str | None = None
+    add_generation_prompt: bool | None = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -76,10 +83,21 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    """Echoed prompt tokens first (the first one's entries null, as vLLM), then the generated token.
+    ``text_offset``: cumulative lengths of the token strings, as vLLM counts them."""
+
     text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's ``prompt_logprobs`` entry for one token id."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -87,6 +105,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["length", "stop"] = "length"
+    stop_reason: None = None
+    #: vLLM extra: per prompt token ``{"<id>": PromptLogprob}`` (the actual token and the top-N), first null.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class Completion(BaseModel):
