@@ -1,8 +1,9 @@
 """The ``bbt`` command: argument parsing, progress display and exit codes — nothing else.
 
-Exit codes: 0 done, 2 bad configuration or input, 3 endpoint failure, 4 run directory problem,
-130 interrupted (the last finished generation is checkpointed: continue with ``bbt tune --resume DIR``, or
-re-run the same ``bbt sweep``); ``bbt sweep`` exits 1 when some job failed (listed in its summary).
+Exit codes (docs/cli.md): 0 done, 2 bad configuration or input, 3 endpoint failure, 4 run directory problem
+(missing, unwritable, or already holding another run), 130 interrupted (the last finished generation is
+checkpointed: continue with ``bbt tune --resume DIR``, or re-run the same ``bbt sweep``); ``bbt sweep`` exits 1
+when some job failed (listed in its summary).
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bbt_client.run import checkpoint as ckpt
-from bbt_client.config import TuneConfig, parse_config
+from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig, parse_config
 from bbt_client.errors import BBTError, CheckpointError, ConfigError, EndpointError
 from bbt_client.run.job import Progress, TuningJob, evaluate_run
+from bbt_client.run.results import CONFIG_FILE
 from bbt_client.cli.plot import RUN_METRICS
 
-CONFIG_FILE = "config.json"
 log = logging.getLogger("bbt_client.cli.commands")
 
 
@@ -36,6 +36,14 @@ class ProgressDisplay:
         self.mode, self.stream = mode, stream
         self.tty = stream.isatty()
         self._last = 0.0
+        self._open_line = False  # a terminal line written without its newline yet
+
+    def close(self) -> None:
+        """End a refreshing line, so that what is printed next starts on a line of its own."""
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = False
 
     def __call__(self, p: Progress) -> None:
         if self.mode == "json":
@@ -55,6 +63,7 @@ class ProgressDisplay:
             self._last = now
             self.stream.write("\r\x1b[2K" + line + ("\n" if p.event == "end" else ""))
             self.stream.flush()
+            self._open_line = p.event != "end"
         elif p.event in ("start", "eval", "end"):
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -97,6 +106,12 @@ def _parse_label_words(text: str) -> list[str] | dict[str, str]:
     return {k.strip(): v.strip() for k, v in (w.split("=", 1) for w in items)}
 
 
+def _default(model: type, name: str) -> Any:
+    """A config field's default, so ``--help`` shows what a flag left out means without restating it here."""
+    field = model.model_fields[name]
+    return field.default_factory() if field.default_factory is not None else field.default
+
+
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bbt", description="Black-box prompt tuning against a model you can only query.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,38 +119,51 @@ def _build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune a prompt (or --resume a run)")
     t.add_argument("--config", type=Path, help="JSON file with a full TuneConfig; flags override it")
-    t.add_argument("--endpoint", help="endpoint base URL, e.g. http://127.0.0.1:8080")
-    t.add_argument("--backend", choices=["server", "vllm", "openai"])
-    t.add_argument("--api-key-env", help="environment variable holding the API key (default BBT_API_KEY)")
+    t.add_argument("--endpoint", help="endpoint base URL, e.g. http://127.0.0.1:8080 (required)")
+    t.add_argument("--backend", choices=["server", "vllm", "openai"],
+                   help=f"endpoint kind (default: {_default(EndpointConfig, 'backend')})")
+    t.add_argument("--api-key-env", help="environment variable holding the API key "
+                   f"(default: {_default(EndpointConfig, 'api_key_env')})")
     t.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. --backend-opt embeddings_from=/models/llama --backend-opt "
                         "model=meta-llama/Llama-3.2-1B for vllm (repeatable; see docs/backends.md)")
-    t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples")
-    t.add_argument("--test-file", type=Path, help="test examples for a task file")
+    t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples with "
+                   f"text and label columns (default: {_default(TaskConfig, 'name')})")
+    t.add_argument("--test-file", type=Path, help="test examples for a task file (default: the file's examples not "
+                   "drawn for train and dev)")
     t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
-    t.add_argument("--label-words", help='label words in class order ("bad,great"), or per label value '
-                   '("negative=bad,positive=great")')
-    t.add_argument("--method", choices=["bbt", "bbtv2", "gdfo", "bdpl", "cmaes-tokens"])
-    t.add_argument("--shots", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--budget-calls", type=int)
-    t.add_argument("--budget-tokens", type=int)
-    t.add_argument("--budget-cost", type=float)
-    t.add_argument("--price-per-1k-tokens", type=float)
-    t.add_argument("--budget-seconds", type=float)
-    t.add_argument("--eval-every", type=int, help="dev evaluation every N generations")
-    t.add_argument("--test-limit", type=int, help="evaluate on at most N test examples")
+    t.add_argument("--label-words", help='a word per label value ("negative=bad,positive=great"), or, for labels '
+                   '0,1,...,K-1, one word per class in that order ("bad,great"); each must be one token for the '
+                   "endpoint (default: the built-in task's)")
+    t.add_argument("--method", choices=["bbt", "bbtv2", "gdfo", "bdpl", "cmaes-tokens"],
+                   help=f"tuning method; bbt methods lists them (default: {_default(TuneConfig, 'method')})")
+    t.add_argument("--shots", type=int, help="training examples per class, and as many dev examples "
+                   f"(default: {_default(TaskConfig, 'shots')})")
+    t.add_argument("--seed", type=int, help="seed of the few-shot sample and the search "
+                   f"(default: {_default(TuneConfig, 'seed')})")
+    t.add_argument("--budget-calls", type=int, help="API calls at most (one per candidate prompt scored; default: "
+                   f"{_default(TuneConfig, 'budget').calls})")
+    t.add_argument("--budget-tokens", type=int, help="tokens at most (default: no cap)")
+    t.add_argument("--budget-cost", type=float, help="cost at most, with --price-per-1k-tokens (default: no cap)")
+    t.add_argument("--price-per-1k-tokens", type=float, help="price for --budget-cost (default: none)")
+    t.add_argument("--budget-seconds", type=float, help="wall time at most (default: no cap)")
+    t.add_argument("--eval-every", type=int, help="dev evaluation every N generations "
+                   f"(default: {_default(TuneConfig, 'eval_every')})")
+    t.add_argument("--test-limit", type=int, help="evaluate on at most N test examples (default: all)")
     t.add_argument("--search-label-words", type=int, metavar="M",
-                   help="before tuning, choose M label words per class from the training texts (one API call)")
-    t.add_argument("--loss", choices=["ce", "hinge"])
+                   help="before tuning, choose M label words per class from the training texts (one API call; "
+                        "default: 0, score --label-words as given)")
+    t.add_argument("--loss", choices=["ce", "hinge"], help="training loss, cross-entropy or hinge "
+                   f"(default: {_default(TuneConfig, 'loss')})")
     t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt prompt_tokens=10 --opt popsize=20 (repeatable)")
     t.add_argument("--preset", help="named settings under your flags: default, reference (the papers' code's "
-                   "choices; see bbt_client/methods/presets.py)")
+                   "choices; see bbt_client/methods/presets.py; default: none)")
     t.add_argument("--allow-floored-scores", action="store_true",
                    help="tune even when under 90%% of the zero-shot label scores on the training texts are the "
                         "endpoint's own values (see docs/scoring.md)")
-    t.add_argument("--out", type=Path, help="run directory (result.json, prompt.npy, checkpoint)")
+    t.add_argument("--out", type=Path, help="run directory (result.json, prompt.npy, checkpoint; default: a new "
+                   "runs/TASK-METHOD-SEED-TIME)")
     t.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true", help="print only the final result")
@@ -205,8 +233,10 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
     data: dict[str, Any] = {}
     if args.resume is not None:
         path = args.resume / CONFIG_FILE
+        if not args.resume.is_dir():
+            raise CheckpointError(f"run directory {args.resume} does not exist: nothing to resume")
         if not path.exists():
-            raise CheckpointError(f"{args.resume} has no {CONFIG_FILE}: is it a bbt run directory?")
+            raise CheckpointError(f"{args.resume} holds no bbt run (no {CONFIG_FILE}); start one with --out instead")
         data = json.loads(path.read_text())
     elif args.config is not None:
         try:
@@ -289,37 +319,58 @@ def _csv(text: str, kind: type = str) -> list:
 # ---------------------------------------------------------------- commands
 
 
+def _fresh_run_dir(cfg: TuneConfig) -> Path:
+    """``runs/TASK-METHOD-SEED-TIME`` (TIME to the second, then -2, -3 ... if taken): a run always has a
+    directory that ``bbt report``, ``plot`` and ``tune --resume`` can name."""
+    task = Path(cfg.task.file).stem if cfg.task.file is not None else cfg.task.name
+    base = Path("runs") / f"{task}-{cfg.method}-{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
+    if cfg.out is None:
+        cfg = cfg.model_copy(update={"out": _fresh_run_dir(cfg)})
+        print(f"run directory: {cfg.out} (no --out given)", file=sys.stderr, flush=True)
+    args.run_dir = cfg.out  # for the interrupt and endpoint-failure hints
     mode = "json" if args.json else "quiet" if args.quiet else "human"
-    progress = display = ProgressDisplay(mode)
-    if cfg.out is not None:
-        ckpt.ensure_writable_dir(cfg.out)
-        save = lambda: ckpt.atomic_write_json(cfg.out / CONFIG_FILE, cfg.model_dump(mode="json"))  # noqa: E731
-        if args.resume is None:
-            ckpt.refuse_existing_run(cfg.out)
-            save()
-        else:  # new budgets and --opt pins are saved once the job has accepted them (its start event): a pin the
-            # run's state refuses must not stay in config.json, where no later --opt could take it back
-            def progress(p) -> None:
-                if p.event == "start":
-                    save()
-                display(p)
-    job = TuningJob(cfg, progress=progress)
-    result = asyncio.run(job.run(resume=args.resume is not None))
+    display = ProgressDisplay(mode)
+    job = TuningJob(cfg, progress=display)
+    try:
+        result = asyncio.run(job.run(resume=args.resume is not None))
+    finally:
+        display.close()
     summary = result.model_dump(mode="json", exclude={"config"})
     if mode == "json":
         print(json.dumps({"event": "result", **summary}), flush=True)
-    else:
-        print(_format_table([summary]))
-        if summary.get("prompt_text"):
-            print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
-        elif summary.get("prompt_text") is not None:
-            print("\nprompt_text '': no tuned prompt beat the bare template on dev; send the template as it is")
-        if cfg.out is not None:
-            print(f"\nwrote {cfg.out}/result.json" + ("" if summary.get("prompt_text") is not None
-                                                     else f" and {cfg.out}/prompt.npy"))
+        return 0
+    print(_format_table([{"run": str(cfg.out), **summary}]))
+    for line in _calls_note(summary):
+        print(line)
+    if summary.get("prompt_text"):
+        print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
+    elif summary.get("prompt_text") is not None:
+        print("\nprompt_text '': no tuned prompt beat the bare template on dev; send the template as it is")
+    written = [f for f in ("result.json", "prompt.npy") if (cfg.out / f).exists()]
+    print(f"\nwrote {' and '.join(f'{cfg.out}/{f}' for f in written)}")
     return 0
+
+
+def _calls_note(row: dict[str, Any]) -> list[str]:
+    """How many calls a generation costs, and what a call budget left unused: why a run ran so few generations."""
+    per = row.get("calls_per_generation")
+    if not per:
+        return []
+    note = f"one generation costs {per} calls"
+    budget = row.get("budget_calls")
+    left = (budget or 0) - row["api_calls_used"]
+    if row.get("stop_reason") == "calls" and left > 0:
+        note += f"; {left} of the {budget} calls were left, too few for another"
+    return [note]
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -336,17 +387,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COLUMNS = ["method", "task", "seed", "zero_shot_test_accuracy", "best_dev_accuracy", "test_accuracy",
-            "api_calls_used", "tokens_used", "wall_seconds", "stop_reason"]
+#: Column -> format of its numbers: one format per column, whatever the value.
+_COLUMNS = {"run": "{}", "method": "{}", "task": "{}", "seed": "{}", "zero_shot_test_accuracy": "{:.4f}",
+            "zero_shot_calibrated_test_accuracy": "{:.4f}", "best_dev_accuracy": "{:.4f}",
+            "test_accuracy": "{:.4f}", "api_calls_used": "{}", "tokens_used": "{}", "wall_seconds": "{:.1f}",
+            "stop_reason": "{}"}
 
 
 def _format_table(rows: Sequence[dict[str, Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if v < 10 else f"{v:.1f}"
-        return "-" if v is None else str(v)
+    def cell(v: Any, fmt: str) -> str:
+        return "-" if v is None else fmt.format(v)
 
-    table = [[c for c in _COLUMNS]] + [[cell(r.get(c)) for c in _COLUMNS] for r in rows]
+    table = [list(_COLUMNS)] + [[cell(r.get(c), f) for c, f in _COLUMNS.items()] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
 
@@ -355,7 +407,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from bbt_client.run.results import load_result
 
     rows = [load_result(r).model_dump(mode="json", exclude={"config"}) for r in args.run]
-    print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
+    print(json.dumps(rows, indent=2) if args.json else _format_table(
+        [{"run": str(run), **row} for run, row in zip(args.run, rows)]))
     if not args.json:
         for run, row in zip(args.run, rows):
             if row.get("prompt_text") is not None:
@@ -365,10 +418,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 print(f"{run}: label scores {sc.get('strategy', '?')}"
                       f"{' (exact)' if sc.get('exact') else ''}, coverage "
                       f"{'-' if cov is None else f'{cov:.4f}'} (exact / all label scores)")
-            if row.get("zero_shot_calibrated_test_accuracy") is not None:
-                print(f"{run}: zero-shot test accuracy with content-free calibration "
-                      f"{row['zero_shot_calibrated_test_accuracy']:.4f}")
-            for line in _accounting_notes(row):
+            for line in _calls_note(row) + _accounting_notes(row):
                 print(f"{run}: {line}")
     return 0
 
@@ -377,12 +427,14 @@ def _accounting_notes(row: dict[str, Any]) -> list[str]:
     """Where the endpoint's own count differs from the client's, and what crashes cost: said, not hidden."""
     notes = []
     rep, lost = row.get("endpoint_reported") or {}, row.get("lost_to_crashes") or {}
-    if rep.get("calls") and rep["calls"] != row["api_calls_used"] - int(lost.get("calls", 0)):
+    cut = row.get("lost_to_interrupts") or {}
+    unanswered = {k: int(lost.get(k, 0)) + int(cut.get(k, 0)) for k in ("calls", "tokens")}
+    if rep.get("calls") and rep["calls"] != row["api_calls_used"] - unanswered["calls"]:
         notes.append(f"the endpoint reported {rep['calls']} calls served; the client counted "
-                     f"{row['api_calls_used'] - int(lost.get('calls', 0))} answered")
-    if rep.get("tokens") and rep["tokens"] != row["tokens_used"] - int(lost.get("tokens", 0)):
+                     f"{row['api_calls_used'] - unanswered['calls']} answered")
+    if rep.get("tokens") and rep["tokens"] != row["tokens_used"] - unanswered["tokens"]:
         notes.append(f"the endpoint reported {rep['tokens']} tokens; the client counted "
-                     f"{row['tokens_used'] - int(lost.get('tokens', 0))} for answered requests")
+                     f"{row['tokens_used'] - unanswered['tokens']} for answered requests")
     shared = (row.get("metrics") or {}).get("student_shared_weight_tensors")
     if shared is not None and shared > 0:
         notes.append(f"student shares weights with the endpoint (leak): {int(shared)} weight tensors match")
@@ -391,6 +443,10 @@ def _accounting_notes(row: dict[str, Any]) -> list[str]:
     if lost.get("calls") or lost.get("tokens"):
         notes.append(f"{int(lost.get('calls', 0))} calls and {int(lost.get('tokens', 0))} tokens were spent on work a "
                      "crash lost (included in the *_used figures)")
+    if cut.get("calls") or cut.get("tokens"):
+        notes.append(f"{int(cut.get('calls', 0))} calls and {int(cut.get('tokens', 0))} tokens went to requests an "
+                     "interrupt (Ctrl-C) cut off, as the endpoint reported serving them where it could (included in "
+                     "the *_used figures)")
     return notes
 
 
@@ -498,6 +554,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resumable(args: argparse.Namespace) -> Path | None:
+    """The run directory ``bbt tune --resume`` can continue after a failure, or None (nothing was written)."""
+    where = getattr(args, "run_dir", None)
+    return where if where is not None and (Path(where) / CONFIG_FILE).exists() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -507,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
-        where = getattr(args, "resume", None) or getattr(args, "out", None)
+        where = _resumable(args)
         hint = f": continue with bbt tune --resume {where}" if where else ""
         if args.command == "sweep":
             hint = ": re-run the same bbt sweep command to continue"
@@ -517,7 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except EndpointError as exc:
-        print(f"endpoint error: {exc}", file=sys.stderr)
+        where = _resumable(args)
+        hint = f"\ncontinue with: bbt tune --resume {where}" if where else ""
+        print(f"endpoint error: {exc}{hint}", file=sys.stderr)
         return 3
     except CheckpointError as exc:
         print(f"run directory error: {exc}", file=sys.stderr)

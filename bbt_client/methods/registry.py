@@ -83,8 +83,11 @@ def make_config(method: str, config: BaseModel | Mapping[str, Any] | None = None
         return cls(**dict(config))
     except ValidationError as exc:
         details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: "
+            + ("unknown option" if err["type"] == "extra_forbidden" else err["msg"]) for err in exc.errors()
         )
+        if any(err["type"] == "extra_forbidden" for err in exc.errors()):
+            details += f" (options of {method}: {', '.join(sorted(cls.model_fields))}; see bbt methods {method})"
         raise ConfigError(f"invalid config for method {method!r}: {details}") from None
 
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bbt_client.errors import CheckpointError, ConfigError
+from bbt_client.errors import CheckpointError
 from bbt_client.run.ledger import LEDGER_FILE
 
 CHECKPOINT_VERSION = 1
@@ -76,17 +76,11 @@ def ensure_writable_dir(path: Path) -> Path:
 
 
 def refuse_existing_run(run_dir: Path) -> None:
-    """A new run must never overwrite another run's checkpoint, results or budget ledger."""
+    """A new run must never overwrite another run's checkpoint, results or budget ledger. A directory holding
+    only a config.json (a run refused before it spent anything) is free for the corrected command."""
     if any((Path(run_dir) / f).exists() for f in (CHECKPOINT_FILE, "result.json", LEDGER_FILE)):
-        raise ConfigError(f"{run_dir} already holds a run: pick another output directory, or "
-                          f"continue that run with `bbt tune --resume {run_dir}`")
-
-
-def crashed_before_first_checkpoint(run_dir: Path) -> bool:
-    """A run that spent budget (its ledger exists) but died before writing any checkpoint: resuming it starts
-    over, with that spend still counted."""
-    run_dir = Path(run_dir)
-    return (run_dir / LEDGER_FILE).exists() and not (run_dir / CHECKPOINT_FILE).exists()
+        raise CheckpointError(f"{run_dir} already holds a run: pick another --out, or continue that run with "
+                              f"`bbt tune --resume {run_dir}` (Python: resume=True; budgets may change on a resume)")
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:

@@ -24,12 +24,13 @@ from bbt_client.run.budget import Budget, BudgetUsage
 from bbt_client.config import TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
 from bbt_client.run.ledger import BudgetLedger, LedgerTotals
+from bbt_client.run.metered import settle_interrupted
 from bbt_client.run.scorer import TaskScorer
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_config, make_tuner, tuner_class
 from bbt_client.protocol import ModelInfo
 from bbt_client.run.rescore import evaluate_run, prompt_batch
-from bbt_client.run.results import RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
+from bbt_client.run.results import CONFIG_FILE, RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks.datasets import TaskData, load_task_data
 
 log = logging.getLogger("bbt_client.run.job")
@@ -71,6 +72,8 @@ class _State:
     wall_seconds: float = 0.0
     #: Spent on requests whose results a crash lost (cumulative over resumes; see :mod:`bbt_client.run.ledger`).
     lost_to_crashes: BudgetUsage = dataclasses.field(default_factory=BudgetUsage)
+    #: Spent on requests an interrupt (Ctrl-C) cut off, as the endpoint reported serving them where it could.
+    lost_to_interrupts: BudgetUsage = dataclasses.field(default_factory=BudgetUsage)
     #: What the endpoint itself reported spending (calls, tokens) beside the client's own count.
     endpoint_calls: int = 0
     endpoint_tokens: int = 0
@@ -88,21 +91,24 @@ class _State:
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
-        self.__dict__.update(dataclasses.asdict(_State()) | {"lost_to_crashes": BudgetUsage()} | state)
+        self.__dict__.update(dataclasses.asdict(_State()) | {"lost_to_crashes": BudgetUsage(),
+                                                             "lost_to_interrupts": BudgetUsage()} | state)
 
 
 def _account_crash(ledger: BudgetLedger, counted: BudgetUsage, st: _State) -> BudgetUsage:
-    """What a (resumed) run has spent: the ledger's total, which includes work a crash lost after the last
-    checkpoint (``counted``); that difference is added to ``st.lost_to_crashes``."""
+    """What a (resumed) run has spent: the ledger's total, which includes work lost after the last checkpoint
+    (``counted``); of that difference, what requests an interrupt cut off cost goes to ``st.lost_to_interrupts``
+    (an interrupt is not a crash) and the rest to ``st.lost_to_crashes``."""
     totals: LedgerTotals = ledger.totals()
     if totals.next_id == 0 and counted.calls + counted.tokens > 0:
         ledger.open_with(counted)  # a checkpoint from before ledgers existed: start the ledger from it
         return counted.model_copy()
-    spent = totals.spent
+    spent, cut, was_cut = totals.spent, totals.interrupted, st.lost_to_interrupts
     lost = st.lost_to_crashes
-    lost.calls += max(0, spent.calls - counted.calls)
-    lost.tokens += max(0, spent.tokens - counted.tokens)
-    lost.cost += max(0.0, spent.cost - counted.cost)
+    lost.calls += max(0, spent.calls - counted.calls - (cut.calls - was_cut.calls))
+    lost.tokens += max(0, spent.tokens - counted.tokens - (cut.tokens - was_cut.tokens))
+    lost.cost += max(0.0, spent.cost - counted.cost - (cut.cost - was_cut.cost))
+    st.lost_to_interrupts = cut.model_copy()
     return BudgetUsage(calls=max(spent.calls, counted.calls), tokens=max(spent.tokens, counted.tokens),
                        cost=max(spent.cost, counted.cost))
 
@@ -114,6 +120,44 @@ def same_run(saved: dict[str, Any], now: dict[str, Any]) -> bool:
     was, new = dict(saved), dict(now)
     was_opts, new_opts = was.pop("method_options", None) or {}, new.pop("method_options", None) or {}
     return was == new and all(k in new_opts and new_opts[k] == v for k, v in was_opts.items())
+
+
+def minimum_calls(cfg: TuneConfig, method_config: Any) -> dict[str, int]:
+    """The calls a new run spends before it can report a tuned prompt, by step ({} when the method does not say
+    how many calls a generation costs): a smaller call budget could only stop with nothing to show."""
+    popsize = getattr(method_config, "popsize", None)
+    if popsize is None:
+        return {}
+    steps = {"label-word search": 1 if cfg.task.search_label_words else 0,
+             "zero-shot test": 1 if cfg.evaluate_zero_shot else 0,
+             "bare-template dev check": 1 if tuner_class(cfg.method).prompt_kind == "text"
+             and getattr(method_config, "empty_prompt_baseline", False) else 0,
+             "one generation": int(popsize),
+             # --eval-every 1 reserves generation 1's dev check on top of the final one
+             "dev check": 2 if cfg.eval_every == 1 else 1,
+             "test evaluation": 1 if cfg.evaluate_test else 0}
+    return {k: v for k, v in steps.items() if v}
+
+
+def check_call_budget(cfg: TuneConfig, method_config: Any) -> None:
+    """Refuse, before any call, a call budget that cannot pay for one generation and the checks around it."""
+    steps = minimum_calls(cfg, method_config)
+    need = sum(steps.values())
+    if cfg.budget.calls is not None and steps and cfg.budget.calls < need:
+        parts = " + ".join(f"{k} {v}" for k, v in steps.items())
+        raise ConfigError(f"--budget-calls {cfg.budget.calls} cannot pay for one generation: {parts} = {need} "
+                          f"calls; raise --budget-calls to at least {need} (or lower --opt popsize)")
+
+
+async def check_label_words(backend: Backend, task: Any) -> None:
+    """A class is scored by its label word's one token, so a word the endpoint splits is refused here, before any
+    scoring call: tokenizing does no model work and is not billed."""
+    words = [w for ws in task.word_sets for w in ws]
+    spelled = await backend.tokenize(words=words)
+    split = [f"{t.word!r} is {len(t.ids)} tokens" for t in spelled.words if len(t.ids) > 1]
+    if split:
+        raise ConfigError(f"label words must each be one token for this endpoint's tokenizer: {', '.join(split)}; "
+                          "choose other words with --label-words")
 
 
 async def _measured_model_info(backend: Backend, info: ModelInfo, method_config: Any, data: TaskData) -> ModelInfo:
@@ -148,27 +192,47 @@ class TuningJob:
 
     async def run(self, resume: bool = False) -> RunResult:
         cfg = self.config
+        # Input checks that need neither the endpoint nor the run directory come first: a typo costs nothing and
+        # leaves no directory behind. The endpoint's own checks (label words) follow before any scoring call.
+        data = load_task_data(cfg.task, cfg.seed)
+        method_config = make_config(cfg.method, cfg.method_options)
+        if not resume:
+            check_call_budget(cfg, method_config)
         ledger = None
         if self.run_dir is not None:
-            ckpt.ensure_writable_dir(self.run_dir)  # fail before spending anything
-            if not resume:
-                ckpt.refuse_existing_run(self.run_dir)
+            self._prepare_run_dir(resume)
             ledger = BudgetLedger(self.run_dir)
+        elif resume:
+            raise ConfigError("resuming needs the run directory: set out (bbt tune --resume DIR)")
         saved = self._load_resume_state() if resume else None
         backend = self._backend or make_backend(cfg.endpoint, api_key=self._api_key)
         try:
-            return await self._run(backend, saved, ledger)
+            return await self._run(backend, data, method_config, saved, ledger)
         finally:
             if self._owns_backend:
                 await backend.aclose()
 
     # ------------------------------------------------------------------ internals
 
-    def _load_resume_state(self) -> dict[str, Any]:
-        if self.run_dir is None:
-            raise ConfigError("--resume needs an output directory")
-        if ckpt.crashed_before_first_checkpoint(self.run_dir):
-            return None  # start from scratch; the ledger keeps what the crashed attempt spent
+    def _prepare_run_dir(self, resume: bool) -> None:
+        """Check the run directory before anything is spent; a new run writes its config.json at once, so the
+        CLI's ``--resume`` and Python's ``resume=True`` read one format whichever started the run."""
+        if resume and not self.run_dir.is_dir():
+            raise CheckpointError(f"run directory {self.run_dir} does not exist: nothing to resume")
+        if not resume:
+            ckpt.refuse_existing_run(self.run_dir)
+        ckpt.ensure_writable_dir(self.run_dir)
+        if not resume:
+            self.save_config()
+
+    def save_config(self) -> None:
+        """``config.json``: what ``bbt tune --resume`` continues with (budgets and options as last accepted)."""
+        if self.run_dir is not None:
+            ckpt.atomic_write_json(self.run_dir / CONFIG_FILE, self.config.model_dump(mode="json"))
+
+    def _load_resume_state(self) -> dict[str, Any] | None:
+        if not (self.run_dir / ckpt.CHECKPOINT_FILE).exists():
+            return None  # stopped before its first checkpoint: start over; the ledger keeps what was spent
         saved = ckpt.load_checkpoint(self.run_dir)
         if not same_run(saved["fingerprint"], self.config.fingerprint()):
             raise ConfigError(
@@ -177,13 +241,10 @@ class TuningJob:
             )
         return saved
 
-    async def _run(self, backend: Backend, saved: dict[str, Any] | None, ledger: BudgetLedger | None) -> RunResult:
+    async def _run(self, backend: Backend, data: TaskData, method_config: Any, saved: dict[str, Any] | None,
+                   ledger: BudgetLedger | None) -> RunResult:
         cfg = self.config
         t_start = time.monotonic()
-        # Everything that needs no endpoint is checked first: a typo in the task, an option or the backend's
-        # prompt support is reported at once, not after the endpoint's retries (or a dead endpoint's error).
-        data = load_task_data(cfg.task, cfg.seed)
-        method_config = make_config(cfg.method, cfg.method_options)
         prompt_kind = tuner_class(cfg.method).prompt_kind
         if prompt_kind not in backend.supported_prompts:
             raise UnsupportedError(
@@ -197,6 +258,7 @@ class TuningJob:
                         "one to server_stub's per-token form with float32 outlier channels, 0.485 and 0.496 in two "
                         "three-seed runs against float32's 0.494); if scores look noisy, tune against a float "
                         "endpoint")
+        await check_label_words(backend, data.task)
         info = await _measured_model_info(backend, info, method_config, data)
         st = _State()
         counted = BudgetUsage()  # what the checkpoint knows was spent
@@ -205,6 +267,7 @@ class TuningJob:
             st = saved["loop"]
         budget = Budget(cfg.budget, counted)
         if ledger is not None:
+            await settle_interrupted(ledger, backend, budget.cost_of)
             budget = Budget(cfg.budget, _account_crash(ledger, counted, st))
         if saved is not None or budget.used.calls:
             log.info("resumed at generation %d (%d calls used, %d of them lost to crashes)", st.generation,
@@ -226,6 +289,7 @@ class TuningJob:
         scorer.calibrate_option = getattr(getattr(tuner, "config", None), "calibrate", False)
         if saved is not None:
             tuner.load_state_dict(saved["tuner"])
+        self.save_config()  # a resume's new budgets and --opt pins, once the run's state has accepted them
         stop = await ctx.loop()
         return await ctx.finish(stop)
 
@@ -245,6 +309,7 @@ class _RunLoop:
         self.st, self.info, self.elapsed = st, info, elapsed
         self.tuner: Tuner | None = None
         self.final_calls = 1 + (1 if self.cfg.evaluate_test else 0)  # last dev check + test evaluation
+        self._stop_message = ""
         self._gen_seconds: list[float] = []
 
     @property
@@ -275,12 +340,16 @@ class _RunLoop:
             event=event, generation=self.st.generation, calls_used=self.budget.used.calls,
             budget_calls=self.budget.limits.calls, tokens_used=self.budget.used.tokens,
             best_dev_accuracy=self.st.best_dev_accuracy,
-            last_loss=record.best_loss if record else None, phase=self.tuner.phase, record=record, message=message))
+            last_loss=record.best_loss if record else None, record=record, message=message,
+            # the tuner's phase names the generation it would run next: at the end, say what ran instead
+            phase=f"{self.st.generation} generations" if event == "end" else self.tuner.phase))
 
     async def loop(self) -> str:
         """Run generations until a cap stops the job; returns the stop reason."""
         cfg, st = self.cfg, self.st
-        self._progress("start", message=self.scorer.scoring_line())
+        cost = f"one generation costs {self.tuner.popsize} calls"
+        scoring = self.scorer.scoring_line()
+        self._progress("start", message=f"{scoring}; {cost}" if scoring else cost)
         try:
             if st.generation == 0 and cfg.evaluate_zero_shot and st.zero_shot_test_accuracy is None:
                 await self._zero_shot()
@@ -299,7 +368,7 @@ class _RunLoop:
                 self._checkpoint()
         except BudgetExhausted as exc:
             log.info("stopping: %s", exc)
-            self._progress("end", message=f"stopped by {exc.cap} cap: {exc}")
+            self._stop_message = f"stopped by {exc.cap} cap: {exc}"
             return exc.cap
 
     def _expected_generation_seconds(self) -> float:
@@ -395,6 +464,7 @@ class _RunLoop:
             if prompt is not None and result.prompt_text is None:  # a text prompt is result.json's prompt_text
                 result.prompt_sha256 = write_prompt(self.job.run_dir, prompt)
             ckpt.atomic_write_json(self.job.run_dir / RESULT_FILE, result.model_dump(mode="json"))
+        self._progress("end", message=self._stop_message)  # after the final checks' own events
         return result
 
     def _result(self, stop_reason: str, prompt: np.ndarray | None, test_acc: float | None) -> RunResult:
@@ -415,6 +485,8 @@ class _RunLoop:
             metrics=st.history[-1].metrics if st.history else {},
             verbalizer=[list(ws) for ws in st.verbalizer] if st.verbalizer is not None else None,
             lost_to_crashes=st.lost_to_crashes.model_dump(exclude={"wall_seconds"}),
+            lost_to_interrupts=st.lost_to_interrupts.model_dump(exclude={"wall_seconds"}),
+            calls_per_generation=self.tuner.popsize,
             endpoint_reported={"calls": st.endpoint_calls, "tokens": st.endpoint_tokens},
             label_score_coverage=self.scorer.label_score_coverage, scoring=st.scoring,
             config=cfg.model_dump(mode="json"),

@@ -10,6 +10,9 @@ Protocol (``budget.wal`` in the run directory, one JSON object per line, each ap
 - ``{"op": "reserve", "id": k, "calls", "tokens", "cost", "what"}`` is durable *before* request k is sent;
 - ``{"op": "settle", "id": k, "tokens", "cost"}`` once its answer is committed (metered tokens and cost);
 - ``{"op": "release", "id": k}`` when the request failed without an answer the endpoint could bill;
+- ``{"op": "interrupt", "id": k}`` when Ctrl-C (or a cancellation) cut request k off: charged in full, like an
+  unsettled reservation, until ``{"op": "served", "id": k, "calls", "tokens", "cost"}`` records what the
+  endpoint reports having served of it (never more than reserved; see :func:`bbt_client.run.metered.settle_interrupted`);
 - ``{"op": "opening", "id": k, "calls", "tokens", "cost"}``: spend carried over from a checkpoint made before
   this run directory had a ledger.
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bbt_client.run.budget import BudgetUsage, Reservation
@@ -39,6 +42,10 @@ class LedgerTotals:
     spent: BudgetUsage
     unsettled: int
     next_id: int
+    #: Spent on requests an interrupt cut off (included in ``spent``), at the endpoint's figures where known.
+    interrupted: BudgetUsage = field(default_factory=BudgetUsage)
+    #: Reserve records of interrupted requests the endpoint has not yet accounted for.
+    unserved_interrupts: list[dict] = field(default_factory=list)
 
 
 class BudgetLedger:
@@ -48,11 +55,13 @@ class BudgetLedger:
         self.path = Path(run_dir) / LEDGER_FILE
         self._next_id = replay(self.path).next_id if self.path.exists() else 0
 
-    def reserve(self, r: Reservation, what: str) -> int:
-        """Record ``r`` durably and return its id; call before the request leaves."""
+    def reserve(self, r: Reservation, what: str, server: dict | None = None) -> int:
+        """Record ``r`` durably and return its id; call before the request leaves. ``server``: the endpoint's
+        usage counters just before, so an interrupted request can later be settled by what the endpoint served."""
         rid = self._next_id
         self._next_id += 1
-        self._append({"op": "reserve", "id": rid, "calls": r.calls, "tokens": r.tokens, "cost": r.cost, "what": what})
+        rec = {"op": "reserve", "id": rid, "calls": r.calls, "tokens": r.tokens, "cost": r.cost, "what": what}
+        self._append(rec | ({"server": server} if server else {}))
         return rid
 
     def settle(self, rid: int, tokens: int, cost: float) -> None:
@@ -60,6 +69,12 @@ class BudgetLedger:
 
     def release(self, rid: int) -> None:
         self._append({"op": "release", "id": rid})
+
+    def interrupt(self, rid: int) -> None:
+        self._append({"op": "interrupt", "id": rid})
+
+    def served(self, rid: int, calls: int, tokens: int, cost: float) -> None:
+        self._append({"op": "served", "id": rid, "calls": int(calls), "tokens": int(tokens), "cost": float(cost)})
 
     def open_with(self, used: BudgetUsage) -> None:
         """Carry ``used`` (from a checkpoint older than the ledger) into a ledger that is still empty."""
@@ -89,6 +104,7 @@ def replay(path: Path) -> LedgerTotals:
     if not path.exists():
         return LedgerTotals(BudgetUsage(), 0, 0)
     open_: dict[int, dict] = {}
+    cut: dict[int, dict] = {}  # interrupted: reserve records, lowered by "served"
     spent = BudgetUsage()
     next_id = 0
     lines = path.read_bytes().split(b"\n")
@@ -109,14 +125,22 @@ def replay(path: Path) -> LedgerTotals:
             spent.cost += float(rec["cost"])
         elif op == "reserve":
             open_[rid] = rec
+        elif op == "interrupt" and rid in open_:
+            cut[rid] = open_.pop(rid)
+        elif op == "served" and rid in cut:
+            res = cut[rid]
+            cut[rid] = res | {k: min(res[k], rec[k]) for k in ("calls", "tokens", "cost")} | {"served": True}
         elif op in ("settle", "release") and rid in open_:
             res = open_.pop(rid)
             if op == "settle":
                 spent.calls += int(res["calls"])
                 spent.tokens += int(rec["tokens"])
                 spent.cost += float(rec["cost"])
-    for res in open_.values():  # reserved, maybe served, never settled: count it in full
-        spent.calls += int(res["calls"])
-        spent.tokens += int(res["tokens"])
-        spent.cost += float(res["cost"])
-    return LedgerTotals(spent, len(open_), next_id)
+    interrupted = BudgetUsage()
+    for total, records in ((spent, open_.values()), (spent, cut.values()), (interrupted, cut.values())):
+        for res in records:  # reserved, maybe served, never settled: count it in full (or as the endpoint served)
+            total.calls += int(res["calls"])
+            total.tokens += int(res["tokens"])
+            total.cost += float(res["cost"])
+    unserved = [res for res in cut.values() if not res.get("served")]
+    return LedgerTotals(spent, len(open_), next_id, interrupted, unserved)

@@ -3,12 +3,14 @@
 Its own module because the order of these steps is what keeps the budget honest across errors, timeouts and
 crashes: the reservation is in the ledger before the request leaves; an endpoint that answered with an error
 (or was never reached) bills nothing, so the reservation is released; a request that may have done its work
-(timed out by the wall-time cap, cancelled, interrupted) is charged in full.
+(timed out by the wall-time cap, cancelled, interrupted) is charged in full — an interrupted one until the
+endpoint's own usage counters show what it served (:func:`settle_interrupted`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, Awaitable, Callable
 
 from bbt_client.backends.base import Backend, ScoreJob, ScoreResult
@@ -32,8 +34,9 @@ class MeteredScorer:
         cap = self.budget.blocking_cap(job.num_calls + reserve_after, tokens)
         if cap is not None:
             raise BudgetExhausted(cap, f"not enough {cap} budget left for the next step")
+        server = await server_counters(self.backend) if self.ledger is not None else None
         r: Reservation = self.budget.reserve(job.num_calls, tokens)
-        rid = self.ledger.reserve(r, label) if self.ledger is not None else None  # durable before sending
+        rid = self.ledger.reserve(r, label, server) if self.ledger is not None else None  # durable before sending
         remaining = None
         if self.budget.limits.wall_seconds is not None:
             remaining = max(0.0, self.budget.limits.wall_seconds - self.elapsed())
@@ -47,8 +50,12 @@ class MeteredScorer:
             if rid is not None:
                 self.ledger.release(rid)
             raise
-        except BaseException:
-            self._spend(r, rid)  # cancelled or interrupted mid-flight: the endpoint may have done the work
+        except BaseException as exc:
+            if rid is not None and isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+                self.budget.commit(r)  # in full until settle_interrupted learns what the endpoint served
+                self.ledger.interrupt(rid)
+            else:
+                self._spend(r, rid)  # the endpoint may have done the work
             raise
         self._spend(r, rid, result.tokens if result.tokens else None)
         return result
@@ -96,3 +103,49 @@ class MeteredScorer:
         if rid is not None:
             t = r.tokens if tokens is None else int(tokens)
             self.ledger.settle(rid, t, self.budget.cost_of(t))
+
+
+_COUNTERS = ("requests", "candidates", "tokens")
+
+
+async def server_counters(backend: Backend) -> dict[str, Any] | None:
+    """The endpoint's cumulative usage counters and URL, for backends that report them (our server's
+    ``GET /v1/usage``); None otherwise or when the endpoint does not answer (the request then stays chargeable
+    in full if cut off)."""
+    usage = getattr(backend, "usage", None)
+    if usage is None:
+        return None
+    try:
+        now = await usage()
+    except Exception:  # noqa: BLE001 - the snapshot only ever lowers a charge; without it nothing is lowered
+        return None
+    return {"url": getattr(getattr(backend, "http", None), "base_url", None),
+            **{k: int(getattr(now, k)) for k in _COUNTERS}}
+
+
+async def settle_interrupted(ledger: BudgetLedger, backend: Backend, cost_of: Callable[[int], float]) -> None:
+    """Charge each request an interrupt cut off what the endpoint served of it, where the endpoint can say.
+
+    The server's counters grow when it finishes work, whether or not the caller is still there, and a request
+    whose caller hung up while it was queued is dropped unserved. A tokenize request goes to the same
+    first-in-first-out model queue, so once it is answered every earlier request is computed or dropped; the
+    growth of the counters since the snapshot taken before the cut-off request then bounds what it cost
+    (other clients' work only adds to it). Counters below the snapshot mean a restarted server or another
+    endpoint: that request stays charged in full.
+    """
+    pending = ledger.totals().unserved_interrupts
+    if not pending or getattr(backend, "usage", None) is None:
+        return
+    try:
+        await backend.tokenize(texts=[f"bbt settle {uuid.uuid4().hex}"])  # unique text: never answered from a cache
+    except Exception:  # noqa: BLE001 - the endpoint cannot say now; the charge stays in full until it can
+        return
+    now = await server_counters(backend)
+    for res in pending:
+        before = res.get("server")
+        if not before or now is None or now["url"] != before.get("url") or any(
+                now[k] < before.get(k, 0) for k in _COUNTERS):
+            continue
+        tokens = min(int(res["tokens"]), now["tokens"] - before["tokens"])
+        ledger.served(res["id"], min(int(res["calls"]), now["candidates"] - before["candidates"]), tokens,
+                      cost_of(tokens))

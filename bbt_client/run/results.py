@@ -5,6 +5,7 @@
                     Text methods write none: their prompt is ``prompt_text`` in result.json.
 - ``history.jsonl`` one :class:`GenerationRecord` per generation, for plots and reports.
 - ``checkpoint.pkl`` optimiser and loop state for ``--resume`` (see :mod:`bbt_client.run.checkpoint`).
+- ``config.json``   the run's TuneConfig, written when it starts (by the CLI and the Python API alike).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from bbt_client.run.checkpoint import atomic_write_bytes
 from bbt_client.errors import CheckpointError
 
 RESULT_FILE = "result.json"
+#: The run's TuneConfig, written by the job itself when it starts: what ``bbt tune --resume DIR`` continues.
+CONFIG_FILE = "config.json"
 PROMPT_FILE = "prompt.npy"
 HISTORY_FILE = "history.jsonl"
 
@@ -78,6 +81,11 @@ class RunResult(BaseModel):
     verbalizer: list[list[str]] | None = None
     #: Calls/tokens/cost spent on requests whose results a crash lost (counted in the *_used figures).
     lost_to_crashes: dict[str, float] = Field(default_factory=dict)
+    #: Calls/tokens/cost spent on requests an interrupt (Ctrl-C) cut off, settled at what the endpoint reported
+    #: serving where it could (counted in the *_used figures).
+    lost_to_interrupts: dict[str, float] = Field(default_factory=dict)
+    #: API calls one generation costs (the method's population size).
+    calls_per_generation: int | None = None
     #: What the endpoint reported serving (calls, tokens) beside the client's own count (*_used).
     endpoint_reported: dict[str, int] = Field(default_factory=dict)
     #: Exact label scores / all label scores the run read (1.0: none was a floor; see docs/scoring.md).
@@ -122,6 +130,9 @@ def load_result(run_dir: Path) -> RunResult:
     except FileNotFoundError:
         if not Path(run_dir).is_dir():
             raise CheckpointError(f"run directory {run_dir} does not exist") from None
-        raise CheckpointError(f"no {RESULT_FILE} in {run_dir}: the run has not finished (resume it first)") from None
+        if not (Path(run_dir) / CONFIG_FILE).exists():
+            raise CheckpointError(f"{run_dir} holds no bbt run (no {RESULT_FILE}, no {CONFIG_FILE})") from None
+        raise CheckpointError(f"no {RESULT_FILE} in {run_dir}: the run has not finished; continue it with "
+                              f"`bbt tune --resume {run_dir}`") from None
     except ValidationError as exc:
         raise CheckpointError(f"{path} is not a bbt-client result: {exc.errors()[0]['msg']}") from None

@@ -198,8 +198,8 @@ def get_task(name: str) -> Task:
         return _BUILTIN[name.lower()]
     except KeyError:
         raise ConfigError(
-            f"unknown task {name!r}; built-in tasks: {', '.join(task_names())}. "
-            "For your own data use a task file (see load_task_file)."
+            f"unknown task {name!r}; built-in tasks: {', '.join(task_names())}. For your own data pass a "
+            ".tsv or .jsonl file to --task, with --template and --label-words"
         ) from None
 
 
@@ -264,7 +264,7 @@ def few_shot(
     if short:
         raise ConfigError(
             f"task {task.name!r}: classes {short} have fewer than 2k = {2 * k} training examples "
-            f"(counts {counts.tolist()}); lower k or add data"
+            f"(counts {counts.tolist()}); lower k (--shots) or add data"
         )
     order = np.random.default_rng(seed).permutation(len(train))
     taken_train = np.zeros(task.num_classes, np.int64)
@@ -340,13 +340,26 @@ def load_task_file(
         if not text.strip():
             raise ConfigError(f"{path}:{lineno}: empty text in column {text_column!r}")
         if label not in index:
-            raise ConfigError(f"{path}:{lineno}: unknown label {label!r}; label_words defines {list(class_names)}")
+            raise ConfigError(_unknown_label(path, lineno, label, class_names, label_words, rows, label_column))
         texts.append(text.strip())
         labels.append(index[label])
         if text_pair_column:
             pairs.append(row[text_pair_column].strip())
     split = Split(texts=tuple(texts), labels=np.asarray(labels, np.int64), text_pairs=tuple(pairs) if text_pair_column else None)
     return task, split
+
+
+def _unknown_label(path: Path, lineno: int, label: str, class_names: tuple[str, ...],
+                   label_words: Mapping[str, str] | Sequence[str], rows: list, label_column: str) -> str:
+    """Why ``label`` is not a class, and the ``--label-words`` form that maps this file's labels."""
+    found = list(dict.fromkeys(row[label_column] for _, row in rows))  # order of first appearance
+    if isinstance(label_words, Mapping):
+        return (f"{path}:{lineno}: label {label!r} has no word in --label-words, which names {list(class_names)}; "
+                f"the file's labels are {found}")
+    # words in class order only fit labels 0..K-1: guessing an order for named labels could swap classes silently
+    form = ",".join(f"{x}=WORD" for x in found[:8]) + (",..." if len(found) > 8 else "")
+    return (f"{path}:{lineno}: label {label!r}: words in class order fit labels {list(class_names)} only; "
+            f"the file's labels are {found}: give a word per label, --label-words {form}")
 
 
 def _read_tsv(path: Path, content: str, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
@@ -357,7 +370,8 @@ def _read_tsv(path: Path, content: str, columns: list[str]) -> list[tuple[int, d
     header = [h.strip() for h in lines[header_no].rstrip("\r").split("\t")]
     missing = [c for c in columns if c not in header]
     if missing:
-        raise ConfigError(f"{path}:{header_no + 1}: header {header} lacks column(s) {missing}; set text_column/label_column")
+        raise ConfigError(f"{path}:{header_no + 1}: header {header} lacks column(s) {missing}; "
+                          f"name the header's columns {' and '.join(columns)}")
     pos = {c: header.index(c) for c in columns}
     rows = []
     for i in range(header_no + 1, len(lines)):
@@ -387,7 +401,7 @@ def _read_jsonl(path: Path, content: str, columns: list[str]) -> list[tuple[int,
             raise ConfigError(f"{path}:{i}: each line must be a JSON object")
         missing = [c for c in columns if c not in obj]
         if missing:
-            raise ConfigError(f"{path}:{i}: missing key(s) {missing}; set text_column/label_column")
+            raise ConfigError(f"{path}:{i}: missing key(s) {missing}; each line needs the keys {' and '.join(columns)}")
         row = {}
         for c in columns:
             v = obj[c]
@@ -452,13 +466,17 @@ def load_task_data(task_config, seed: int) -> TaskData:
         test = load_split(task.name, "test")
     else:
         if template is None or not words:
-            raise ConfigError("a task file needs a template and label words")
-        # A built-in name left at its default must not rename a custom task: use the file's stem then.
-        name = task_config.name if task_config.name not in ("custom", "", *_BUILTIN) else None
+            raise ConfigError("a task file needs --template and --label-words")
+        # A built-in name left at its default must not rename a custom task: use the file's name then, as the
+        # user typed it (its stem alone reads like a split: "train").
+        name = task_config.name if task_config.name not in ("custom", "", *_BUILTIN) else Path(file).name
         task, pool = load_task_file(file, template, words, name=name)
         test_file = getattr(task_config, "test_file", None)
         test = None
         if test_file is not None:
             _, test = load_task_file(test_file, template, words, name=task.name)
     fs = few_shot(task, shots, seed, train=pool, test=test)
+    if not len(fs.test):  # nothing to score a prompt on: refuse before any call rather than fail after one
+        raise ConfigError(f"task file {file}: all its examples went to train and dev ({shots} per class each, "
+                          "--shots); add --test-file with test examples, or lower --shots")
     return TaskData(task=task, train=fs.train, dev=fs.dev, test=limit_split(fs.test, limit))

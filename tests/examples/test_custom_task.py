@@ -34,4 +34,4 @@ def test_bad_label_words_fail_before_any_server(example, capsys):
     # "endpoint" is unreachable on purpose: the error must come from the task file check, first.
     rc = mod.main(["--label-words", "cooking=food,sports=sports", "--endpoint", "http://127.0.0.1:9"])
     assert rc == 2
-    assert "unknown label 'computers'" in capsys.readouterr().err
+    assert "label 'computers' has no word in --label-words" in capsys.readouterr().err

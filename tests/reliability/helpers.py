@@ -240,7 +240,9 @@ class GatedServer:
     def _release_loop(self) -> None:
         for line in self.proc.stderr:
             if line.startswith("test-gate: holding job"):
-                self.jobs = int(line.split()[-1])
+                # counted, not parsed: print() writes the newline apart, so a log line from the server's other
+                # thread may end up glued to this one
+                self.jobs += 1
                 self.on_job(self.jobs)
                 with open(self.fifo, "wb") as gate:
                     gate.write(b"x")

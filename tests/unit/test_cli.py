@@ -32,11 +32,26 @@ def test_report_prints_one_row_per_run(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     header = lines[0].split()
-    assert header[:6] == ["method", "task", "seed", "zero_shot_test_accuracy", "best_dev_accuracy", "test_accuracy"]
+    assert header[:8] == ["run", "method", "task", "seed", "zero_shot_test_accuracy",
+                          "zero_shot_calibrated_test_accuracy", "best_dev_accuracy", "test_accuracy"]
     rows = [dict(zip(header, line.split())) for line in lines[1:]]
+    assert [r["run"] for r in rows] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert [r["method"] for r in rows] == ["bbt", "bbtv2"]
     assert [r["test_accuracy"] for r in rows] == ["0.6250", "0.7500"]
+    assert rows[0]["zero_shot_calibrated_test_accuracy"] == "-"  # this run did not calibrate
     assert rows[0]["api_calls_used"] == "97" and rows[0]["wall_seconds"] == "12.5"
+
+
+def test_one_number_format_per_column(tmp_path, capsys):
+    """Seconds print with one decimal whatever their size; accuracies with four."""
+    write_run(tmp_path / "a")
+    result = json.loads((tmp_path / "a" / RESULT_FILE).read_text())
+    result.update(wall_seconds=4.375, zero_shot_calibrated_test_accuracy=0.5)
+    (tmp_path / "a" / RESULT_FILE).write_text(json.dumps(result))
+    assert cli.main(["report", "--run", str(tmp_path / "a")]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    row = dict(zip(header.split(), row.split()))
+    assert row["wall_seconds"] == "4.4" and row["zero_shot_calibrated_test_accuracy"] == "0.5000"
 
 
 def test_report_json(tmp_path, capsys):
@@ -48,7 +63,10 @@ def test_report_json(tmp_path, capsys):
 
 def test_report_on_a_directory_without_result_exits_4(tmp_path, capsys):
     assert cli.main(["report", "--run", str(tmp_path)]) == 4
-    assert "no result.json" in capsys.readouterr().err
+    assert "holds no bbt run" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")  # a run that has not finished: the advice must be one that works
+    assert cli.main(["report", "--run", str(tmp_path)]) == 4
+    assert f"not finished; continue it with `bbt tune --resume {tmp_path}`" in capsys.readouterr().err
 
 
 def test_a_mistyped_run_directory_is_named_as_missing_not_as_unfinished(tmp_path, capsys):
@@ -112,10 +130,13 @@ def test_tune_json_lines_then_result(tiny_server, tmp_path, capsys):
 
 def test_tune_quiet_prints_only_the_table(tiny_server, tmp_path, capsys):
     rc = cli.main(["tune", "--endpoint", tiny_server, "--task", "sst2", "--method", "bbt", "--shots", "2",
-                   "--budget-calls", "12", "--opt", "popsize=4", "--test-limit", "4", "--quiet"])
+                   "--budget-calls", "12", "--opt", "popsize=4", "--test-limit", "4", "--quiet",
+                   "--out", str(tmp_path / "run")])
     assert rc == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines()[0].split()[0] == "method" and len(captured.out.strip().splitlines()) == 2
+    lines = [line for line in captured.out.splitlines() if line]
+    assert lines[0].split()[0] == "run" and lines[1].split()[0] == str(tmp_path / "run")
+    assert lines[2].startswith("one generation costs 4 calls") and lines[3].startswith("wrote ") and len(lines) == 4
     assert captured.err == ""
 
 
@@ -165,3 +186,24 @@ def test_methods_lists_every_option_with_its_validated_default_and_a_meaning(cap
             assert json.loads(default) == json.loads(json.dumps(fields[name].default, default=str)), name
             assert meaning, f"{method} option {name} has no meaning"
     assert cli.main(["methods", "nope"]) == 2
+
+
+def test_a_terminal_progress_line_is_ended_before_the_table(capsys):
+    """The final checks' events come after the last generation's line: whatever came last, close() ends it."""
+    import io
+
+    from bbt_client.run.job import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    display = cli.ProgressDisplay("human", stream=term)
+    display(Progress(event="eval", generation=1, calls_used=9, budget_calls=10, tokens_used=0,
+                     best_dev_accuracy=0.5, last_loss=None, phase="layer 1/3"))
+    assert not term.getvalue().endswith("\n")
+    display.close()
+    assert term.getvalue().endswith("\n")
+    display.close()  # nothing left open: no blank line
+    assert not term.getvalue().endswith("\n\n")

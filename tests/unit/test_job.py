@@ -56,17 +56,18 @@ async def test_job_respects_call_budget_and_writes_results(tmp_path, labels_by_t
     assert all(b.calls > a.calls for a, b in zip(history, history[1:]))
 
 
-async def test_resume_after_crash_counts_the_lost_request_and_matches_an_uninterrupted_run(tmp_path, labels_by_text):
+async def test_resume_after_an_interrupt_counts_the_cut_off_request_and_matches_an_uninterrupted_run(
+        tmp_path, labels_by_text):
     crashing = ToyBackend(labels_by_text, fail_after=7)
     cfg_b = _config(tmp_path / "b", calls=120)
-    with pytest.raises(KeyboardInterrupt):  # dies with request 7 in flight: the endpoint may have served it
+    with pytest.raises(KeyboardInterrupt):  # interrupted with request 7 in flight: the endpoint may have served it
         await tune(cfg_b, backend=crashing)
     spent_before = crashing.calls
     resumed_backend = ToyBackend(labels_by_text)
     resumed = await tune(cfg_b, backend=resumed_backend, resume=True)
 
-    lost = 6  # one generation (popsize 6) was reserved and never settled: counted as spent
-    assert resumed.lost_to_crashes["calls"] == lost
+    lost = 6  # one generation (popsize 6) was cut off; this endpoint reports no usage, so it counts in full
+    assert resumed.lost_to_interrupts["calls"] == lost and resumed.lost_to_crashes["calls"] == 0
     assert resumed.api_calls_used == spent_before + resumed_backend.calls + lost <= 120
     # An uninterrupted run with what the crash left of the budget ends exactly where the resumed run ends.
     straight = await tune(_config(tmp_path / "a", calls=120 - lost), backend=ToyBackend(labels_by_text))
@@ -139,11 +140,15 @@ async def test_what_needs_no_endpoint_is_refused_before_the_endpoint_is_asked(tm
     assert backend.info_requests == 1
 
 
-async def test_budget_too_small_for_one_generation_stops_cleanly(tmp_path, labels_by_text):
+async def test_budget_too_small_for_one_generation_is_refused_before_any_call(tmp_path, labels_by_text):
     backend = ToyBackend(labels_by_text)
-    result = await tune(_config(tmp_path, calls=4), backend=backend)
-    assert result.generations == 0 and result.stop_reason == "calls"
-    assert backend.calls <= 4
+    cfg = _config(tmp_path / "run", calls=8)  # zero-shot 1 + generation 6 + dev check 1 + test 1 = 9
+    with pytest.raises(ConfigError, match=r"--budget-calls 8 cannot pay .* = 9 calls; raise --budget-calls to at "
+                                          r"least 9"):
+        await tune(cfg, backend=backend)
+    assert backend.calls == 0 and not cfg.out.exists()
+    result = await tune(cfg.model_copy(update={"budget": BudgetLimits(calls=9)}), backend=backend)
+    assert result.generations == 1 and result.api_calls_used == 9 and result.test_accuracy is not None
 
 
 async def test_token_budget_is_a_hard_cap(tmp_path, labels_by_text):

@@ -16,7 +16,7 @@ from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import ConfigError
 from bbt_client.protocol import ModelInfo, TokenizeResponse, WordTokens
 from bbt_client.run.job import tune
-from bbt_client.run.results import load_result
+
 
 
 class FlooringBackend(Backend):

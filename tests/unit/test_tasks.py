@@ -102,7 +102,7 @@ def test_load_jsonl_and_gz_and_pairs(tmp_path):
     [
         ("", ".tsv", "empty"),
         ("text\tlabel\n", ".tsv", "no examples"),
-        ("text\tlabel\ngood\tpos\nbad\tmeh\n", ".tsv", r":3: unknown label 'meh'"),
+        ("text\tlabel\ngood\tpos\nbad\tmeh\n", ".tsv", r":3: label 'meh' has no word in --label-words, which names \['neg', 'pos'\]"),
         ("text\tlabel\ngood\tpos\textra\n", ".tsv", r":2: expected 2"),
         ("txt\tlabel\ngood\tpos\n", ".tsv", r"lacks column"),
         ('{"text": "a", "label": "pos"}\n{bad json\n', ".jsonl", r":2: not valid JSON"),
@@ -147,5 +147,5 @@ def test_load_task_data_from_files(tmp_path):
     test.write_text("".join(json.dumps({"text": f"q{i}", "label": "ab"[i % 2]}) + "\n" for i in range(6)))
     cfg = TaskConfig(file=train, test_file=test, template="{text} {mask}", label_words={"a": "no", "b": "yes"}, shots=2)
     data = load_task_data(cfg, seed=5)
-    assert data.task.name == "mine" and len(data.train) == 4 and len(data.dev) == 4 and len(data.test) == 6
+    assert data.task.name == "mine.tsv" and len(data.train) == 4 and len(data.dev) == 4 and len(data.test) == 6
     assert data.test.labels.tolist() == [0, 1, 0, 1, 0, 1]
