@@ -299,8 +299,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(_format_table([summary]))
         if summary.get("prompt_text"):
             print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
-        elif summary.get("prompt_text") is not None:
-            print("\nprompt_text '': no tuned prompt beat the bare template on dev; send the template as it is")
+        elif summary.get("bare_template"):
+            print("\nno tuned prompt beat the bare template on dev; send the template as it is (no prompt)")
         if cfg.out is not None:
             print(f"\nwrote {cfg.out}/result.json" + ("" if summary.get("prompt_text") is not None
                                                      else f" and {cfg.out}/prompt.npy"))

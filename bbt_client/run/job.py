@@ -391,6 +391,10 @@ class _RunLoop:
     def _result(self, stop_reason: str, prompt: np.ndarray | None, test_acc: float | None) -> RunResult:
         cfg, st, used = self.cfg, self.st, self.budget.used
         text = self.tuner.prompt_text(prompt) if prompt is not None and self.tuner.prompt_kind == "text" else None
+        bare = prompt is not None and (text == "" if text is not None else np.size(prompt) == 0)
+        if bare:
+            log.warning("no tuned prompt beat the bare template on dev (%.3f): the result is the template alone",
+                        st.best_dev_accuracy)
         return RunResult(
             method=cfg.method, task=self.data.task.name, seed=cfg.seed, shots=cfg.task.shots,
             model=self.info.name, prompt_kind=self.tuner.prompt_kind,
@@ -400,7 +404,7 @@ class _RunLoop:
             best_dev_accuracy=st.best_dev_accuracy, best_generation=st.best_generation,
             test_accuracy=test_acc, zero_shot_test_accuracy=st.zero_shot_test_accuracy,
             zero_shot_calibrated_test_accuracy=st.zero_shot_calibrated_test_accuracy,
-            prompt_text=text, calibrated=self.scorer.calibrate,
+            prompt_text=text, calibrated=self.scorer.calibrate, bare_template=bare,
             test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},
