@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ class _State:
     verbalizer: tuple[tuple[str, ...], ...] | None = None
     #: ``calibrate="auto"``: whether the run calibrates, chosen on dev before generation 1 (None: not yet).
     calibrated: bool | None = None
+    #: Dev (accuracy, loss) of every prompt dev-checked, by :func:`_prompt_key`: an unchanged best is not paid again.
+    dev_scores: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
@@ -118,6 +121,11 @@ async def _measured_model_info(backend: Backend, info: ModelInfo, method_config:
         template=data.task.template, texts=list(data.train.texts), text_pairs=data.train.text_pairs,
         prompt_tokens=method_config.prompt_tokens, slot_token_ids=method_config.slot_token_ids)
     return info.model_copy(update={"hidden_std": stats})
+
+
+def _prompt_key(prompt: np.ndarray) -> str:
+    a = np.ascontiguousarray(prompt)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
 class TuningJob:
@@ -339,7 +347,10 @@ class _RunLoop:
 
     async def _score_dev(self, prompt: np.ndarray, reserve_after: int) -> tuple[float, float]:
         """Dev accuracy and loss of ``prompt``, which becomes the dev-best when it beats it (ties: lower loss)."""
-        acc, loss = await self.evaluate("dev", prompt, reserve_after)
+        key = _prompt_key(prompt)
+        if key in self.st.dev_scores:
+            return self.st.dev_scores[key]
+        acc, loss = self.st.dev_scores[key] = await self.evaluate("dev", prompt, reserve_after)
         self._keep_if_dev_best(prompt, acc, loss)
         return acc, loss
 
