@@ -57,7 +57,9 @@ def linear_probe(student, prompt, enc_train, test_chunks, ytrain, ytest, l2: flo
         return float(((xte @ w + b).argmax(-1).numpy() == ytest).mean())
 
 
-def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | None, lr: float) -> dict:
+def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | None, lr: float,
+            patience: int | None = None) -> dict:
+    """``patience``: stop once the training loss has not fallen by 0.1% in that many steps (convergence)."""
     torch = require_torch()
     torch.manual_seed(0)
     data = load_task_data(TaskConfig(name=task_name, shots=16, test_limit=test_limit), seed=42)
@@ -76,14 +78,19 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     probe = linear_probe(student, prompt.detach(), enc_train, test_chunks, ytrain, np.asarray(data.test.labels))
     opt = torch.optim.Adam([prompt], lr=lr)
     t0 = time.perf_counter()
+    best, since = float("inf"), 0
     for step in range(steps):
         loss = torch.nn.functional.cross_entropy(student.label_logits(prompt[None], enc_train, label_ids)[0], ytrain)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        since = 0 if float(loss) < best * 0.999 else since + 1
+        best = min(best, float(loss))
+        if patience is not None and since >= patience:
+            break
     train_acc = _accuracy(student, prompt.detach(), [enc_train], label_ids, data.train.labels)
     after = _accuracy(student, prompt.detach(), test_chunks, label_ids, data.test.labels)
-    row = {"task": task_name, "test_examples": len(data.test.labels), "steps": steps,
+    row = {"task": task_name, "test_examples": len(data.test.labels), "steps": step + 1,
            "initial_prompt_test_accuracy": round(before, 4), "final_train_loss": round(float(loss.detach()), 4),
            "trained_train_accuracy": round(train_acc, 4), "trained_test_accuracy": round(after, 4),
            "linear_probe_test_accuracy": round(probe, 4),
