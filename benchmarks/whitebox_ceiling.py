@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from bbt_client.config import TaskConfig
-from bbt_client.methods.gdfo.student import Student, require_torch
+from bbt_client.methods.gdfo.student import STUDENT_MINILM, Student, require_torch
 from bbt_client.tasks.datasets import load_task_data
 
 
@@ -63,7 +63,7 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     torch = require_torch()
     torch.manual_seed(0)
     data = load_task_data(TaskConfig(name=task_name, shots=16, test_limit=test_limit), seed=42)
-    student = Student(num_layers=None, trainable="bitfit")
+    student = Student(STUDENT_MINILM, num_layers=None, trainable="bitfit")  # the server's default model
     for p in student.model.parameters():
         p.requires_grad_(False)
     label_ids = student.label_ids(data.task.label_words)
