@@ -187,63 +187,37 @@ _BUILTIN: dict[str, Task] = {
         class_names=("World", "Sports", "Business", "Sci/Tech"),
         description="AG News 4-way topic classification (subset bundled: 10,000 train, 7,600 test)",
     ),
-    "mr": Task(
-        name="mr",
-        template="{text} It was {mask}",
-        label_words=("terrible", "great"),
-        class_names=("negative", "positive"),
-        description="MR movie-review sentence polarity, 16-shot (RLPrompt splits); test 2,000 sentences",
-    ),
-    "cr": Task(
-        name="cr",
-        template="{text} It was {mask}",
-        label_words=("terrible", "great"),
-        class_names=("negative", "positive"),
-        description="CR customer-review sentence polarity, 16-shot (RLPrompt splits); test 2,000 sentences",
-    ),
-    "sst5": Task(
-        name="sst5",
-        template="{text} It was {mask}",
-        label_words=("terrible", "bad", "okay", "good", "great"),
-        class_names=("very negative", "negative", "neutral", "positive", "very positive"),
-        description="SST-5 fine-grained sentiment, 16-shot (RLPrompt splits); test 2,000 of SST's 2,210",
-    ),
-    "yelp2": Task(
-        name="yelp2",
-        template="{text} . It was {mask}",
-        label_words=("bad", "great"),
-        class_names=("negative", "positive"),
-        description="Yelp review polarity, 16-shot (RLPrompt splits); test: 128 reviews from the training split",
-    ),
-    "yelp5": Task(
-        name="yelp5",
-        template="{text} It was {mask}",
-        label_words=("terrible", "bad", "okay", "good", "great"),
-        class_names=("1 star", "2 stars", "3 stars", "4 stars", "5 stars"),
-        description="Yelp reviews, 1-5 stars, 16-shot (RLPrompt splits); test: 318 reviews from the training split",
-    ),
-    "dbpedia": Task(
-        name="dbpedia",
-        template="{text} Category: {mask}",
-        label_words=("company", "education", "artist", "athlete", "office", "transportation", "building",
-                     "natural", "village", "animal", "plant", "album", "film", "written"),
-        class_names=("Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder",
-                     "MeanOfTransportation", "Building", "NaturalPlace", "Village", "Animal", "Plant", "Album",
-                     "Film", "WrittenWork"),
-        description="DBpedia ontology, 14 classes, 16-shot (RLPrompt splits); test: 868 abstracts from the "
-                    "training split",
-    ),
-    "yahoo": Task(
-        name="yahoo",
-        template="{text} This topic is about {mask}",
-        label_words=("culture", "science", "health", "education", "computer", "sports", "business", "music",
-                     "family", "politics"),
-        class_names=("Society & Culture", "Science & Mathematics", "Health", "Education & Reference",
-                     "Computers & Internet", "Sports", "Business & Finance", "Entertainment & Music",
-                     "Family & Relationships", "Politics & Government"),
-        description="Yahoo! Answers topics (question titles), 16-shot (RLPrompt splits); test 2,000 of 60,000",
-    ),
 }
+
+_IT_WAS, _POLARITY = "{text} It was {mask}", ("negative", "positive")
+_FIVE_WORDS = ("terrible", "bad", "okay", "good", "great")
+#: The fixed-split tasks: name -> (template, label words, class names, description).
+_FIXED_TASKS = {
+    "mr": (_IT_WAS, ("terrible", "great"), _POLARITY,
+           "MR movie-review sentence polarity, 16-shot (RLPrompt splits); test 2,000 sentences"),
+    "cr": (_IT_WAS, ("terrible", "great"), _POLARITY,
+           "CR customer-review sentence polarity, 16-shot (RLPrompt splits); test 2,000 sentences"),
+    "sst5": (_IT_WAS, _FIVE_WORDS, ("very negative", "negative", "neutral", "positive", "very positive"),
+             "SST-5 fine-grained sentiment, 16-shot (RLPrompt splits); test 2,000 of SST's 2,210"),
+    "yelp2": ("{text} . It was {mask}", ("bad", "great"), _POLARITY,
+              "Yelp review polarity, 16-shot (RLPrompt splits); test: 128 reviews from the training split"),
+    "yelp5": (_IT_WAS, _FIVE_WORDS, ("1 star", "2 stars", "3 stars", "4 stars", "5 stars"),
+              "Yelp reviews, 1-5 stars, 16-shot (RLPrompt splits); test: 318 reviews from the training split"),
+    "dbpedia": ("{text} Category: {mask}",
+                ("company", "education", "artist", "athlete", "office", "transportation", "building", "natural",
+                 "village", "animal", "plant", "album", "film", "written"),
+                ("Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder", "MeanOfTransportation",
+                 "Building", "NaturalPlace", "Village", "Animal", "Plant", "Album", "Film", "WrittenWork"),
+                "DBpedia ontology, 14 classes, 16-shot (RLPrompt splits); test: 868 abstracts from the training split"),
+    "yahoo": ("{text} This topic is about {mask}",
+              ("culture", "science", "health", "education", "computer", "sports", "business", "music", "family",
+               "politics"),
+              ("Society & Culture", "Science & Mathematics", "Health", "Education & Reference", "Computers & Internet",
+               "Sports", "Business & Finance", "Entertainment & Music", "Family & Relationships",
+               "Politics & Government"),
+              "Yahoo! Answers topics (question titles), 16-shot (RLPrompt splits); test 2,000 of 60,000"),
+}
+_BUILTIN.update({name: Task(name, *spec) for name, spec in _FIXED_TASKS.items()})
 
 #: Where each fixed-split task's template and words come from, and the one change made so that the
 #: template ends with ``{mask}`` (next-token backends read the answer after the whole input).
