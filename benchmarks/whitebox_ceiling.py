@@ -84,8 +84,9 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
         opt.zero_grad()
         loss.backward()
         opt.step()
-        since = 0 if float(loss) < best * 0.999 else since + 1
-        best = min(best, float(loss))
+        value = loss.item()
+        since = 0 if value < best * 0.999 else since + 1
+        best = min(best, value)
         if patience is not None and since >= patience:
             break
     train_acc = _accuracy(student, prompt.detach(), [enc_train], label_ids, data.train.labels)
