@@ -110,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. --backend-opt embeddings_from=/models/llama --backend-opt "
                         "model=meta-llama/Llama-3.2-1B for vllm (repeatable; see docs/backends.md)")
-    t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples")
+    t.add_argument("--task", help="built-in task (sst2, agnews, mr, cr, sst5, yelp2, yelp5, dbpedia, yahoo) or a TSV/JSONL file")
     t.add_argument("--test-file", type=Path, help="test examples for a task file")
     t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
     t.add_argument("--label-words", help='label words in class order ("bad,great"), or per label value '
