@@ -154,7 +154,10 @@ def plot(rep: dict, path: Path) -> None:
     ax.set_title(f"{rep['method']} defaults, mean of seeds {', '.join(map(str, rep['seeds']))}: "
                  "0 = better zero-shot, 1 = white-box ceiling", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    absent = [t for t in rep["tasks"] if t not in tasks]
+    if absent:
+        fig.text(0.01, 0.01, f"not shown (no ceiling measured): {', '.join(absent)}", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04 if absent else 0, 1, 1))
     fig.savefig(path, dpi=120)
 
 
