@@ -41,7 +41,7 @@ class EndpointConfig(BaseModel):
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: A built-in task name (``sst2``, ``agnews``) or ``custom`` with ``file``/``template``/``label_words``.
+    #: A built-in task name (``sst2``, ``agnews``, ``mr`` ...: ``task_names()``) or ``custom`` with ``file``/``template``/``label_words``.
     name: str = "sst2"
     file: Path | None = None
     test_file: Path | None = None

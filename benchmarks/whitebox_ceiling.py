@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from bbt_client.config import TaskConfig
-from bbt_client.methods.gdfo.student import Student, require_torch
+from bbt_client.methods.gdfo.student import STUDENT_MINILM, Student, require_torch
 from bbt_client.tasks.datasets import load_task_data
 
 
@@ -57,11 +57,13 @@ def linear_probe(student, prompt, enc_train, test_chunks, ytrain, ytest, l2: flo
         return float(((xte @ w + b).argmax(-1).numpy() == ytest).mean())
 
 
-def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | None, lr: float) -> dict:
+def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | None, lr: float,
+            patience: int | None = None) -> dict:
+    """``patience``: stop once the training loss has not fallen by 0.1% in that many steps (convergence)."""
     torch = require_torch()
     torch.manual_seed(0)
     data = load_task_data(TaskConfig(name=task_name, shots=16, test_limit=test_limit), seed=42)
-    student = Student(num_layers=None, trainable="bitfit")
+    student = Student(STUDENT_MINILM, num_layers=None, trainable="bitfit")  # the server's default model
     for p in student.model.parameters():
         p.requires_grad_(False)
     label_ids = student.label_ids(data.task.label_words)
@@ -76,14 +78,20 @@ def ceiling(task_name: str, steps: int, prompt_tokens: int, test_limit: int | No
     probe = linear_probe(student, prompt.detach(), enc_train, test_chunks, ytrain, np.asarray(data.test.labels))
     opt = torch.optim.Adam([prompt], lr=lr)
     t0 = time.perf_counter()
+    best, since = float("inf"), 0
     for step in range(steps):
         loss = torch.nn.functional.cross_entropy(student.label_logits(prompt[None], enc_train, label_ids)[0], ytrain)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        value = loss.item()
+        since = 0 if value < best * 0.999 else since + 1
+        best = min(best, value)
+        if patience is not None and since >= patience:
+            break
     train_acc = _accuracy(student, prompt.detach(), [enc_train], label_ids, data.train.labels)
     after = _accuracy(student, prompt.detach(), test_chunks, label_ids, data.test.labels)
-    row = {"task": task_name, "test_examples": len(data.test.labels), "steps": steps,
+    row = {"task": task_name, "test_examples": len(data.test.labels), "steps": step + 1,
            "initial_prompt_test_accuracy": round(before, 4), "final_train_loss": round(float(loss.detach()), 4),
            "trained_train_accuracy": round(train_acc, 4), "trained_test_accuracy": round(after, 4),
            "linear_probe_test_accuracy": round(probe, 4),

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.tokens_used} tokens, {result.wall_seconds:.0f} s")
     if result.prompt_text:
         print(f"tuned prompt (put it before each input): {result.prompt_text!r}")
-    elif result.prompt_text is not None:
+    elif result.bare_template:
         print("no tuned prompt beat the bare template on dev: send the template as it is")
     return 0
 

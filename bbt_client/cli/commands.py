@@ -21,6 +21,7 @@ from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig, parse_conf
 from bbt_client.errors import BBTError, CheckpointError, ConfigError, EndpointError
 from bbt_client.run.job import Progress, TuningJob, evaluate_run
 from bbt_client.run.results import CONFIG_FILE
+from bbt_client.tasks.datasets import task_names
 from bbt_client.cli.plot import RUN_METRICS
 
 log = logging.getLogger("bbt_client.cli.commands")
@@ -127,8 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. --backend-opt embeddings_from=/models/llama --backend-opt "
                         "model=meta-llama/Llama-3.2-1B for vllm (repeatable; see docs/backends.md)")
-    t.add_argument("--task", help="built-in task (sst2, agnews) or a TSV/JSONL file of training examples with "
-                   f"text and label columns (default: {_default(TaskConfig, 'name')})")
+    t.add_argument("--task", help=f"built-in task ({', '.join(task_names())}) or a TSV/JSONL file of training examples "
+                   f"with text and label columns (default: {_default(TaskConfig, 'name')})")
     t.add_argument("--test-file", type=Path, help="test examples for a task file (default: the file's examples not "
                    "drawn for train and dev)")
     t.add_argument("--template", help='template for a task file, e.g. "{text} It was {mask} ."')
@@ -353,8 +354,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(line)
     if summary.get("prompt_text"):
         print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
-    elif summary.get("prompt_text") is not None:
-        print("\nprompt_text '': no tuned prompt beat the bare template on dev; send the template as it is")
+    elif summary.get("prompt_text") is not None or summary.get("bare_template"):
+        print("\nno tuned prompt beat the bare template on dev; send the template as it is (no prompt)")
     written = [f for f in ("result.json", "prompt.npy") if (cfg.out / f).exists()]
     print(f"\nwrote {' and '.join(f'{cfg.out}/{f}' for f in written)}")
     return 0

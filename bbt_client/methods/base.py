@@ -83,9 +83,12 @@ class Tuner(abc.ABC):
         """The lowest-training-loss prompt seen so far: (n, D) shallow or (L, n, D) deep."""
 
     def empty_prompt(self) -> np.ndarray | None:
-        """A prompt that means "no prompt", where the method's prompts can say so (text methods: every slot
-        empty); the job then keeps it unless a tuned prompt beats it on dev. None: no such prompt."""
-        return None
+        """A prompt that means "no prompt" (text methods: every slot empty; continuous ones: a prompt of no tokens,
+        sent as the bare template); the job keeps it unless a tuned prompt beats it on dev. None: no baseline,
+        as the config's ``empty_prompt_baseline`` says."""
+        if not getattr(getattr(self, "config", None), "empty_prompt_baseline", False):
+            return None
+        return np.zeros(0, np.float32)
 
     def last_candidate_prompts(self) -> np.ndarray:
         """Full prompts of the generation last told, (C, n, D) or (C, L, n, D), for dev evaluation."""

@@ -72,17 +72,21 @@ class PromptSearchConfig(BaseModel):
     #: The compass search's first step in z (BBT-RGB's COBYLA starts at rhobeg = 1, in the same units as σ0).
     local_step: float = Field(1.0, gt=0)
     #: Content-free calibration (Zhao et al. 2021; :mod:`bbt_client.tasks.calibration`): every candidate is also scored
-    #: on "N/A" and "" in the same call, and loss, accuracy and the result read the calibrated label scores. It
-    #: takes out the label prior a prompt has not yet learnt to undo (AG News zero-shot: the default model answers
-    #: one class). On by default: on AG News it lifted both methods on every seed (three-seed means at 400 calls:
-    #: BBT 0.314 -> 0.399, BBTv2 0.440 -> 0.494). ``False`` scores raw label logits. The tuning
-    #: job applies it; an ask/tell loop of your own scores as you choose (the helpers: :mod:`bbt_client.tasks.calibration`).
-    calibrate: bool = True
+    #: on "N/A" and "" in the same call, and loss, accuracy and the result read the calibrated label scores.
+    #: "auto" (default): the bare template is scored on dev both ways (one call, before generation 1) and the run
+    #: keeps whichever reads dev better. Fixed-on helped AG News (BBTv2 at 400 calls 0.440 -> 0.494) but cut
+    #: zero-shot on other tasks; which one helps depends on the task and words. ``True``/``False`` force it. The
+    #: tuning job applies it; an ask/tell loop of your own scores as you choose (:mod:`bbt_client.tasks.calibration`).
+    calibrate: bool | Literal["auto"] = "auto"
+    #: Score the bare template (no prompt) on dev first and keep it unless a tuned prompt beats it there: a
+    #: default must not end below doing nothing (on dev). Needed by ``calibrate="auto"``.
+    empty_prompt_baseline: bool = True
 
     def identity(self, exclude: set[str] = frozenset()) -> dict[str, Any]:
         """The config as a checkpoint's identity. The two-stage and calibration fields are left out while
         off, so checkpoints written before they existed resume with them off (``--opt calibrate=false``)."""
         unused = {"local_after_calls", "local_step"} if self.local_after_calls is None else set()
+        unused |= {"empty_prompt_baseline"}  # the job's baseline check: the search is the same either way
         unused |= set() if self.calibrate else {"calibrate"}
         return self.model_dump(exclude=set(exclude) | unused)
 
@@ -93,6 +97,7 @@ class PromptSearchConfig(BaseModel):
     @model_validator(mode="after")
     def _check_slots(self) -> "PromptSearchConfig":
         check_slot_settings(self)
+        check_auto_calibration(self)
         return self
 
     def wrap(self, kind: str, **arrays) -> PromptBatch:
@@ -120,6 +125,13 @@ def check_slot_settings(config: Any) -> None:
         if len(config.slot_token_ids) != config.prompt_tokens:
             raise ValueError(f"slot_token_ids has {len(config.slot_token_ids)} ids for "
                              f"prompt_tokens={config.prompt_tokens}")
+
+
+def check_auto_calibration(config: Any) -> None:
+    """``calibrate="auto"`` chooses on the bare template's dev score, so it needs ``empty_prompt_baseline``."""
+    if config.calibrate == "auto" and not config.empty_prompt_baseline:
+        raise ValueError("calibrate='auto' chooses on the bare template's dev score, which "
+                         "empty_prompt_baseline=false skips; set calibrate to true or false")
 
 
 def check_endpoint_prompt(config: Any, model_info: ModelInfo) -> None:

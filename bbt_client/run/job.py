@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ class _State:
     floored_label_scores: int = 0
     #: Coverage of the bare template on the training texts, measured once before tuning (floor-prone strategies).
     zero_shot_train_coverage: float | None = None
+    #: Dev (accuracy, loss) of every prompt dev-checked, by :func:`_prompt_key`: an unchanged best is not paid again.
+    dev_scores: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
@@ -130,8 +133,7 @@ def minimum_calls(cfg: TuneConfig, method_config: Any) -> dict[str, int]:
         return {}
     steps = {"label-word search": 1 if cfg.task.search_label_words else 0,
              "zero-shot test": 1 if cfg.evaluate_zero_shot else 0,
-             "bare-template dev check": 1 if tuner_class(cfg.method).prompt_kind == "text"
-             and getattr(method_config, "empty_prompt_baseline", False) else 0,
+             "bare-template dev check": 1 if getattr(method_config, "empty_prompt_baseline", False) else 0,
              "one generation": int(popsize),
              # --eval-every 1 reserves generation 1's dev check on top of the final one
              "dev check": 2 if cfg.eval_every == 1 else 1,
@@ -169,6 +171,11 @@ async def _measured_model_info(backend: Backend, info: ModelInfo, method_config:
         template=data.task.template, texts=list(data.train.texts), text_pairs=data.train.text_pairs,
         prompt_tokens=method_config.prompt_tokens, slot_token_ids=method_config.slot_token_ids)
     return info.model_copy(update={"hidden_std": stats})
+
+
+def _prompt_key(prompt: np.ndarray) -> str:
+    a = np.ascontiguousarray(prompt)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
 class TuningJob:
@@ -417,7 +424,10 @@ class _RunLoop:
 
     async def _score_dev(self, prompt: np.ndarray, reserve_after: int) -> tuple[float, float]:
         """Dev accuracy and loss of ``prompt``, which becomes the dev-best when it beats it (ties: lower loss)."""
-        acc, loss = await self.evaluate("dev", prompt, reserve_after)
+        key = _prompt_key(prompt)
+        if key in self.st.dev_scores:
+            return self.st.dev_scores[key]
+        acc, loss = self.st.dev_scores[key] = await self.evaluate("dev", prompt, reserve_after)
         self._keep_if_dev_best(prompt, acc, loss)
         return acc, loss
 
@@ -470,6 +480,10 @@ class _RunLoop:
     def _result(self, stop_reason: str, prompt: np.ndarray | None, test_acc: float | None) -> RunResult:
         cfg, st, used = self.cfg, self.st, self.budget.used
         text = self.tuner.prompt_text(prompt) if prompt is not None and self.tuner.prompt_kind == "text" else None
+        bare = prompt is not None and (text == "" if text is not None else np.size(prompt) == 0)
+        if bare:
+            log.warning("no tuned prompt beat the bare template on dev (%.3f): the result is the template alone",
+                        st.best_dev_accuracy)
         return RunResult(
             method=cfg.method, task=self.data.task.name, seed=cfg.seed, shots=cfg.task.shots,
             model=self.info.name, prompt_kind=self.tuner.prompt_kind,
@@ -479,7 +493,7 @@ class _RunLoop:
             best_dev_accuracy=st.best_dev_accuracy, best_generation=st.best_generation,
             test_accuracy=test_acc, zero_shot_test_accuracy=st.zero_shot_test_accuracy,
             zero_shot_calibrated_test_accuracy=st.zero_shot_calibrated_test_accuracy,
-            prompt_text=text, calibrated=self.scorer.calibrate,
+            prompt_text=text, calibrated=self.scorer.calibrate, bare_template=bare,
             test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},

@@ -24,8 +24,8 @@ from bbt_client.tasks.verbalizer import class_logits, flat_words
 
 def prompt_batch(kind: str, prompt: np.ndarray | str | None, method_config: Any = None) -> PromptBatch:
     """One prompt as a single-candidate batch, in the prompt mode (and slot tokens) of the method's config;
-    a ``text`` prompt is its string."""
-    if prompt is None:
+    a ``text`` prompt is its string; None or a continuous prompt of no tokens is the bare template."""
+    if prompt is None or (kind != "text" and np.size(prompt) == 0):
         return PromptBatch.zero_shot()
     if kind == "text":
         if not isinstance(prompt, str):

@@ -10,11 +10,16 @@ Built-ins (data bundled gzip-compressed under ``bbt_client/data``; see its READM
   reference code (both are single WordPiece tokens in the uncased MiniLM/BERT vocabulary).
 - ``agnews``: ``"{mask} News: {text}"`` with ``World``/``Sports``/``Business``/``Tech`` (reference
   code); class order World, Sports, Business, Sci/Tech as in the HF ``ag_news`` dataset.
+- ``mr``, ``cr``, ``sst5``, ``yelp2``, ``yelp5``, ``dbpedia``, ``yahoo``: RLPrompt's 16-shot splits (LM-BFF
+  protocol), fixed per seed (:data:`FIXED_SPLIT_SEEDS`). Templates and words were taken once, before any
+  run, from the papers that used them (:data:`TEMPLATE_SOURCES`); every such template ends with ``{mask}`` so
+  that one template serves masked and next-token backends alike.
 
-Few-shot protocol (:func:`few_shot`, as BBT's ``construct_true_few_shot_data``): shuffle the training
+Few-shot protocol for ``sst2``/``agnews`` (:func:`few_shot`, as BBT's ``construct_true_few_shot_data``): shuffle the training
 rows with the seed, walk them, give the first k of each class to train and the next k to dev; test is
 the full test file (GLUE's dev set for SST-2, whose test labels are hidden). The papers use seeds
-13, 42, 100 (and 87, 21 in some tables).
+13, 42, 100 (and 87, 21 in some tables). The fixed-split tasks instead read the seed's own train and dev
+files (16 per class each); k < 16 keeps the first k of each class in a seeded shuffle of them.
 
 Only the loaders here read files; everything else is pure.
 """
@@ -184,8 +189,62 @@ _BUILTIN: dict[str, Task] = {
     ),
 }
 
-#: Column layout of the bundled files: (has header, text column, label column).
-_BUILTIN_LAYOUT = {"sst2": (True, 0, 1), "agnews": (False, 0, 1)}
+_IT_WAS, _POLARITY = "{text} It was {mask}", ("negative", "positive")
+_FIVE_WORDS = ("terrible", "bad", "okay", "good", "great")
+#: The fixed-split tasks: name -> (template, label words, class names, description).
+_FIXED_TASKS = {
+    "mr": (_IT_WAS, ("terrible", "great"), _POLARITY,
+           "MR movie-review sentence polarity, 16-shot (RLPrompt splits); test 2,000 sentences"),
+    "cr": (_IT_WAS, ("terrible", "great"), _POLARITY,
+           "CR customer-review sentence polarity, 16-shot (RLPrompt splits); test 2,000 sentences"),
+    "sst5": (_IT_WAS, _FIVE_WORDS, ("very negative", "negative", "neutral", "positive", "very positive"),
+             "SST-5 fine-grained sentiment, 16-shot (RLPrompt splits); test 2,000 of SST's 2,210"),
+    "yelp2": ("{text} . It was {mask}", ("bad", "great"), _POLARITY,
+              "Yelp review polarity, 16-shot (RLPrompt splits); test: 128 reviews from the training split"),
+    "yelp5": (_IT_WAS, _FIVE_WORDS, ("1 star", "2 stars", "3 stars", "4 stars", "5 stars"),
+              "Yelp reviews, 1-5 stars, 16-shot (RLPrompt splits); test: 318 reviews from the training split"),
+    "dbpedia": ("{text} Category: {mask}",
+                ("company", "education", "artist", "athlete", "office", "transportation", "building", "natural",
+                 "village", "animal", "plant", "album", "film", "written"),
+                ("Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder", "MeanOfTransportation",
+                 "Building", "NaturalPlace", "Village", "Animal", "Plant", "Album", "Film", "WrittenWork"),
+                "DBpedia ontology, 14 classes, 16-shot (RLPrompt splits); test: 868 abstracts from the training split"),
+    "yahoo": ("{text} This topic is about {mask}",
+              ("culture", "science", "health", "education", "computer", "sports", "business", "music", "family",
+               "politics"),
+              ("Society & Culture", "Science & Mathematics", "Health", "Education & Reference", "Computers & Internet",
+               "Sports", "Business & Finance", "Entertainment & Music", "Family & Relationships",
+               "Politics & Government"),
+              "Yahoo! Answers topics (question titles), 16-shot (RLPrompt splits); test 2,000 of 60,000"),
+}
+_BUILTIN.update({name: Task(name, *spec) for name, spec in _FIXED_TASKS.items()})
+
+#: Where each fixed-split task's template and words come from, and the one change made so that the
+#: template ends with ``{mask}`` (next-token backends read the answer after the whole input).
+TEMPLATE_SOURCES = {
+    "mr": "LM-BFF (Gao et al. 2021) manual prompt '<S1> It was [MASK] .', terrible/great; final ' .' dropped",
+    "cr": "LM-BFF manual prompt '<S1> It was [MASK] .', terrible/great; final ' .' dropped",
+    "sst5": "LM-BFF manual prompt '<S1> It was [MASK] .', terrible/bad/okay/good/great; final ' .' dropped",
+    "yelp2": "BBT (Sun et al. 2022) Yelp P. prompt '<S> . It was [MASK] .', bad/great; final ' .' dropped",
+    "yelp5": "RLPrompt (Deng et al. 2022) words, shared with SST-5, and LM-BFF's SST-5 prompt; final ' .' dropped",
+    "dbpedia": "BBT DBPedia prompt '[ Category: [MASK] ] <S>' and words (lower-cased for the uncased vocabulary); "
+               "the cue moved after the text and the brackets dropped",
+    "yahoo": "RLPrompt's words; KPT (Hu et al. 2022) manual template '<S> This topic is about [MASK] .' (the one of "
+             "its four with the mask after the text); final ' .' dropped",
+}
+
+#: Tasks bundled as fixed per-seed train/dev files: the seeds offered. yelp2, yelp5 and dbpedia lack 21 and 87,
+#: whose files became their test sets (see the data README).
+FIXED_SPLIT_SEEDS: dict[str, tuple[int, ...]] = {
+    **{t: (13, 21, 42, 87, 100) for t in ("mr", "cr", "sst5", "yahoo")},
+    **{t: (13, 42, 100) for t in ("yelp2", "yelp5", "dbpedia")},
+}
+#: Examples per class in each fixed train and dev file.
+FIXED_SPLIT_SHOTS = 16
+
+#: Column layout of the bundled files: (has header, text column, label column, labels are class indices).
+_BUILTIN_LAYOUT = {"sst2": (True, 0, 1, False), "agnews": (False, 0, 1, False),
+                   **{t: (True, 0, 1, True) for t in FIXED_SPLIT_SEEDS}}
 
 
 def task_names() -> list[str]:
@@ -193,7 +252,7 @@ def task_names() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    """A built-in task by name (``sst2``, ``agnews``)."""
+    """A built-in task by name (``sst2``, ``agnews``, ``mr`` ...: :func:`task_names`)."""
     try:
         return _BUILTIN[name.lower()]
     except KeyError:
@@ -204,14 +263,18 @@ def get_task(name: str) -> Task:
 
 
 def load_split(name: str, split: str) -> Split:
-    """A bundled split (``train`` or ``test``) of a built-in task. Reads the gzip file every call."""
+    """A bundled split of a built-in task: ``train`` or ``test``, or for a fixed-split task ``test``,
+    ``train-<seed>`` or ``dev-<seed>``. Reads the gzip file every call."""
     task = get_task(name)
-    if split not in ("train", "test"):
-        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    allowed = ["test"] + ([f"{s}-{seed}" for seed in FIXED_SPLIT_SEEDS[task.name] for s in ("train", "dev")]
+                          if task.name in FIXED_SPLIT_SEEDS else ["train"])
+    if split not in allowed:
+        raise ConfigError(f"task {task.name!r} has splits {', '.join(allowed)}; got {split!r}")
     path = DATA_DIR / task.name / f"{split}.tsv.gz"
     if not path.is_file():
         raise ConfigError(f"bundled data file {path} is missing; reinstall bbt-client")
-    has_header, text_col, label_col = _BUILTIN_LAYOUT[task.name]
+    has_header, text_col, label_col, by_index = _BUILTIN_LAYOUT[task.name]
+    names = tuple(str(i) for i in range(task.num_classes)) if by_index else task.class_names
     with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
         lines = fh.read().split("\n")
     if has_header:
@@ -224,7 +287,7 @@ def load_split(name: str, split: str) -> Split:
         label = cols[label_col].strip()
         texts.append(cols[text_col].strip())
         try:
-            labels.append(task.class_names.index(label))
+            labels.append(names.index(label))
         except ValueError:
             raise ConfigError(f"{path}:{lineno}: unknown label {label!r}") from None
     return Split(texts=tuple(texts), labels=np.asarray(labels, dtype=np.int64))
@@ -251,6 +314,8 @@ def few_shot(
         task = get_task(task)
     if k < 1:
         raise ConfigError(f"k (examples per class) must be >= 1, got {k}")
+    if train is None and task.name in FIXED_SPLIT_SEEDS and _BUILTIN[task.name].class_names == task.class_names:
+        return fixed_few_shot(task, k, seed, test=test)
     if train is None:
         if _BUILTIN.get(task.name) != task:
             raise ConfigError(f"task {task.name!r} has no bundled data; pass train= (and test=) splits")
@@ -285,6 +350,35 @@ def few_shot(
         used = set(train_idx) | set(dev_idx)
         test = train.subset([i for i in range(len(train)) if i not in used])
     return FewShot(train=train.subset(train_idx), dev=train.subset(dev_idx), test=test)
+
+
+def fixed_few_shot(task: Task | str, k: int, seed: int, *, test: Split | None = None) -> FewShot:
+    """A fixed-split task's own train and dev files for ``seed`` (k <= 16 per class: the first k of each
+    class in a ``seed``-shuffle of each file), and its bundled test set unless ``test`` is given."""
+    if isinstance(task, str):
+        task = get_task(task)
+    seeds = FIXED_SPLIT_SEEDS[task.name]
+    if seed not in seeds:
+        raise ConfigError(f"task {task.name!r} has fixed splits for seeds {', '.join(map(str, seeds))} only; "
+                          f"got seed {seed}")
+    if not 1 <= k <= FIXED_SPLIT_SHOTS:
+        raise ConfigError(f"task {task.name!r} has {FIXED_SPLIT_SHOTS} examples per class per split; "
+                          f"k must be 1..{FIXED_SPLIT_SHOTS}, got {k}")
+    parts = [load_split(task.name, f"{s}-{seed}") for s in ("train", "dev")]
+    if k < FIXED_SPLIT_SHOTS:
+        parts = [_first_k_per_class(p, k, task.num_classes, seed) for p in parts]
+    return FewShot(train=parts[0], dev=parts[1], test=test if test is not None else load_split(task.name, "test"))
+
+
+def _first_k_per_class(split: Split, k: int, num_classes: int, seed: int) -> Split:
+    order = np.random.default_rng(seed).permutation(len(split))
+    taken = np.zeros(num_classes, np.int64)
+    keep = []
+    for i in order:
+        if taken[split.labels[i]] < k:
+            taken[split.labels[i]] += 1
+            keep.append(int(i))
+    return split.subset(sorted(keep))
 
 
 # ---------------------------------------------------------------- custom task files
@@ -462,6 +556,9 @@ def load_task_data(task_config, seed: int) -> TaskData:
                 class_names=task.class_names,
                 description=task.description,
             )
+        if task.name in FIXED_SPLIT_SEEDS:
+            fs = fixed_few_shot(task, shots, seed)
+            return TaskData(task=task, train=fs.train, dev=fs.dev, test=limit_split(fs.test, limit))
         pool = load_split(task.name, "train")
         test = load_split(task.name, "test")
     else:

@@ -71,13 +71,15 @@ async def test_a_run_checkpointed_by_the_flat_layout_resumes_bit_identically(tmp
     labels = {t: int(y) for s in (data.train, data.dev, data.test) for t, y in zip(s.texts, s.labels)}
     cfg = TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid"), task=task, method="bbtv2", seed=7,
                      budget={"calls": 60}, eval_every=2, out=run,
-                     method_options={"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6})
+                     method_options={"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6,
+                                     "calibrate": True})  # the default it was made with, pinned
     result = await tune(cfg, backend=ToyBackend(labels), resume=True)
 
     expected = json.loads((fixture / "resumed-result.json").read_text())
     got = {k: v for k, v in result.model_dump(mode="json").items() if k in expected}  # fields added since: not in it
     assert _without_clock(got) == _without_clock(expected)
     assert result.scoring["strategy"] == "full-vocab" and result.label_score_coverage == 1.0
+    assert result.bare_template is False
     got_rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     want_rows = [json.loads(line) for line in (fixture / "resumed-history.jsonl").read_text().splitlines()]
     assert [_without_clock(r) for r in got_rows] == [_without_clock(r) for r in want_rows]

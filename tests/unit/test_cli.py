@@ -161,12 +161,12 @@ def test_a_refused_pin_on_resume_is_not_saved_and_a_right_one_is(tiny_server, tm
                      "--opt", "popsize=4", "--out", str(out), *base]) == 0
     before = (out / "config.json").read_text()
     assert cli.main(["tune", "--resume", str(out), "--opt", "calibrate=false", *base]) == 2
-    assert "options that differ: calibrate (checkpoint: True, now: off)" in capsys.readouterr().err
+    assert "options that differ: calibrate (checkpoint: auto, now: off)" in capsys.readouterr().err
     assert (out / "config.json").read_text() == before  # so the user can still pin the right value
-    assert cli.main(["tune", "--resume", str(out), "--opt", "calibrate=true", "--budget-calls", "20",
+    assert cli.main(["tune", "--resume", str(out), "--opt", "calibrate=auto", "--budget-calls", "20",
                      "--test-limit", "4", "--quiet"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["method_options"]["calibrate"] is True and saved["budget"]["calls"] == 20
+    assert saved["method_options"]["calibrate"] == "auto" and saved["budget"]["calls"] == 20
 
 
 def test_methods_lists_every_option_with_its_validated_default_and_a_meaning(capsys):

@@ -58,9 +58,9 @@ async def test_job_respects_call_budget_and_writes_results(tmp_path, labels_by_t
 
 async def test_resume_after_an_interrupt_counts_the_cut_off_request_and_matches_an_uninterrupted_run(
         tmp_path, labels_by_text):
-    crashing = ToyBackend(labels_by_text, fail_after=7)
+    crashing = ToyBackend(labels_by_text, fail_after=8)
     cfg_b = _config(tmp_path / "b", calls=120)
-    with pytest.raises(KeyboardInterrupt):  # interrupted with request 7 in flight: the endpoint may have served it
+    with pytest.raises(KeyboardInterrupt):  # interrupted with request 8 (a generation) in flight: it may have been served
         await tune(cfg_b, backend=crashing)
     spent_before = crashing.calls
     resumed_backend = ToyBackend(labels_by_text)
@@ -97,12 +97,15 @@ async def test_resume_may_pin_an_option_the_run_did_not_set_and_the_tuner_checks
         return cfg.model_copy(update={"method_options": {**cfg.method_options, **opts},
                                       "budget": BudgetLimits(calls=60)})
 
-    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: True, now: off\)"):
+    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: auto, now: off\)"):
         await tune(pinned(calibrate=False), backend=ToyBackend(labels_by_text), resume=True)
+    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: auto, now: True\)"):
+        await tune(pinned(calibrate=True), backend=ToyBackend(labels_by_text), resume=True)
     with pytest.raises(ConfigError, match="different configuration"):
         await tune(pinned(popsize=4), backend=ToyBackend(labels_by_text), resume=True)
-    result = await tune(pinned(calibrate=True), backend=ToyBackend(labels_by_text), resume=True)
-    assert 30 < result.api_calls_used <= 60 and result.calibrated
+    first = load_result(cfg.out)
+    result = await tune(pinned(calibrate="auto"), backend=ToyBackend(labels_by_text), resume=True)
+    assert 30 < result.api_calls_used <= 60 and result.calibrated == first.calibrated
 
 
 async def test_resume_without_checkpoint_is_a_clear_error(tmp_path, labels_by_text):
@@ -142,13 +145,14 @@ async def test_what_needs_no_endpoint_is_refused_before_the_endpoint_is_asked(tm
 
 async def test_budget_too_small_for_one_generation_is_refused_before_any_call(tmp_path, labels_by_text):
     backend = ToyBackend(labels_by_text)
-    cfg = _config(tmp_path / "run", calls=8)  # zero-shot 1 + generation 6 + dev check 1 + test 1 = 9
-    with pytest.raises(ConfigError, match=r"--budget-calls 8 cannot pay .* = 9 calls; raise --budget-calls to at "
-                                          r"least 9"):
+    # zero-shot 1 + bare-template dev check 1 + generation 6 + dev check 1 + test 1 = 10
+    cfg = _config(tmp_path / "run", calls=9)
+    with pytest.raises(ConfigError, match=r"--budget-calls 9 cannot pay .* = 10 calls; raise --budget-calls to at "
+                                          r"least 10"):
         await tune(cfg, backend=backend)
     assert backend.calls == 0 and not cfg.out.exists()
-    result = await tune(cfg.model_copy(update={"budget": BudgetLimits(calls=9)}), backend=backend)
-    assert result.generations == 1 and result.api_calls_used == 9 and result.test_accuracy is not None
+    result = await tune(cfg.model_copy(update={"budget": BudgetLimits(calls=10)}), backend=backend)
+    assert result.generations == 1 and result.api_calls_used == 10 and result.test_accuracy is not None
 
 
 async def test_token_budget_is_a_hard_cap(tmp_path, labels_by_text):
@@ -219,7 +223,57 @@ async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labe
     assert again["matches"] and again["test_accuracy"] == cal.test_accuracy
     assert "calibrate" not in make_config(method, {"calibrate": False}).identity()  # older checkpoints resume
     assert make_config(method, {"calibrate": True}).identity()["calibrate"] is True
-    assert make_config(method, {}).calibrate is True  # the default: README, Results
+    assert make_config(method, {}).calibrate == "auto"  # the default: chosen per run on dev
+    with pytest.raises(ConfigError, match="empty_prompt_baseline"):
+        make_config(method, {"empty_prompt_baseline": False})
+
+
+class _BareTemplateWins(ToyBackend):
+    """The bare template reads every label right and any prompt reads every label wrong."""
+
+    async def score(self, job):
+        res = await super().score(job)
+        sign = np.array([0.0 if t not in self.labels else 1.0 if self.labels[t] == 1 else -1.0 for t in job.texts])
+        leaning = np.array([1.0 if w == "great" else -1.0 for w in job.label_words])
+        right = 1.0 if job.prompts.full() is None else -1.0
+        logits = np.broadcast_to(right * sign[None, :, None] * leaning, res.logits.shape).astype(np.float32)
+        return type(res)(logits=logits.copy(), tokens=res.tokens)
+
+
+class _ContentFreeMisleads(ToyBackend):
+    """Real texts carry no label prior, but the content-free inputs lean hard to one class: calibrating hurts."""
+
+    async def score(self, job):
+        res = await super().score(job)
+        logits = res.logits.copy()
+        for i, t in enumerate(job.texts):
+            if t in CONTENT_FREE_INPUTS:
+                logits[:, i, 0] += 8.0
+        return type(res)(logits=logits, tokens=res.tokens)
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2"])
+async def test_a_run_no_prompt_beats_returns_the_bare_template_and_says_so(tmp_path, labels_by_text, method):
+    cfg = _config(tmp_path, method, calls=60)
+    result = await tune(cfg, backend=_BareTemplateWins(labels_by_text))
+    assert result.generations > 0 and result.bare_template and result.best_generation == 0
+    assert result.best_dev_accuracy == 1.0 and result.test_accuracy == result.zero_shot_test_accuracy == 1.0
+    assert read_prompt(cfg.out).shape == (0,) and result.prompt_shape == [0]
+    again = await evaluate_run(cfg.out, backend=_BareTemplateWins(labels_by_text))
+    assert again["matches"]
+
+
+@pytest.mark.parametrize("prior, backend_cls, calibrates", [(5.0, ToyBackend, True), (0.0, _ContentFreeMisleads, False)])
+async def test_auto_calibration_is_chosen_on_the_bare_templates_dev_score(tmp_path, labels_by_text, prior, backend_cls,
+                                                                        calibrates):
+    backend = backend_cls(labels_by_text)
+    backend.prior = prior
+    result = await tune(_config(tmp_path, "bbtv2", calls=60), backend=backend)
+    assert result.calibrated is calibrates
+    assert tuple(backend.jobs[1].texts[-len(CONTENT_FREE_INPUTS):]) == tuple(CONTENT_FREE_INPUTS)  # dev baseline
+    later = [j for j in backend.jobs[2:] if j.prompts.num_candidates > 1]
+    assert later and all((tuple(j.texts[-len(CONTENT_FREE_INPUTS):]) == tuple(CONTENT_FREE_INPUTS)) is calibrates
+                         for j in later)
 
 
 def test_budget_exhausted_names_its_cap():

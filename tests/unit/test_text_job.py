@@ -156,3 +156,34 @@ async def test_text_methods_refused_by_backends_without_text(tmp_path, labels_by
     with pytest.raises(UnsupportedError, match="text prompts"):
         await tune(_config(tmp_path), backend=backend)
     assert backend.calls == 0  # refused before anything was spent
+
+
+@pytest.mark.parametrize("method", ["bdpl", "cmaes-tokens"])
+async def test_no_prompt_is_paid_for_twice(tmp_path, labels_by_text, method):
+    """A small search space makes the search propose repeats: none reaches the endpoint twice, on train or dev."""
+    backend = TextToyBackend(labels_by_text)
+    cfg = _config(tmp_path, method, calls=14, vocab_size=4, lr=0.3) if method == "bdpl" else \
+        _config(tmp_path, method, calls=14, vocab_size=4)
+    result = await tune(cfg, backend=backend)
+    data = load_task_data(cfg.task, cfg.seed)
+    sent: dict[str, list[str]] = {"train": [], "dev": []}
+    for j in backend.jobs:
+        split = "train" if data.train.texts[0] in j.texts else "dev" if data.dev.texts[0] in j.texts else None
+        if split and j.prompts.kind == "text":
+            sent[split] += list(j.prompts.texts)
+    assert sent["train"] and len(sent["train"]) == len(set(sent["train"]))
+    assert len(sent["dev"]) == len(set(sent["dev"]))
+    assert result.metrics["from_cache"] > 0  # repeats were proposed, and answered from the cache
+
+
+async def test_the_tasks_own_label_words_stay_out_of_the_vocabulary_after_a_word_search(tmp_path, labels_by_text):
+    from bbt_client.methods.text.bdpl import BDPLTuner
+    from bbt_client.tasks.datasets import get_task
+    import dataclasses
+
+    task = get_task("sst2")
+    searched = dataclasses.replace(task, verbalizer=(("poor",), ("fine",)))
+    train = load_task_data(TaskConfig(name="sst2", shots=4), 7).train
+    texts = tuple(f"{t} bad great" for t in train.texts)  # the label words are the most frequent words here
+    vocab = BDPLTuner(None, {"vocab_size": 30}, 7, task=searched, train=dataclasses.replace(train, texts=texts)).vocabulary
+    assert not any(w in entry.split() for entry in vocab for w in ("bad", "great", "poor", "fine"))

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bbt_client.backends.base import PromptBatch
 from bbt_client.errors import ConfigError
 from bbt_client.methods.base import Tuner, check_losses, check_state
-from bbt_client.methods.bbt import check_endpoint_prompt, check_slot_settings
+from bbt_client.methods.bbt import check_auto_calibration, check_endpoint_prompt, check_slot_settings
 from bbt_client.search.cmaes import CMAES
 from bbt_client.search.projection import Projection, derive_seed, designed_std
 from bbt_client.protocol import ModelInfo
@@ -124,9 +124,11 @@ class GDFOConfig(BaseModel):
 
     #: Content-free calibration (as BBT's ``calibrate``; :mod:`bbt_client.tasks.calibration`): the teacher's logits are
     #: read through "N/A" and "" scored in the same call, for the losses CMA-ES ranks, the logits the student
-    #: distils, dev checks and the test evaluation. On by default, as for BBT and BBTv2: on AG News at 400 calls
-    #: it lifted GDFO on every seed (three-seed mean 0.288 -> 0.394).
-    calibrate: bool = True
+    #: distils, dev checks and the test evaluation. "auto" (default), as for BBT and BBTv2: chosen per run on the
+    #: bare template's dev score.
+    calibrate: bool | Literal["auto"] = "auto"
+    #: As BBT's: the bare template is scored on dev first and kept unless a tuned prompt beats it there.
+    empty_prompt_baseline: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +141,7 @@ class GDFOConfig(BaseModel):
     @model_validator(mode="after")
     def _check_slots(self) -> "GDFOConfig":
         check_slot_settings(self)
+        check_auto_calibration(self)
         return self
 
 
@@ -396,7 +399,7 @@ class GDFOTuner(Tuner):
 
     def _identity(self) -> dict[str, Any]:
         """What a resumed state must share with this tuner: any other option or model changes what it means."""
-        off = set() if self.config.calibrate else {"calibrate"}  # a state from before the option: off
+        off = {"empty_prompt_baseline"} | (set() if self.config.calibrate else {"calibrate"})  # before the option: off
         return {"method": self.method, "seed": self.seed, "config": self.config.model_dump(exclude=off),
                 "hidden_size": self.info.hidden_size, "embedding_std": self.info.embedding_std}
 

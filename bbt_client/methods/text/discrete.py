@@ -23,6 +23,8 @@ from bbt_client.methods.base import Tuner, check_losses, check_state
 from bbt_client.methods.text.vocabulary import EMPTY_SLOT, build_vocabulary, render_prompt
 
 STATE_VERSION = 1
+#: Generations in a row told wholly from the cache before ask() re-sends scored prompts (a collapsed search).
+MAX_FREE_GENERATIONS = 100
 
 
 class DiscretePromptConfig(BaseModel):
@@ -77,7 +79,9 @@ class DiscretePromptTuner(Tuner):
         if vocabulary is None:
             if train is None:
                 raise ConfigError(f"method {self.method!r} builds its vocabulary from the training texts: pass train=")
+            # the task's own label words stay out even when a label-word search replaced them for scoring
             words = [w for ws in (task.word_sets if task is not None else ()) for w in ws]
+            words += list(task.label_words) if task is not None else []
             try:
                 vocabulary = build_vocabulary(train.texts, config.vocab_size, max_ngram=config.max_ngram,
                                               exclude=words)
@@ -86,7 +90,10 @@ class DiscretePromptTuner(Tuner):
         if len(vocabulary) < 2:
             raise ConfigError(f"the candidate vocabulary has {len(vocabulary)} entries; at least 2 are needed")
         self.vocabulary = list(vocabulary)
-        self._pending: np.ndarray | None = None  # (C, n) int64 indices asked, not yet told
+        self._pending: np.ndarray | None = None  # (M, n) int64 indices asked (not scored before), not yet told
+        self._pending_full: np.ndarray | None = None  # (C, n) the generation they belong to
+        #: Training loss of every prompt scored in this run, by its indices' bytes: a prompt is paid for once.
+        self._scored: dict[bytes, float] = {}
         self._last: np.ndarray | None = None
         self._last_losses: np.ndarray | None = None
         self._best: np.ndarray | None = None
@@ -156,10 +163,33 @@ class DiscretePromptTuner(Tuner):
         return f"generation {self._generation + 1}"
 
     def ask(self) -> PromptBatch:
+        """The generation's prompts not scored before in this run (each once); a generation whose prompts were all
+        scored is told from the cache at no cost and the next one proposed."""
         if self._pending is not None:
             raise RuntimeError("ask() called twice without tell(): report the pending generation's losses first")
-        self._pending = np.asarray(self._propose(), dtype=np.int64)
-        return self.text_batch(self._pending)
+        for free in range(MAX_FREE_GENERATIONS + 1):
+            full = np.asarray(self._propose(), dtype=np.int64)
+            new = self._unscored(full)
+            if len(new):
+                break
+            if free == MAX_FREE_GENERATIONS:  # the search proposes only scored prompts: score again, not stall
+                new = np.unique(full, axis=0)
+                break
+            self._finish(full, np.array([self._scored[r.tobytes()] for r in full]))
+        self._pending_full, self._pending = full, new
+        return self.text_batch(new)
+
+    def extra_metrics(self) -> dict[str, float]:
+        """``from_cache``: proposals answered by an earlier score of the same prompt, i.e. calls not paid."""
+        return {"from_cache": float(max(0, self.popsize * self._generation - len(self._scored)))}
+
+    def _unscored(self, rows: np.ndarray) -> np.ndarray:
+        seen, out = set(self._scored), []
+        for r in rows:
+            if r.tobytes() not in seen:
+                seen.add(r.tobytes())
+                out.append(r)
+        return np.array(out, dtype=np.int64).reshape(-1, self.num_slots)
 
     def pending_batch(self) -> PromptBatch | None:
         return None if self._pending is None else self.text_batch(self._pending)
@@ -168,11 +198,17 @@ class DiscretePromptTuner(Tuner):
         if self._pending is None:
             raise ValueError("tell() without a pending ask(): call ask() first")
         f = check_losses(losses, self._pending.shape[0])
-        self._update(self._pending, f)
+        self._scored.update((r.tobytes(), float(x)) for r, x in zip(self._pending, f))
+        full = self._pending_full if self._pending_full is not None else self._pending
+        self._pending = self._pending_full = None
+        self._finish(full, np.array([self._scored[r.tobytes()] for r in full]))
+
+    def _finish(self, full: np.ndarray, f: np.ndarray) -> None:
+        self._update(full, f)
         i = int(np.argmin(f))
         if f[i] < self._best_loss:
-            self._best_loss, self._best = float(f[i]), self._pending[i].copy()
-        self._last, self._last_losses, self._pending = self._pending, f, None
+            self._best_loss, self._best = float(f[i]), full[i].copy()
+        self._last, self._last_losses = full, f
         self._generation += 1
 
     def best_prompt(self) -> np.ndarray:
@@ -193,13 +229,18 @@ class DiscretePromptTuner(Tuner):
                 "vocabulary": _vocab_digest(self.vocabulary)}
 
     def state_dict(self) -> dict[str, Any]:
+        keys = np.array([np.frombuffer(k, np.int64) for k in self._scored], np.int64).reshape(-1, self.num_slots)
         return {"version": STATE_VERSION, "identity": self._identity(), "pending": self._pending,
+                "pending_full": self._pending_full, "scored": (keys, np.array(list(self._scored.values()))),
                 "last": self._last, "last_losses": self._last_losses, "best": self._best,
                 "best_loss": self._best_loss, "generation": self._generation, "search": self._search_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state(state, STATE_VERSION, self._identity())
         self._pending, self._last, self._last_losses = state["pending"], state["last"], state["last_losses"]
+        self._pending_full = state.get("pending_full")  # states from before the cache: none, nothing cached
+        keys, values = state.get("scored", (np.zeros((0, self.num_slots), np.int64), np.zeros(0)))
+        self._scored = {np.asarray(k, np.int64).tobytes(): float(v) for k, v in zip(keys, values)}
         self._best, self._best_loss = state["best"], float(state["best_loss"])
         self._generation = int(state["generation"])
         self._load_search_state(state["search"])

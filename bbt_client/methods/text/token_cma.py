@@ -71,7 +71,7 @@ class TokenCMATuner(DiscretePromptTuner):
         return self.indices(self._es.mean)[0]
 
     def extra_metrics(self) -> dict[str, float]:
-        return {"cma_sigma": self._es.sigma}
+        return {**super().extra_metrics(), "cma_sigma": self._es.sigma}
 
     def _search_state(self) -> dict[str, Any]:
         return {"es": self._es.state_bytes(), "pending_z": self._pending_z}

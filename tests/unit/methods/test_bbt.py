@@ -72,7 +72,7 @@ def test_load_state_refuses_other_config(model_info):
     with pytest.raises(ConfigError, match="different"):
         BBTTuner(model_info, SMALL, seed=9).load_state_dict(state)
     raw = BBTTuner(model_info, {**SMALL, "calibrate": False}, seed=8)
-    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: True, now: off\)"):
+    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: auto, now: off\)"):
         raw.load_state_dict(state)  # a field left out of the identity while off reads as "off"
 
 

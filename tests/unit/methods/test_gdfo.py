@@ -157,7 +157,7 @@ def test_state_round_trip_gives_identical_next_proposals(info):
     for name, arr in a.student.trainable_state().items():
         np.testing.assert_array_equal(arr, b.student.trainable_state()[name])
 
-    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: True, now: off\)"):
+    with pytest.raises(ConfigError, match=r"options that differ: calibrate \(checkpoint: auto, now: off\)"):
         make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=False).load_state_dict(state)
     with pytest.raises(ConfigError, match=r"options that differ: kd_lr \(checkpoint: 0.001, now: 0.01\)"):
         make(info, gd_start=2, gd_steps=2, kd_steps=2, kd_lr=0.01).load_state_dict(state)
@@ -165,7 +165,9 @@ def test_state_round_trip_gives_identical_next_proposals(info):
     with pytest.raises(ConfigError, match="resume with --opt calibrate=false"):  # they were made uncalibrated
         make(info, gd_start=2, gd_steps=2, kd_steps=2).load_state_dict(old)
     make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=False).load_state_dict(old)
-    make(info, gd_start=2, gd_steps=2, kd_steps=2).load_state_dict({**old, "calibrate": True})  # 13ed504's states
+    make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=True).load_state_dict({**old, "calibrate": True})
+    with pytest.raises(ConfigError, match="resume with --opt calibrate=true"):  # 13ed504's states, default now auto
+        make(info, gd_start=2, gd_steps=2, kd_steps=2).load_state_dict({**old, "calibrate": True})
     with pytest.raises(ConfigError, match="resume with --opt calibrate=true"):
         make(info, gd_start=2, gd_steps=2, kd_steps=2, calibrate=False).load_state_dict({**old, "calibrate": True})
 
