@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from server_stub.engine.loading import LoadedLM
-from server_stub.engine.micro_batches import micro_batch_spans
+from server_stub.engine.micro_batches import PACKED_CPU_BATCH_TOKENS, micro_batch_spans
 from server_stub.errors import InvalidInput
 
 #: vLLM reports a log-probability of -inf (a token masked out) as this number, since JSON has no -inf.
@@ -205,14 +205,17 @@ def _run(lm: LoadedLM, passes: Sequence[tuple[torch.Tensor, Sequence[int]]], max
          on_rows: Callable[[int, torch.Tensor], None]) -> tuple[int, int]:
     """Micro-batches of passes, shortest first; ``on_rows(pass, (P, V) float32 logits at its positions)`` as each
     finishes. A causal model with a packed forward (:mod:`server_stub.engine.packed_causal`) runs up to
-    ``max_batch_tokens`` real rows at once; otherwise right-padded micro-batches (:func:`micro_batch_spans`).
-    Returns (tokens run, forward passes)."""
+    ``max_batch_tokens`` real rows at once (:data:`PACKED_CPU_BATCH_TOKENS` at most on a CPU); otherwise
+    right-padded micro-batches (:func:`micro_batch_spans`). Returns (tokens run, forward passes)."""
     tokens = batches = 0
     order = sorted(range(len(passes)), key=lambda i: len(passes[i][0]))
     lengths = [len(passes[i][0]) for i in order]
     packed = getattr(lm, "packed_causal", None)
-    spans = _packed_spans(lengths, max_batch_tokens) if packed is not None else \
-        micro_batch_spans(lengths, max_batch_tokens)
+    if packed is not None:
+        cap = PACKED_CPU_BATCH_TOKENS if lm.device.type == "cpu" else max_batch_tokens
+        spans = _packed_spans(lengths, min(max_batch_tokens, cap))
+    else:
+        spans = micro_batch_spans(lengths, max_batch_tokens)
     with torch.inference_mode():
         for start, end in spans:
             idx = order[start:end]

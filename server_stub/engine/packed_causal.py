@@ -69,14 +69,18 @@ class PackedCausal:
                                                device=dev))
         return self.base_model.norm(x)
 
-    def _qkv(self, layer, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, layer, x: torch.Tensor, rope, q_rows: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (at ``q_rows`` only, if given), rotated keys and values of every row."""
         attn, T = layer.self_attn, x.shape[0]
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(T, self.heads, self.head_dim)
         k = attn.k_proj(h).view(T, self.kv_heads, self.head_dim)
         v = attn.v_proj(h).view(T, self.kv_heads, self.head_dim)
         cos, sin = rope
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        if q_rows is not None:
+            h, cos, sin = h.index_select(0, q_rows), cos.index_select(0, q_rows), sin.index_select(0, q_rows)
+        q = attn.q_proj(h).view(h.shape[0], self.heads, self.head_dim)
+        return _rotate(q, cos, sin), _rotate(k, *rope), v
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """(n, Lq, H, hd) queries over (n, L, KV, hd) keys/values -> (n, Lq, H, hd)."""
@@ -98,14 +102,15 @@ class PackedCausal:
     def _last_layer_at_ends(self, layer, x: torch.Tensor, rope, runs: list[tuple[int, int, int]]) -> torch.Tensor:
         """The layer's output at each sequence's last position only, (n_seqs, D) in sequence order: the last
         query attends to its whole sequence, so no mask is needed."""
-        q, k, v = self._qkv(layer, x, rope)
-        ctx, ends = [], []
+        ends = torch.cat([torch.arange(row + L - 1, row + n * L, L, device=x.device) for row, n, L in runs])
+        q, k, v = self._qkv(layer, x, rope, q_rows=ends)
+        ctx, first = [], 0
         for row, n, L in runs:
             rows = slice(row, row + n * L)
-            qr, kr, vr = (t[rows].view(n, L, t.shape[1], self.head_dim) for t in (q, k, v))
-            ctx.append(self._sdpa(qr[:, -1:], kr, vr, causal=False).reshape(n, -1))
-            ends.append(torch.arange(row + L - 1, row + n * L, L, device=x.device))
-        h = x.index_select(0, torch.cat(ends)) + layer.self_attn.o_proj(torch.cat(ctx))
+            kr, vr = (t[rows].view(n, L, t.shape[1], self.head_dim) for t in (k, v))
+            ctx.append(self._sdpa(q[first:first + n, None], kr, vr, causal=False).reshape(n, -1))
+            first += n
+        h = x.index_select(0, ends) + layer.self_attn.o_proj(torch.cat(ctx))
         return h.add_(layer.mlp(layer.post_attention_layernorm(h)))
 
 
