@@ -16,8 +16,11 @@ Builds the tiny Llama of ``tests/vllm`` (6 layers, hidden 384, MiniLM's vocabula
 - ``exact_label_score_coverage``: the same share when the requests name the labels with ``logprob_token_ids``;
 - ``score_max_abs_diff``: the largest difference between the two servers' label log-probs (BBT-shaped
   ``prompt_embeds`` requests) and echoed prompt-token log-probs, on the same requests;
-- ``stub_vs_vllm_seq_per_s``: BBT-shaped ``prompt_embeds`` requests sent to each server alone (the other idle),
-  our sequences/s over vLLM's; ``..._equal_threads`` with our server on vLLM's single inference thread.
+- ``stub_vs_vllm_seq_per_s``: BBT-shaped ``prompt_embeds`` requests sent to each server alone (the others idle),
+  our sequences/s over vLLM's; ``..._equal_threads`` with our server on vLLM's single inference thread. With
+  ``--repeats N`` the servers take turns N times and each ratio is the median, its range under ``..._range``.
+
+``--speed-only`` skips the tuning runs and coverage (and does not write the results file).
 """
 
 from __future__ import annotations
@@ -145,6 +148,10 @@ def max_abs_diff(vllm: str, stub: str, bodies: list[dict]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller budgets and fewer timed requests")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only score_max_abs_diff and the throughput keys (no tuning runs, no coverage)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed rounds, the servers taking turns in each; ratios are medians, with their range")
     args = ap.parse_args()
     py = vllm_python()
     if py is None:
@@ -160,32 +167,41 @@ def main() -> None:
         bodies = bbt_bodies(model_dir, timed)
         flags = ("--enable-prompt-embeds", "--served-model-name", SERVED)
         with spawn_vllm(model_dir, served_name=SERVED, log_path=tmp / "vllm.log") as vllm_url, \
-                spawn_server(model_dir, *flags) as stub_url:
+                spawn_server(model_dir, *flags) as stub_url, \
+                spawn_server(model_dir, *flags, "--threads", "1") as one_thread:
             servers = {"vllm": (vllm_url, True), "server_stub": (stub_url, False)}
             out["score_max_abs_diff"] = max_abs_diff(vllm_url, stub_url, bodies[:4])
-            for name, (url, is_vllm) in servers.items():
-                for backend, methods in (("vllm", ("bbt", "gdfo")), ("openai", ("bdpl",))):
-                    cov = asyncio.run(coverage(url, backend, model_dir))
-                    for method in methods:
-                        row = tune(url, is_vllm, backend, method, model_dir, calls, tmp / f"{name}-{method}")
-                        out["runs"][f"{name}/{backend}/{method}"] = {**row, "label_score_coverage": cov}
-            exact = [label_rows(httpx.post(u + "/v1/completions", json=bodies[0], timeout=600).json(),
-                                bodies[0]["logprob_token_ids"]) for u in (vllm_url, stub_url)]
-            out["exact_label_score_coverage"] = min(float((e > -9999).mean()) for e in exact)
-            # throughput: each server alone, the other idle
-            vllm_rate = seq_per_s(vllm_url, bodies)
-            stub_rate = seq_per_s(stub_url, bodies)
-        with spawn_server(model_dir, *flags, "--threads", "1") as one_thread:
-            stub_rate_1 = seq_per_s(one_thread, bodies)
-    out["seq_per_s"] = {"vllm": round(vllm_rate, 1), "server_stub": round(stub_rate, 1),
-                        "server_stub_1_thread": round(stub_rate_1, 1)}
-    out["stub_vs_vllm_seq_per_s"] = round(stub_rate / vllm_rate, 3)
-    out["stub_vs_vllm_seq_per_s_equal_threads"] = round(stub_rate_1 / vllm_rate, 3)
+            if not args.speed_only:
+                for name, (url, is_vllm) in servers.items():
+                    for backend, methods in (("vllm", ("bbt", "gdfo")), ("openai", ("bdpl",))):
+                        cov = asyncio.run(coverage(url, backend, model_dir))
+                        for method in methods:
+                            row = tune(url, is_vllm, backend, method, model_dir, calls, tmp / f"{name}-{method}")
+                            out["runs"][f"{name}/{backend}/{method}"] = {**row, "label_score_coverage": cov}
+                exact = [label_rows(httpx.post(u + "/v1/completions", json=bodies[0], timeout=600).json(),
+                                    bodies[0]["logprob_token_ids"]) for u in (vllm_url, stub_url)]
+                out["exact_label_score_coverage"] = min(float((e > -9999).mean()) for e in exact)
+            # throughput: each server alone (the others idle), taking turns so that load from outside falls on all
+            rates: dict[str, list[float]] = {"vllm": [], "server_stub": [], "server_stub_1_thread": []}
+            urls = {"vllm": vllm_url, "server_stub": stub_url, "server_stub_1_thread": one_thread}
+            for r in range(args.repeats):
+                names = list(urls) if r % 2 == 0 else list(reversed(urls))
+                for name in names:
+                    rates[name].append(seq_per_s(urls[name], bodies))
+    ratio = [s / v for s, v in zip(rates["server_stub"], rates["vllm"])]
+    ratio_1 = [s / v for s, v in zip(rates["server_stub_1_thread"], rates["vllm"])]
+    out["seq_per_s"] = {k: round(float(np.median(v)), 1) for k, v in rates.items()}
+    out["stub_vs_vllm_seq_per_s"] = round(float(np.median(ratio)), 3)
+    out["stub_vs_vllm_seq_per_s_equal_threads"] = round(float(np.median(ratio_1)), 3)
+    if args.repeats > 1:
+        out["stub_vs_vllm_seq_per_s_range"] = [round(min(ratio), 3), round(max(ratio), 3)]
+        out["stub_vs_vllm_seq_per_s_equal_threads_range"] = [round(min(ratio_1), 3), round(max(ratio_1), 3)]
     out["timed_requests"] = {"requests": len(bodies), "sequences_per_request": 64, "rows_per_sequence": "1+5+~15-30"}
     line = json.dumps(out, separators=(",", ":"))
     print(line)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(line + "\n")
+    if not args.speed_only:
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(line + "\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 from bbt_client.lm.layers import LayerList
 from server_stub.engine.int8 import OUTLIER_CHANNELS, quantize_linear_int8
+from server_stub.engine.packed_causal import PackedCausal, packed_causal_for
 from server_stub.engine.weight_digests import weight_digests
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def check_precision(device: torch.device, dtype: str, quantize: str | None) -> N
 class LoadedLM:
     """A checkpoint loaded once: tokenizer, base model, LM head (or a tied one), layers and special tokens."""
 
+    #: The decoder over unpadded sequences (:mod:`server_stub.engine.packed_causal`), or None: padded batches.
+    packed_causal: PackedCausal | None = None
+
     def __init__(
         self,
         path: str | Path,
@@ -123,6 +127,8 @@ class LoadedLM:
         self.default_slot_token_ids = self._default_slot_ids()
         # Digests of the weights as trained (int8 packs its weights out of parameters): ModelInfo.weight_digests.
         self.weight_digests = weight_digests(self.base_model) + (weight_digests(self.head) if self.head is not None else [])
+        with torch.inference_mode():
+            self.packed_causal = packed_causal_for(self)  # checked, like the answer layer, in float precision
         self._before_quantize()
         if quantize is not None:  # statistics above are the float32 model's: ModelInfo does not change with it
             # outlier channels found on the reference text: no task data

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from server_stub.engine.loading import LoadedLM
-from server_stub.engine.micro_batches import micro_batch_spans
+from server_stub.engine.micro_batches import PACKED_CPU_BATCH_TOKENS, micro_batch_spans
 from server_stub.errors import InvalidInput
 
 #: vLLM reports a log-probability of -inf (a token masked out) as this number, since JSON has no -inf.
@@ -203,42 +203,77 @@ def _check_lengths(lm: LoadedLM, lengths: Sequence[int]) -> None:
 
 def _run(lm: LoadedLM, passes: Sequence[tuple[torch.Tensor, Sequence[int]]], max_batch_tokens: int,
          on_rows: Callable[[int, torch.Tensor], None]) -> tuple[int, int]:
-    """Right-padded micro-batches (:func:`micro_batch_spans`, shortest first); ``on_rows(pass, (P, V) float32
-    logits at its positions)`` as each finishes. Returns (tokens run, forward passes)."""
+    """Micro-batches of passes, shortest first; ``on_rows(pass, (P, V) float32 logits at its positions)`` as each
+    finishes. A causal model with a packed forward (:mod:`server_stub.engine.packed_causal`) runs up to
+    ``max_batch_tokens`` real rows at once (:data:`PACKED_CPU_BATCH_TOKENS` at most on a CPU); otherwise
+    right-padded micro-batches (:func:`micro_batch_spans`). Returns (tokens run, forward passes)."""
     tokens = batches = 0
     order = sorted(range(len(passes)), key=lambda i: len(passes[i][0]))
+    lengths = [len(passes[i][0]) for i in order]
+    packed = getattr(lm, "packed_causal", None)
+    if packed is not None:
+        cap = PACKED_CPU_BATCH_TOKENS if lm.device.type == "cpu" else max_batch_tokens
+        spans = _packed_spans(lengths, min(max_batch_tokens, cap))
+    else:
+        spans = micro_batch_spans(lengths, max_batch_tokens)
     with torch.inference_mode():
-        for start, end in micro_batch_spans([len(passes[i][0]) for i in order], max_batch_tokens):
+        for start, end in spans:
             idx = order[start:end]
-            S = max(len(passes[i][0]) for i in idx)
-            x = torch.zeros(len(idx), S, lm.hidden_size, dtype=lm.dtype, device=lm.device)
-            attn = torch.zeros(len(idx), S, dtype=torch.long, device=lm.device)
-            for b, i in enumerate(idx):
-                x[b, : len(passes[i][0])] = passes[i][0]
-                attn[b, : len(passes[i][0])] = 1
-            hidden = lm.base_model(inputs_embeds=x, attention_mask=attn, **lm._extra_kwargs())[0]
-            # the head on the wanted positions only, a chunk of whole passes at a time
-            chunk: list[int] = []
-            for b, i in enumerate(idx):
-                chunk.append(b)
-                if sum(len(passes[idx[c]][1]) for c in chunk) >= _HEAD_ROWS or b == len(idx) - 1:
-                    _head_rows(lm, hidden, [(c, idx[c], passes[idx[c]][1]) for c in chunk], on_rows)
-                    chunk = []
-            tokens += sum(len(passes[i][0]) for i in idx)
+            if packed is not None:
+                hidden = packed([passes[i][0] for i in idx], [passes[i][1] for i in idx])
+            else:
+                hidden = _padded_rows(lm, [passes[i] for i in idx])
+            _head_rows(lm, hidden, [(i, len(passes[i][1])) for i in idx], on_rows)
+            tokens += sum(lengths[start:end])
             batches += 1
     return tokens, batches
 
 
-def _head_rows(lm: LoadedLM, hidden: torch.Tensor, items: list[tuple[int, int, Sequence[int]]],
+def _packed_spans(row_len: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) spans of rows, each with at most ``max_batch_tokens`` tokens in all (one row at least)."""
+    spans, start = [], 0
+    while start < len(row_len):
+        end, total = start + 1, row_len[start]
+        while end < len(row_len) and total + row_len[end] <= max_batch_tokens:
+            total += row_len[end]
+            end += 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def _padded_rows(lm: LoadedLM, passes: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> torch.Tensor:
+    """(P, D) last hidden states at each pass's positions, in order, from one right-padded forward pass."""
+    S = max(len(seq) for seq, _ in passes)
+    x = torch.zeros(len(passes), S, lm.hidden_size, dtype=lm.dtype, device=lm.device)
+    attn = torch.zeros(len(passes), S, dtype=torch.long, device=lm.device)
+    for b, (seq, _) in enumerate(passes):
+        x[b, : len(seq)] = seq
+        attn[b, : len(seq)] = 1
+    hidden = lm.base_model(inputs_embeds=x, attention_mask=attn, **lm._extra_kwargs())[0]
+    rows = torch.tensor([b for b, (_, pos) in enumerate(passes) for _ in pos], device=lm.device)
+    cols = torch.tensor([p for _, pos in passes for p in pos], device=lm.device)
+    return hidden[rows, cols]
+
+
+def _head_rows(lm: LoadedLM, hidden: torch.Tensor, items: list[tuple[int, int]],
                on_rows: Callable[[int, torch.Tensor], None]) -> None:
-    rows = torch.tensor([b for b, _, pos in items for _ in pos], device=lm.device)
-    cols = torch.tensor([p for _, _, pos in items for p in pos], device=lm.device)
-    h = hidden[rows, cols]
-    logits = (h @ lm.word_embeddings.weight.T if lm.tied_head else lm.head(h)).float().cpu()
+    """The head on (P, D) ``hidden`` (``items``: (pass, its row count), in order), a chunk of whole passes at a
+    time (at most :data:`_HEAD_ROWS` rows, or one pass)."""
     at = 0
-    for _, i, pos in items:
-        on_rows(i, logits[at : at + len(pos)])
-        at += len(pos)
+    while items:
+        take, rows = 0, 0
+        while take < len(items) and (take == 0 or rows + items[take][1] <= _HEAD_ROWS):
+            rows += items[take][1]
+            take += 1
+        h = hidden[at : at + rows]
+        logits = (h @ lm.word_embeddings.weight.T if lm.tied_head else lm.head(h)).float().cpu()
+        done = 0
+        for i, n in items[:take]:
+            on_rows(i, logits[done : done + n])
+            done += n
+        at += rows
+        items = items[take:]
 
 
 @dataclass
