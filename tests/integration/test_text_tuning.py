@@ -83,7 +83,7 @@ def test_label_word_search_through_the_text_api_matches_protocol_v1(live_server,
     text = _tune(live_server, tmp_path / "text", "--budget-calls", "9", "--search-label-words", "2",
                  "--backend-opt", "scoring=bias", "--backend-opt", "bias_in_logprobs=true")
     assert main(["tune", "--backend", "server", "--endpoint", live_server, "--task", "agnews", "--template", TEMPLATE,
-                 "--method", "bbt", "--shots", "2", "--seed", "42", "--test-limit", "16", "--budget-calls", "8",
+                 "--method", "bbt", "--shots", "2", "--seed", "42", "--test-limit", "16", "--budget-calls", "9",
                  "--search-label-words", "2", "--opt", "popsize=4", "--opt", "prompt_tokens=2",
                  "--opt", "intrinsic_dim=8", "--out", str(tmp_path / "v1"), "--quiet"]) == 0
     v1 = json.loads((tmp_path / "v1" / "result.json").read_text())

@@ -30,7 +30,7 @@ def _pattern(phrase: str) -> str:
 NARRATION = re.compile("|".join(_pattern(p) for p in PHRASES), re.IGNORECASE)
 
 #: Markdown checked whole. README.md is not listed yet: it is being rewritten from docs/ and joins this list then.
-DOC_FILES = sorted((REPO / "docs").glob("*.md"))
+DOC_FILES = [REPO / "README.md", REPO / "bbt_client" / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 CODE_DIRS = ("bbt_client", "server_stub", "benchmarks", "examples")
 
 

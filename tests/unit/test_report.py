@@ -98,13 +98,33 @@ def test_check_flag(report, tmp_path, capsys):
     results, out = tmp_path / "results", tmp_path / "results.md"
     results.mkdir()
     _write(results, "server_throughput", THROUGHPUT)
-    args = ["--results", str(results), "--out", str(out)]
+    args = ["--results", str(results), "--out", str(out), "--readme", str(tmp_path / "no-readme.md")]
     assert report.main(args + ["--check"]) == 1                      # no page yet
     assert report.main(args) == 0 and "88.4" in out.read_text()
     assert report.main(args + ["--check"]) == 0
     _write(results, "server_throughput", {**THROUGHPUT, "server_seq_per_s": 90.0})
     assert report.main(args + ["--check"]) == 1                      # the JSON changed: the page is stale
     assert "out of date" in capsys.readouterr().err
+
+
+def test_readme_block_is_filled_from_the_same_files(report, tmp_path):
+    """README.md shows a compact table between two markers; tasks.json may name each method as a key of its own."""
+    results = tmp_path / "results"
+    results.mkdir()
+    _write(results, "tasks", {"method": "bbtv2", "tasks": {
+        "cr": {"zero_shot_raw": 0.509, "zero_shot_calibrated": 0.497, "bbtv2": {"400": {"mean": 0.499, "std": 0.017}}}},
+        "gap_closed": {"400": None}, "tasks_below_zero_shot": ["cr"]})
+    _write(results, "real_vllm", REAL_VLLM)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.README_BEGIN}\nstale\n{report.README_END}\n\nafter\n", encoding="utf-8")
+    args = ["--results", str(results), "--out", str(tmp_path / "results.md"), "--readme", str(readme)]
+    assert report.main(args) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert "stale" not in text and text.endswith(f"{report.README_END}\n\nafter\n")
+    assert "| cr | 0.509 / 0.497 | 0.499 ± 0.017 |  |" in text and "Below the better zero-shot at 400 calls: cr" in text
+    assert "0.37x vLLM's sequences per second" in text
+    assert "| cr | bbtv2 | 0.499 ± 0.017 |" in (tmp_path / "results.md").read_text()
+    assert report.main(args + ["--check"]) == 0
 
 
 def test_committed_page_is_current(report):
