@@ -6,8 +6,10 @@
 Starts ``python -m server_stub --model default --enable-prompt-embeds --logprobs-mode raw_logprobs --max-logprobs
 20`` in a subprocess, set like a real endpoint (vLLM's defaults: log-probs taken before logit_bias, so a bias
 never shows in them), and talks to it only through its OpenAI/vLLM face, as to any hosted endpoint. The text
-runs read label scores with ``echo`` (``--backend-opt scoring=echo``: each text once per label word, the label's
-own token log-probs), exact whatever the logprobs mode; every run reports ``label_score_coverage``:
+runs leave the label-scoring strategy to the probe, as ``bbt tune`` does (here it finds ``logprob_token_ids``:
+exact, one sequence per text); ``--scoring echo`` forces echo (exact too, each text once per label word, but a
+masked model computes every prompt token's pseudo-log-likelihood, one forward pass per token). Every run
+reports ``label_score_coverage`` and the strategy it used:
 
 - zero-shot, raw and with content-free calibration (one call on the test set, read both ways);
 - ``bdpl`` and ``cmaes-tokens`` through ``--backend openai`` (text prompts, ``/v1/completions`` logprobs,
@@ -63,10 +65,10 @@ def default_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def _endpoint(backend: str, url: str) -> EndpointConfig:
+def _endpoint(backend: str, url: str, scoring: str) -> EndpointConfig:
     options: dict = {}
     if backend == "openai":
-        options = {"model": MODEL, "scoring": "echo"}
+        options = {"model": MODEL, "scoring": scoring}
     elif backend == "vllm":
         options = {"model": MODEL, "embeddings_from": str(default_model_dir()), "embeds_dtype": "float32"}
     return EndpointConfig(url=url, backend=backend, timeout_s=600, options=options)
@@ -118,7 +120,7 @@ async def _run_seed(args: argparse.Namespace, url: str) -> dict:
         zero_shot = key not in verbalizers_seen
         verbalizers_seen.add(key)
         cfg = TuneConfig(
-            endpoint=_endpoint(backend, url),
+            endpoint=_endpoint(backend, url, args.scoring),
             task=TaskConfig(name="agnews", template=TEMPLATE, shots=args.shots, test_limit=args.test_limit,
                             **task_overrides),
             method=method, seed=args.seed, budget={"calls": args.budget_calls, "tokens": args.budget_tokens},
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(RUNS), help=f"comma list of {', '.join(RUNS)}")
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
     ap.add_argument("--out", default="runs/bench-text-api")
+    ap.add_argument("--scoring", default="auto", help="label-scoring strategy of the text runs (default: the probe's)")
     args = ap.parse_args(argv)
     quick = args.quick
     for key, full, small in (("seeds", "13,42,100", "42"), ("shots", 16, 2), ("budget_calls", 400, 24), ("budget_tokens", 3_000_000, 60_000),
