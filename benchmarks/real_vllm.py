@@ -11,8 +11,9 @@ Builds the tiny Llama of ``tests/vllm`` (6 layers, hidden 384, MiniLM's vocabula
 - ``vllm_version``;
 - ``runs``: per server × backend × method, a short tuning run on SST-2: ``calls`` and ``tokens`` as the client
   counted them, ``endpoint_usage`` as the server counted them (vLLM's /metrics deltas, our /v1/usage deltas),
-  ``label_score_coverage`` (the share of label log-probs the backend's zero-shot scoring got from the endpoint
-  instead of a floor) and ``wall_s``;
+  ``label_score_coverage`` and ``scoring`` (the run's own: the share of label log-probs read from the endpoint
+  instead of a floor, and the strategy its probe chose), ``unprobed_label_score_coverage`` (the same share for a
+  backend that never probed and assumes processed log-probs) and ``wall_s``;
 - ``exact_label_score_coverage``: the same share when the requests name the labels with ``logprob_token_ids``;
 - ``score_max_abs_diff``: the largest difference between the two servers' label log-probs (BBT-shaped
   ``prompt_embeds`` requests) and echoed prompt-token log-probs, on the same requests;
@@ -83,12 +84,14 @@ def tune(url: str, is_vllm: bool, backend: str, method: str, model_dir: Path, ca
     if rc == 0:
         result = json.loads((out / "result.json").read_text())
         row.update(calls=result["api_calls_used"], tokens=result["tokens_used"],
-                   test_accuracy=result.get("test_accuracy"))
+                   test_accuracy=result.get("test_accuracy"), label_score_coverage=result.get("label_score_coverage"),
+                   scoring=(result.get("scoring") or {}).get("strategy"))
     return row
 
 
-async def coverage(url: str, backend: str, model_dir: Path) -> float:
-    """Share of zero-shot label log-probs the backend read from the endpoint (1 - floors / all)."""
+async def unprobed_coverage(url: str, backend: str, model_dir: Path) -> float:
+    """Share of zero-shot label log-probs a backend that was never probed reads from the endpoint (1 - floors /
+    all): what the request shapes that assume processed log-probs (``logit_bias``, ``allowed_token_ids``) get."""
     texts = ["a fine film with warm performances", "dull and far too long", "it was a waste of time",
              "the best movie this year"]
     opts = dict(embeddings_from=str(model_dir), embeds_dtype="float32") if backend == "vllm" else {}
@@ -174,10 +177,10 @@ def main() -> None:
             if not args.speed_only:
                 for name, (url, is_vllm) in servers.items():
                     for backend, methods in (("vllm", ("bbt", "gdfo")), ("openai", ("bdpl",))):
-                        cov = asyncio.run(coverage(url, backend, model_dir))
+                        cov = asyncio.run(unprobed_coverage(url, backend, model_dir))
                         for method in methods:
                             row = tune(url, is_vllm, backend, method, model_dir, calls, tmp / f"{name}-{method}")
-                            out["runs"][f"{name}/{backend}/{method}"] = {**row, "label_score_coverage": cov}
+                            out["runs"][f"{name}/{backend}/{method}"] = {**row, "unprobed_label_score_coverage": cov}
                 exact = [label_rows(httpx.post(u + "/v1/completions", json=bodies[0], timeout=600).json(),
                                     bodies[0]["logprob_token_ids"]) for u in (vllm_url, stub_url)]
                 out["exact_label_score_coverage"] = min(float((e > -9999).mean()) for e in exact)

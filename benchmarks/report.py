@@ -235,7 +235,9 @@ def render_real_vllm(data: dict) -> list[str]:
         preferred = [("backend", "backend"), ("method", "method"), ("test_accuracy", "test acc"),
                      ("calls", "calls"), ("api_calls_used", "calls"), ("tokens", "tokens"),
                      ("tokens_used", "tokens"), ("endpoint_usage", "endpoint usage"),
-                     ("label_score_coverage", "label-score coverage"), ("wall_seconds", "wall s")]
+                     ("label_score_coverage", "label-score coverage"), ("scoring", "scoring"),
+                     ("unprobed_label_score_coverage", "coverage unprobed"), ("wall_s", "wall s"),
+                     ("wall_seconds", "wall s")]
         out += [row_table(rows, preferred), ""]
     return out
 
