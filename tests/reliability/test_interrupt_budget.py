@@ -26,6 +26,12 @@ def _until(condition, what: str, guard_s: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def _ctrl_c_delivered() -> None:
+    """In the client before it starts: SIGINT back to its default. A shell without job control starts background
+    commands with SIGINT ignored and children inherit that, while a user's Ctrl-C reaches a foreground process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_request_is_settled_by_what_the_server_served(tiny_bert_dir, tmp_path):
     server = GatedServer(tiny_bert_dir, tmp_path / "gate", "--max-candidates", "2")
     out = tmp_path / "run"
@@ -51,7 +57,8 @@ def test_ctrl_c_mid_request_is_settled_by_what_the_server_served(tiny_bert_dir, 
         server.on_job = on_job
         args = tune_args(server.url, out, calls=30, extra=["--method", "bbt"])
         client.append(subprocess.Popen([sys.executable, "-m", "bbt_client.cli", *args], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO))
+                                       stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO,
+                                       preexec_fn=_ctrl_c_delivered))
         _, stderr = client[0].communicate(timeout=300)
         assert interrupted.wait(120) and client[0].returncode == 130, (errors, stderr)
         assert f"continue with bbt tune --resume {out}" in stderr
