@@ -73,7 +73,7 @@ def tune(url: str, is_vllm: bool, backend: str, method: str, model_dir: Path, ca
         argv += ["--backend-opt", opt]
     if method in ("bdpl", "cmaes-tokens"):
         argv += ["--opt", "popsize=4", "--opt", "prompt_tokens=2", "--opt", "vocab_size=10"]
-    elif method == "bbt":
+    elif method in ("bbt", "gdfo"):  # popsize 5: a 20-call budget pays for zero-shot, checks and 2 generations
         argv += ["--opt", "prompt_tokens=5", "--opt", "popsize=5"]
     before = endpoint_usage(url, is_vllm)
     t0 = time.perf_counter()
