@@ -4,6 +4,7 @@ resume, evaluate."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import numpy as np
@@ -25,13 +26,13 @@ from tests.unit.toy_backend import ToyBackend
 def _config(tmp_path, method="bbt", calls=200, **kw) -> TuneConfig:
     opts = {"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6}
     return TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid"),
-                      task=TaskConfig(name="sst2", shots=4, test_limit=40), method=method, seed=7,
+                      task=TaskConfig(name="sst2", shots=8, test_limit=40), method=method, seed=7,
                       budget={"calls": calls}, method_options=opts, eval_every=2, out=tmp_path / "run", **kw)
 
 
 @pytest.fixture(scope="module")
 def labels_by_text():
-    data = load_task_data(TaskConfig(name="sst2", shots=4, test_limit=40), 7)
+    data = load_task_data(TaskConfig(name="sst2", shots=8, test_limit=40), 7)
     out = {}
     for split in (data.train, data.dev, data.test):
         out.update(zip(split.texts, split.labels.tolist()))
@@ -207,7 +208,7 @@ async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labe
     cal = await tune(config("cal", calibrate=True), backend=biased)
     same = await tune(config("fair", calibrate=True), backend=fair)
     raw = await tune(config("raw", calibrate=False), backend=backend(5.0))
-    n_train = len(load_task_data(TaskConfig(name="sst2", shots=4, test_limit=40), 7).train.texts)
+    n_train = len(load_task_data(TaskConfig(name="sst2", shots=8, test_limit=40), 7).train.texts)
     gens = [j for j in biased.jobs if j.prompts.num_candidates > 1]
     assert gens and all(list(j.texts[n_train:]) == list(CONTENT_FREE_INPUTS) for j in gens)
     assert cal.api_calls_used == biased.calls <= 100 and cal.calibrated and not raw.calibrated
@@ -261,6 +262,39 @@ async def test_a_run_no_prompt_beats_returns_the_bare_template_and_says_so(tmp_p
     assert read_prompt(cfg.out).shape == (0,) and result.prompt_shape == [0]
     again = await evaluate_run(cfg.out, backend=_BareTemplateWins(labels_by_text))
     assert again["matches"]
+
+
+class _NoPromptHelps(ToyBackend):
+    """No prompt carries signal: each one only reshuffles which texts land right (noise keyed by prompt and text),
+    so some prompts read dev better than the bare template through luck alone."""
+
+    async def score(self, job):
+        res = await super().score(job)
+        full = job.prompts.full()
+        logits = res.logits.copy()
+        for c in range(logits.shape[0]):
+            key = b"bare" if full is None else full[c].tobytes()
+            noise = [int(hashlib.sha256(key + t.encode()).hexdigest()[:4], 16) / 65535 - 0.5 for t in job.texts]
+            logits[c, :, 1] += 4 * np.asarray(noise, np.float32)
+        return type(res)(logits=logits, tokens=res.tokens)
+
+
+async def test_a_prompt_better_on_dev_only_by_luck_does_not_replace_the_bare_template(tmp_path, labels_by_text,
+                                                                                      caplog):
+    def lucky():
+        backend = _NoPromptHelps(labels_by_text)
+        backend.w[:] = 0.0
+        return backend
+
+    def config(out, **opts):
+        cfg = _config(out, "bbtv2", calls=200)
+        return cfg.model_copy(update={"method_options": {**cfg.method_options, "calibrate": False, **opts}})
+
+    unguarded = await tune(config(tmp_path / "a", empty_prompt_baseline=False), backend=lucky())  # dev-best wins
+    guarded = await tune(config(tmp_path / "b"), backend=lucky())
+    assert not unguarded.bare_template and unguarded.best_dev_accuracy > guarded.best_dev_accuracy  # luck exists
+    assert guarded.bare_template and guarded.best_generation == 0 and guarded.generations > 0
+    assert "not better beyond chance (sign test p=" in caplog.text
 
 
 @pytest.mark.parametrize("prior, backend_cls, calibrates", [(5.0, ToyBackend, True), (0.0, _ContentFreeMisleads, False)])
