@@ -152,8 +152,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    f"(default: {_default(TuneConfig, 'eval_every')})")
     t.add_argument("--test-limit", type=int, help="evaluate on at most N test examples (default: all)")
     t.add_argument("--search-label-words", type=int, metavar="M",
-                   help="before tuning, choose M label words per class from the training texts (one API call; "
-                        "default: 0, score --label-words as given)")
+                   help="before tuning, choose M label words per class from the training texts (one API call), "
+                        "kept if they read dev better than yours (one more; default: 0, score --label-words as given)")
     t.add_argument("--loss", choices=["ce", "hinge"], help="training loss, cross-entropy or hinge "
                    f"(default: {_default(TuneConfig, 'loss')})")
     t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",

@@ -137,7 +137,7 @@ def minimum_calls(cfg: TuneConfig, method_config: Any) -> dict[str, int]:
     popsize = getattr(method_config, "popsize", None)
     if popsize is None:
         return {}
-    steps = {"label-word search": 1 if cfg.task.search_label_words else 0,
+    steps = {"label-word search and its dev check": 2 if cfg.task.search_label_words else 0,
              "zero-shot test": 1 if cfg.evaluate_zero_shot else 0,
              "bare-template dev check": 1 if getattr(method_config, "empty_prompt_baseline", False) else 0,
              "one generation": int(popsize),
@@ -292,8 +292,8 @@ class TuningJob:
         ctx = _RunLoop(self, scorer, budget, st, info, elapsed)
         await scorer.resolve_scoring()
         if cfg.task.search_label_words and st.verbalizer is None:
-            st.verbalizer = await scorer.search_verbalizer(cfg.task.search_label_words,
-                                                           reserve_after=ctx.final_calls + 1)
+            found = await scorer.search_verbalizer(cfg.task.search_label_words, reserve_after=ctx.final_calls + 2)
+            st.verbalizer = await scorer.keep_better_words(found, reserve_after=ctx.final_calls + 1)
         if st.verbalizer is not None:
             scorer.data = data = dataclasses.replace(
                 data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))

@@ -17,6 +17,7 @@ from bbt_client.errors import ConfigError, UnsupportedError
 from bbt_client.run.budget import Budget
 from bbt_client.run.ledger import BudgetLedger
 from bbt_client.run.metered import MeteredScorer
+from bbt_client.run.significance import BARE_TEMPLATE_ALPHA, sign_test_p
 from bbt_client.tasks import calibration
 from bbt_client.tasks.datasets import TaskData
 from bbt_client.tasks.losses import accuracy, cross_entropy, hinge
@@ -173,6 +174,26 @@ class TaskScorer:
                       for cols in select_words(logits[0], train.labels, owners, task.num_classes, per_class))
         log.info("label words found on the training texts: %s", {c: list(ws) for c, ws in zip(task.class_names, found)})
         return found
+
+    async def keep_better_words(self, found: tuple[tuple[str, ...], ...],
+                                reserve_after: int) -> tuple[tuple[str, ...], ...]:
+        """``found`` if the bare template reads dev better with them than with the task's own words beyond chance
+        (:mod:`bbt_client.run.significance`), else the task's own: words picked on the training texts can fail to
+        transfer, and the whole run is read through them. One call: both sets scored together, raw."""
+        own = self.data.task.word_sets
+        words = list(dict.fromkeys(flat_words(own) + flat_words(found)))
+        logits = await self.score("dev", PromptBatch.zero_shot(), reserve_after=reserve_after, words=words)
+        labels = np.asarray(self.data.dev.labels)
+        hits = {}
+        for name, sets in (("own", own), ("found", found)):
+            z = class_logits(logits[..., [words.index(w) for w in flat_words(sets)]], sets)
+            hits[name] = z[0].argmax(axis=-1) == labels
+        p = sign_test_p(hits["found"], hits["own"])
+        keep = p <= BARE_TEMPLATE_ALPHA
+        log.info("label words on dev, bare template: searched %.3f, the task's own %.3f (sign test p=%.2f): %s",
+                 hits["found"].mean(), hits["own"].mean(), p,
+                 "the searched words are used" if keep else "the task's own words are kept")
+        return found if keep else own
 
     async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:
         result = await self.metered.score(split_name, job, reserve_after)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import zlib
 
 import numpy as np
 import pytest
@@ -328,14 +330,36 @@ async def test_a_bigger_budget_continues_the_run_as_one_longer_run_would(tmp_pat
     assert resumed == longer[: len(resumed)]
 
 
-async def test_label_word_search_spends_one_call_and_the_words_are_kept_for_evaluate(tmp_path, labels_by_text):
-    backend = ToyBackend(labels_by_text)
+class _OtherWordsKnow(ToyBackend):
+    """Any word but the task's own leans to the true class even without a prompt: a search finds better words."""
+
+    async def score(self, job):
+        res = await super().score(job)
+        sign = np.array([0.0 if t not in self.labels else 1.0 if self.labels[t] == 1 else -1.0 for t in job.texts])
+        leaning = np.array([0.0 if w in ("great", "bad") else 1.0 if zlib.crc32(w.encode()) % 2 else -1.0
+                            for w in job.label_words])
+        return type(res)(logits=(res.logits + 2 * sign[None, :, None] * leaning).astype(np.float32),
+                         tokens=res.tokens)
+
+
+@pytest.mark.parametrize("backend_cls, searched_kept", [(_OtherWordsKnow, True), (ToyBackend, False)])
+async def test_searched_label_words_replace_the_tasks_own_only_when_they_read_dev_better(
+        tmp_path, labels_by_text, caplog, backend_cls, searched_kept):
+    caplog.set_level(logging.INFO, logger="bbt_client")
+    backend = backend_cls(labels_by_text)
     cfg = _config(tmp_path, "bbt", calls=60)
     cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"search_label_words": 2})})
     result = await tune(cfg, backend=backend)
-    assert result.verbalizer is not None and all(len(ws) == 2 for ws in result.verbalizer)
+    data = load_task_data(cfg.task, cfg.seed)
+    search, check = backend.jobs[:2]  # the search on the training texts, then both word sets on dev in one call
+    assert list(search.texts) == list(data.train.texts) and list(check.texts) == list(data.dev.texts)
+    assert {"bad", "great"} <= set(check.label_words) and len(check.label_words) > 2
+    if searched_kept:
+        assert all(len(ws) == 2 for ws in result.verbalizer) and "the searched words are used" in caplog.text
+    else:
+        assert result.verbalizer == [["bad"], ["great"]] and "the task's own words are kept" in caplog.text
     assert backend.calls == result.api_calls_used <= 60
-    again = await evaluate_run(cfg.out, backend=ToyBackend(labels_by_text))
+    again = await evaluate_run(cfg.out, backend=backend_cls(labels_by_text))
     assert again["matches"], again
 
 
