@@ -226,6 +226,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=5, help="dev evaluation every N generations")
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option for every job, under each variant's (repeatable)")
+    s.add_argument("--allow-floored-scores", action="store_true",
+                   help="tune even where the endpoint's label scores are mostly floors (as bbt tune)")
     s.add_argument("--quiet", action="store_true", help="print only the summary")
     return ap
 
@@ -475,7 +477,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             jobs=args.jobs, tasks=_csv(args.tasks), methods=_csv(args.methods),
             variants=[parse_variant(v) for v in args.variant] or [Variant(name="default")],
             seeds=_csv(args.seeds, int), budgets=_csv(args.budgets, int), shots=args.shots,
-            test_limit=args.test_limit, eval_every=args.eval_every,
+            test_limit=args.test_limit, eval_every=args.eval_every, allow_floored_scores=args.allow_floored_scores,
             method_options=dict(_parse_option(o) for o in args.opt))
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]

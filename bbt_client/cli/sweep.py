@@ -135,6 +135,8 @@ class SweepSpec(BaseModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     eval_every: int = Field(default=5, ge=1)
     timeout_s: float = Field(default=600.0, gt=0)
+    #: Tune even where under 0.9 of the label scores the endpoint returns are exact (``bbt tune``'s flag).
+    allow_floored_scores: bool = False
 
     @field_validator("budgets")
     @classmethod
@@ -194,6 +196,7 @@ def _job_config(spec: SweepSpec, task: str, method: str, variant: Variant, seed:
         "method": method, "seed": seed, "budget": {"calls": spec.budgets[0]},
         "method_options": {**spec.method_options, **v_method},
         "eval_every": spec.eval_every, **v_job, "out": str(run_dir),
+        "allow_floored_scores": spec.allow_floored_scores,
     }
     if variant.preset is not None:
         settings = resolve_preset(variant.preset, method, task)

@@ -34,6 +34,7 @@ from bbt_client.protocol import ModelInfo
 from bbt_client.run.rescore import evaluate_run, prompt_batch
 from bbt_client.run.results import CONFIG_FILE, RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks.datasets import TaskData, load_task_data
+from bbt_client.tasks.losses import label_log_probs
 
 log = logging.getLogger("bbt_client.run.job")
 
@@ -92,9 +93,9 @@ class _State:
     zero_shot_train_coverage: float | None = None
     #: Dev (accuracy, loss) of every prompt dev-checked, by :func:`_prompt_key`: an unchanged best is not paid again.
     dev_scores: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    #: Which dev examples the bare template gets right: a tuned prompt must beat it on them beyond chance
-    #: (:mod:`bbt_client.run.significance`). None: no baseline (or a checkpoint from before the test).
-    baseline_dev_hits: np.ndarray | None = None
+    #: The bare template's log-probability of each dev text's true class: a tuned prompt must raise it beyond
+    #: chance (:mod:`bbt_client.run.significance`). None: no baseline (or a checkpoint from before the test).
+    baseline_dev_log_probs: np.ndarray | None = None
     #: The best tuned prompt the test kept out: (dev accuracy, p-value), for the closing message.
     best_unproven: tuple[float, float] | None = None
 
@@ -427,11 +428,10 @@ class _RunLoop:
                      "calibrates" if self.st.calibrated else "scores raw")
             logits = cal if self.st.calibrated else raw
         acc, loss = self._read_dev(empty, logits)
-        hits = self.st.baseline_dev_hits = self._dev_hits(logits)
-        if sign_test_p(np.ones_like(hits), hits) > BARE_TEMPLATE_ALPHA:
-            log.warning("the bare template gets only %d of %d dev examples wrong: even a prompt that gets them all "
-                        "right is not better beyond chance, so the result will be the template alone (more shots "
-                        "make a larger dev split)", int((~hits).sum()), hits.size)
+        base = self.st.baseline_dev_log_probs = label_log_probs(logits, self.data.dev.labels)[0]
+        if sign_test_p(base + 1, base) > BARE_TEMPLATE_ALPHA:
+            log.warning("with %d dev examples no prompt can beat the bare template beyond chance, so the result "
+                        "will be the template alone (more shots make a larger dev split)", base.size)
         self._keep_if_dev_best(empty, acc, loss)
         return acc, loss
 
@@ -443,9 +443,9 @@ class _RunLoop:
             return self.st.dev_scores[key]
         logits = await self.scorer.score("dev", self._batch_of(prompt), reserve_after)
         acc, loss = self._read_dev(prompt, logits)
-        baseline = self.st.baseline_dev_hits
+        baseline = self.st.baseline_dev_log_probs
         if baseline is not None and key != _prompt_key(self.tuner.empty_prompt()):
-            p = sign_test_p(self._dev_hits(logits), baseline)
+            p = sign_test_p(label_log_probs(logits, self.data.dev.labels)[0], baseline)
             if p > BARE_TEMPLATE_ALPHA:
                 log.info("dev %.3f, but not better than the bare template beyond chance (sign test p=%.2f)", acc, p)
                 if self.st.best_unproven is None or acc > self.st.best_unproven[0]:
@@ -458,9 +458,6 @@ class _RunLoop:
         acc, loss = (float(m[0]) for m in self.scorer.metrics("dev", logits))
         self.st.dev_scores[_prompt_key(prompt)] = (acc, loss)
         return acc, loss
-
-    def _dev_hits(self, logits: np.ndarray) -> np.ndarray:
-        return logits[0].argmax(axis=-1) == np.asarray(self.data.dev.labels)
 
     def _keep_if_dev_best(self, prompt: np.ndarray, acc: float, loss: float) -> None:
         st = self.st

@@ -31,17 +31,33 @@ class MeteredScorer:
         """The backend's answer to ``job``, paid for; ``reserve_after`` calls must stay free after it.
         ``label`` names the ledger entry and keys the cached token counts of the job's texts."""
         tokens = await self._estimate(label, job)
-        cap = self.budget.blocking_cap(job.num_calls + reserve_after, tokens)
+
+        async def send() -> tuple[ScoreResult, int]:
+            result = await self.backend.score(job)
+            return result, result.tokens
+
+        return await self._paid(label, job.num_calls, tokens, reserve_after, "for the next step", send)
+
+    async def call(self, label: str, factory: Callable[[], Awaitable[tuple[Any, int]]],
+                   tokens_estimate: int = 64) -> Any:
+        """One counted request other than a score (an endpoint probe): ``factory`` returns its value and the
+        tokens the endpoint metered; one call and ``tokens_estimate`` tokens are reserved first."""
+        return await self._paid(label, 1, tokens_estimate, 0, "to probe the endpoint", factory)
+
+    async def _paid(self, label: str, calls: int, tokens: int, reserve_after: int, needed_for: str,
+                    send: Callable[[], Awaitable[tuple[Any, int]]]) -> Any:
+        """Reserve, record durably, send, settle at the metered tokens — under the rules of the module doc."""
+        cap = self.budget.blocking_cap(calls + reserve_after, tokens)
         if cap is not None:
-            raise BudgetExhausted(cap, f"not enough {cap} budget left for the next step")
+            raise BudgetExhausted(cap, f"not enough {cap} budget left {needed_for}")
         server = await server_counters(self.backend) if self.ledger is not None else None
-        r: Reservation = self.budget.reserve(job.num_calls, tokens)
+        r: Reservation = self.budget.reserve(calls, tokens)
         rid = self.ledger.reserve(r, label, server) if self.ledger is not None else None  # durable before sending
         remaining = None
         if self.budget.limits.wall_seconds is not None:
             remaining = max(0.0, self.budget.limits.wall_seconds - self.elapsed())
         try:
-            result = await asyncio.wait_for(self.backend.score(job), timeout=remaining)
+            value, metered = await asyncio.wait_for(send(), timeout=remaining)
         except asyncio.TimeoutError:
             self._spend(r, rid)  # the endpoint may have done the work: count it
             raise BudgetExhausted("time", "wall-time cap reached while a request was in flight") from None
@@ -57,29 +73,7 @@ class MeteredScorer:
             else:
                 self._spend(r, rid)  # the endpoint may have done the work
             raise
-        self._spend(r, rid, result.tokens if result.tokens else None)
-        return result
-
-    async def call(self, label: str, factory: Callable[[], Awaitable[tuple[Any, int]]],
-                   tokens_estimate: int = 64) -> Any:
-        """One counted request other than a score (an endpoint probe): one call and ``tokens_estimate`` tokens
-        reserved and made durable first, settled at the tokens the endpoint metered; the same error rules."""
-        cap = self.budget.blocking_cap(1, tokens_estimate)
-        if cap is not None:
-            raise BudgetExhausted(cap, f"not enough {cap} budget left to probe the endpoint")
-        r: Reservation = self.budget.reserve(1, tokens_estimate)
-        rid = self.ledger.reserve(r, label) if self.ledger is not None else None
-        try:
-            value, tokens = await factory()
-        except Exception:
-            self.budget.release(r)
-            if rid is not None:
-                self.ledger.release(rid)
-            raise
-        except BaseException:
-            self._spend(r, rid)
-            raise
-        self._spend(r, rid, tokens if tokens else None)
+        self._spend(r, rid, metered if metered else None)
         return value
 
     async def _estimate(self, label: str, job: ScoreJob) -> int:

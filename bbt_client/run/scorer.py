@@ -20,7 +20,7 @@ from bbt_client.run.metered import MeteredScorer
 from bbt_client.run.significance import BARE_TEMPLATE_ALPHA, sign_test_p
 from bbt_client.tasks import calibration
 from bbt_client.tasks.datasets import TaskData
-from bbt_client.tasks.losses import accuracy, cross_entropy, hinge
+from bbt_client.tasks.losses import accuracy, cross_entropy, hinge, label_log_probs
 from bbt_client.tasks.verbalizer import candidate_words, class_logits, flat_words, select_words
 
 log = logging.getLogger(__name__)
@@ -183,16 +183,14 @@ class TaskScorer:
         own = self.data.task.word_sets
         words = list(dict.fromkeys(flat_words(own) + flat_words(found)))
         logits = await self.score("dev", PromptBatch.zero_shot(), reserve_after=reserve_after, words=words)
-        labels = np.asarray(self.data.dev.labels)
-        hits = {}
-        for name, sets in (("own", own), ("found", found)):
-            z = class_logits(logits[..., [words.index(w) for w in flat_words(sets)]], sets)
-            hits[name] = z[0].argmax(axis=-1) == labels
-        p = sign_test_p(hits["found"], hits["own"])
-        keep = p <= BARE_TEMPLATE_ALPHA
+        read = {name: class_logits(logits[..., [words.index(w) for w in flat_words(sets)]], sets)
+                for name, sets in (("own", own), ("found", found))}
+        labels = self.data.dev.labels
+        acc = {name: float(accuracy(z, labels)[0]) for name, z in read.items()}
+        p = sign_test_p(*(label_log_probs(read[name], labels)[0] for name in ("found", "own")))
+        keep = acc["found"] > acc["own"] and p <= BARE_TEMPLATE_ALPHA
         log.info("label words on dev, bare template: searched %.3f, the task's own %.3f (sign test p=%.2f): %s",
-                 hits["found"].mean(), hits["own"].mean(), p,
-                 "the searched words are used" if keep else "the task's own words are kept")
+                 acc["found"], acc["own"], p, "the searched words are used" if keep else "the task's own are kept")
         return found if keep else own
 
     async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import math
 import time
 import uuid
@@ -43,7 +44,6 @@ from server_stub.engine.next_token import (
 )
 from server_stub.engine.worker import ModelWorker
 from server_stub.errors import BadRequest, InvalidInput, ServerError
-from server_stub.http import tensor_blob
 from server_stub.http.framing import Handler, Request
 from server_stub.http.openai_models import (
     AssistantMessage,
@@ -438,14 +438,13 @@ def _message_text(m: ChatMessage, i: int) -> str:
 
 
 def load_embeds(blob: str, where: str) -> object:
-    """``torch.load(base64decode(blob), weights_only=True)`` (see :func:`tensor_blob.load`): refuses anything but
-    plain tensors' pickles."""
+    """``torch.load(base64decode(blob), weights_only=True)``: refuses anything but plain tensors' pickles."""
     try:
         raw = base64.b64decode(blob, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{where} is not valid base64") from None
     try:
-        return tensor_blob.load(raw)
+        return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the client's bad input
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise BadRequest(f"{where} is not a torch.save file of a tensor (loaded with weights_only=True): "

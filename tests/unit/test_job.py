@@ -357,7 +357,7 @@ async def test_searched_label_words_replace_the_tasks_own_only_when_they_read_de
     if searched_kept:
         assert all(len(ws) == 2 for ws in result.verbalizer) and "the searched words are used" in caplog.text
     else:
-        assert result.verbalizer == [["bad"], ["great"]] and "the task's own words are kept" in caplog.text
+        assert result.verbalizer == [["bad"], ["great"]] and "the task's own are kept" in caplog.text
     assert backend.calls == result.api_calls_used <= 60
     again = await evaluate_run(cfg.out, backend=backend_cls(labels_by_text))
     assert again["matches"], again

@@ -252,6 +252,9 @@ def test_cli_sweep_parses_the_grid(tmp_path, monkeypatch):
     assert len(seen["jobs"]) == 2 * 2 * 2 * 2
     small = [j for j in seen["jobs"] if j.variant == "small"][0]
     assert small.config.method_options == {"prompt_tokens": 5, "sigma0": 0.2, "alpha": 0.2}
+    assert not any(j.config.allow_floored_scores for j in seen["jobs"])
+    assert cli.main([*argv, "--allow-floored-scores"]) == 0
+    assert all(j.config.allow_floored_scores for j in seen["jobs"])  # as bbt tune's flag, for every job
 
 
 def test_cli_sweep_bad_variant_exits_2(tmp_path, capsys):
