@@ -84,8 +84,8 @@ class Tuner(abc.ABC):
 
     def empty_prompt(self) -> np.ndarray | None:
         """A prompt that means "no prompt" (text methods: every slot empty; continuous ones: a prompt of no tokens,
-        sent as the bare template); the job keeps it unless a tuned prompt beats it on dev beyond chance. None: no
-        baseline, as the config's ``empty_prompt_baseline`` says."""
+        sent as the bare template); the job keeps it unless a tuned prompt beats it on dev. None: no baseline,
+        as the config's ``empty_prompt_baseline`` says."""
         if not getattr(getattr(self, "config", None), "empty_prompt_baseline", False):
             return None
         return np.zeros(0, np.float32)

@@ -78,9 +78,8 @@ class PromptSearchConfig(BaseModel):
     #: zero-shot on other tasks; which one helps depends on the task and words. ``True``/``False`` force it. The
     #: tuning job applies it; an ask/tell loop of your own scores as you choose (:mod:`bbt_client.tasks.calibration`).
     calibrate: bool | Literal["auto"] = "auto"
-    #: Score the bare template (no prompt) on dev first and keep it unless a tuned prompt beats it there
-    #: beyond chance (:mod:`bbt_client.run.significance`): a default must not end below doing nothing.
-    #: Needed by ``calibrate="auto"``.
+    #: Score the bare template (no prompt) on dev first and keep it unless a tuned prompt beats it there: a
+    #: default must not end below doing nothing (on dev). Needed by ``calibrate="auto"``.
     empty_prompt_baseline: bool = True
 
     def identity(self, exclude: set[str] = frozenset()) -> dict[str, Any]:

@@ -27,14 +27,12 @@ from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, Uns
 from bbt_client.run.ledger import BudgetLedger, LedgerTotals
 from bbt_client.run.metered import settle_interrupted
 from bbt_client.run.scorer import TaskScorer
-from bbt_client.run.significance import BARE_TEMPLATE_ALPHA, sign_test_p
 from bbt_client.methods.base import Tuner
 from bbt_client.methods.registry import make_config, make_tuner, tuner_class
 from bbt_client.protocol import ModelInfo
 from bbt_client.run.rescore import evaluate_run, prompt_batch
 from bbt_client.run.results import CONFIG_FILE, RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks.datasets import TaskData, load_task_data
-from bbt_client.tasks.losses import label_log_probs
 
 log = logging.getLogger("bbt_client.run.job")
 
@@ -93,11 +91,6 @@ class _State:
     zero_shot_train_coverage: float | None = None
     #: Dev (accuracy, loss) of every prompt dev-checked, by :func:`_prompt_key`: an unchanged best is not paid again.
     dev_scores: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    #: The bare template's log-probability of each dev text's true class: a tuned prompt must raise it beyond
-    #: chance (:mod:`bbt_client.run.significance`). None: no baseline (or a checkpoint from before the test).
-    baseline_dev_log_probs: np.ndarray | None = None
-    #: The best tuned prompt the test kept out: (dev accuracy, p-value), for the closing message.
-    best_unproven: tuple[float, float] | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Checkpoints pickled before a field existed get its default (unpickling skips ``__init__``)."""
@@ -419,44 +412,23 @@ class _RunLoop:
         """The bare template on dev, kept as the dev-best so far; with ``calibrate="auto"`` the same call is read
         raw and calibrated and the run keeps the reading with the better dev accuracy (ties: lower loss)."""
         if getattr(self.tuner.config, "calibrate", None) != "auto" or self.st.calibrated is not None:
-            logits = await self.scorer.score("dev", self._batch_of(empty), reserve_after)
-        else:
-            raw, cal = await self.scorer.score_both("dev", self._batch_of(empty), reserve_after)
-            (ra, rl), (ca, cl) = [tuple(float(m[0]) for m in self.scorer.metrics("dev", x)) for x in (raw, cal)]
-            self.st.calibrated = (ca, -cl) >= (ra, -rl)
-            log.info("calibrate=auto: bare template on dev %.3f raw, %.3f calibrated; the run %s", ra, ca,
-                     "calibrates" if self.st.calibrated else "scores raw")
-            logits = cal if self.st.calibrated else raw
-        acc, loss = self._read_dev(empty, logits)
-        base = self.st.baseline_dev_log_probs = label_log_probs(logits, self.data.dev.labels)[0]
-        if sign_test_p(base + 1, base) > BARE_TEMPLATE_ALPHA:
-            log.warning("with %d dev examples no prompt can beat the bare template beyond chance, so the result "
-                        "will be the template alone (more shots make a larger dev split)", base.size)
+            return await self._score_dev(empty, reserve_after)
+        raw, cal = await self.scorer.score_both("dev", self._batch_of(empty), reserve_after)
+        (ra, rl), (ca, cl) = [tuple(float(m[0]) for m in self.scorer.metrics("dev", x)) for x in (raw, cal)]
+        self.st.calibrated = (ca, -cl) >= (ra, -rl)
+        log.info("calibrate=auto: bare template on dev %.3f raw, %.3f calibrated; the run %s", ra, ca,
+                 "calibrates" if self.st.calibrated else "scores raw")
+        acc, loss = (ca, cl) if self.st.calibrated else (ra, rl)
         self._keep_if_dev_best(empty, acc, loss)
         return acc, loss
 
     async def _score_dev(self, prompt: np.ndarray, reserve_after: int) -> tuple[float, float]:
-        """Dev accuracy and loss of ``prompt``, which becomes the dev-best when it beats it (ties: lower loss)
-        and, where the bare template was scored, is better than it beyond chance."""
+        """Dev accuracy and loss of ``prompt``, which becomes the dev-best when it beats it (ties: lower loss)."""
         key = _prompt_key(prompt)
         if key in self.st.dev_scores:
             return self.st.dev_scores[key]
-        logits = await self.scorer.score("dev", self._batch_of(prompt), reserve_after)
-        acc, loss = self._read_dev(prompt, logits)
-        baseline = self.st.baseline_dev_log_probs
-        if baseline is not None and key != _prompt_key(self.tuner.empty_prompt()):
-            p = sign_test_p(label_log_probs(logits, self.data.dev.labels)[0], baseline)
-            if p > BARE_TEMPLATE_ALPHA:
-                log.info("dev %.3f, but not better than the bare template beyond chance (sign test p=%.2f)", acc, p)
-                if self.st.best_unproven is None or acc > self.st.best_unproven[0]:
-                    self.st.best_unproven = (acc, p)
-                return acc, loss
+        acc, loss = self.st.dev_scores[key] = await self.evaluate("dev", prompt, reserve_after)
         self._keep_if_dev_best(prompt, acc, loss)
-        return acc, loss
-
-    def _read_dev(self, prompt: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-        acc, loss = (float(m[0]) for m in self.scorer.metrics("dev", logits))
-        self.st.dev_scores[_prompt_key(prompt)] = (acc, loss)
         return acc, loss
 
     def _keep_if_dev_best(self, prompt: np.ndarray, acc: float, loss: float) -> None:
@@ -510,10 +482,8 @@ class _RunLoop:
         text = self.tuner.prompt_text(prompt) if prompt is not None and self.tuner.prompt_kind == "text" else None
         bare = prompt is not None and (text == "" if text is not None else np.size(prompt) == 0)
         if bare:
-            unproven = "" if st.best_unproven is None else (
-                "; the best tuned prompt read %.3f, not better beyond chance (sign test p=%.2f)" % st.best_unproven)
-            log.warning("no tuned prompt beat the bare template on dev (%.3f%s): the result is the template alone",
-                        st.best_dev_accuracy, unproven)
+            log.warning("no tuned prompt beat the bare template on dev (%.3f): the result is the template alone",
+                        st.best_dev_accuracy)
         return RunResult(
             method=cfg.method, task=self.data.task.name, seed=cfg.seed, shots=cfg.task.shots,
             model=self.info.name, prompt_kind=self.tuner.prompt_kind,

@@ -74,8 +74,8 @@ class RunResult(BaseModel):
     #: Text methods (bdpl, cmaes-tokens): the tuned prompt as text, to put before the rendered template with one
     #: space (``bbt_client.protocol.join_text_prompt``) in any client. Such runs write no prompt.npy.
     prompt_text: str | None = None
-    #: No tuned prompt beat the bare template on dev beyond chance, so the result is the template alone (text
-    #: methods: an empty ``prompt_text``; continuous ones: a prompt.npy of no tokens, sent as no prompt).
+    #: No tuned prompt beat the bare template on dev, so the result is the template alone (text methods: an empty
+    #: ``prompt_text``; continuous ones: a prompt.npy of no tokens, which the scorers send as no prompt).
     bare_template: bool = False
     #: Scores were read with content-free calibration (``bbt_client.tasks.calibration``); ``bbt evaluate`` does the same.
     calibrated: bool = False

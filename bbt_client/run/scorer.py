@@ -17,10 +17,9 @@ from bbt_client.errors import ConfigError, UnsupportedError
 from bbt_client.run.budget import Budget
 from bbt_client.run.ledger import BudgetLedger
 from bbt_client.run.metered import MeteredScorer
-from bbt_client.run.significance import BARE_TEMPLATE_ALPHA, sign_test_p
 from bbt_client.tasks import calibration
 from bbt_client.tasks.datasets import TaskData
-from bbt_client.tasks.losses import accuracy, cross_entropy, hinge, label_log_probs
+from bbt_client.tasks.losses import accuracy, cross_entropy, hinge
 from bbt_client.tasks.verbalizer import candidate_words, class_logits, flat_words, select_words
 
 log = logging.getLogger(__name__)
@@ -177,20 +176,17 @@ class TaskScorer:
 
     async def keep_better_words(self, found: tuple[tuple[str, ...], ...],
                                 reserve_after: int) -> tuple[tuple[str, ...], ...]:
-        """``found`` if the bare template reads dev better with them than with the task's own words beyond chance
-        (:mod:`bbt_client.run.significance`), else the task's own: words picked on the training texts can fail to
-        transfer, and the whole run is read through them. One call: both sets scored together, raw."""
+        """``found`` if the bare template reads dev better with them than with the task's own words, else the
+        task's own: words picked on the training texts can fail to transfer, and the whole run is read through
+        them. One call: both sets scored together, raw."""
         own = self.data.task.word_sets
         words = list(dict.fromkeys(flat_words(own) + flat_words(found)))
         logits = await self.score("dev", PromptBatch.zero_shot(), reserve_after=reserve_after, words=words)
-        read = {name: class_logits(logits[..., [words.index(w) for w in flat_words(sets)]], sets)
-                for name, sets in (("own", own), ("found", found))}
-        labels = self.data.dev.labels
-        acc = {name: float(accuracy(z, labels)[0]) for name, z in read.items()}
-        p = sign_test_p(*(label_log_probs(read[name], labels)[0] for name in ("found", "own")))
-        keep = acc["found"] > acc["own"] and p <= BARE_TEMPLATE_ALPHA
-        log.info("label words on dev, bare template: searched %.3f, the task's own %.3f (sign test p=%.2f): %s",
-                 acc["found"], acc["own"], p, "the searched words are used" if keep else "the task's own are kept")
+        acc = [float(accuracy(class_logits(logits[..., [words.index(w) for w in flat_words(sets)]], sets),
+                              self.data.dev.labels)[0]) for sets in (found, own)]
+        keep = acc[0] > acc[1]
+        log.info("label words on dev, bare template: searched %.3f, the task's own %.3f: %s", *acc,
+                 "the searched words are used" if keep else "the task's own are kept")
         return found if keep else own
 
     async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:

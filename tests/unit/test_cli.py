@@ -136,10 +136,7 @@ def test_tune_quiet_prints_only_the_table(tiny_server, tmp_path, capsys):
     captured = capsys.readouterr()
     lines = [line for line in captured.out.splitlines() if line]
     assert lines[0].split()[0] == "run" and lines[1].split()[0] == str(tmp_path / "run")
-    assert lines[2].startswith("one generation costs 4 calls")
-    # 2 shots make a 4-text dev split, on which no prompt can beat the bare template beyond chance
-    assert lines[3].startswith("no tuned prompt beat the bare template") and lines[4].startswith("wrote ")
-    assert len(lines) == 5
+    assert lines[2].startswith("one generation costs 4 calls") and lines[3].startswith("wrote ") and len(lines) == 4
     assert captured.err == ""
 
 

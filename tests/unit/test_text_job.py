@@ -100,8 +100,7 @@ def _config(tmp_path, method="bdpl", calls=40, **opts) -> TuneConfig:
 @pytest.mark.parametrize("method", ["bdpl", "cmaes-tokens"])
 async def test_calibrated_text_run_and_evaluate(tmp_path, labels_by_text, method):
     backend = TextToyBackend(labels_by_text)
-    # calibrated, the bare template is already perfect on dev and would be the result: no baseline here
-    cfg = _config(tmp_path, method, calibrate=True, empty_prompt_baseline=False)
+    cfg = _config(tmp_path, method)
     result = await tune(cfg, backend=backend)
     n_train = len(load_task_data(cfg.task, cfg.seed).train.texts)
     gen_jobs = [j for j in backend.jobs if j.prompts.kind == "text" and j.prompts.num_candidates == 4]

@@ -127,7 +127,7 @@ class GDFOConfig(BaseModel):
     #: distils, dev checks and the test evaluation. "auto" (default), as for BBT and BBTv2: chosen per run on the
     #: bare template's dev score.
     calibrate: bool | Literal["auto"] = "auto"
-    #: As BBT's: the bare template is scored on dev first and kept unless a tuned prompt beats it there beyond chance.
+    #: As BBT's: the bare template is scored on dev first and kept unless a tuned prompt beats it there.
     empty_prompt_baseline: bool = True
 
     @model_validator(mode="before")

@@ -45,8 +45,8 @@ class DiscretePromptConfig(BaseModel):
     #: whichever reads dev better. Calibration lifts AG News's one-word-per-class verbalizer (0.245 -> 0.304 on
     #: test) but hurts searched label words (0.415 -> 0.351): which one helps depends on the words.
     calibrate: bool | Literal["auto"] = "auto"
-    #: Score the bare template (every slot empty) on dev first and keep it unless a tuned prompt beats it there
-    #: beyond chance (:mod:`bbt_client.run.significance`): a search can end below a strong zero-shot.
+    #: Score the bare template (every slot empty) on dev first and keep it unless a tuned prompt beats it there:
+    #: on a model where calibrated zero-shot is strong, a search can end below it; this makes that impossible on dev.
     empty_prompt_baseline: bool = True
 
     @model_validator(mode="after")
