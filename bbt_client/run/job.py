@@ -80,6 +80,8 @@ class _State:
     endpoint_tokens: int = 0
     #: Label words per class found on the training texts (``search_label_words``), fixed for the run.
     verbalizer: tuple[tuple[str, ...], ...] | None = None
+    #: What the search found, used or not (the verbalizer is the task's own words when they read dev better).
+    searched_verbalizer: tuple[tuple[str, ...], ...] | None = None
     #: ``calibrate="auto"``: whether the run calibrates, chosen on dev before generation 1 (None: not yet).
     calibrated: bool | None = None
     #: How label scores are read (``bbt_client.backends.scoring``), chosen before the first score, fixed for the run.
@@ -286,7 +288,9 @@ class TuningJob:
         ctx = _RunLoop(self, scorer, budget, st, info, elapsed)
         await scorer.resolve_scoring()
         if cfg.task.search_label_words and st.verbalizer is None:
-            found = await scorer.search_verbalizer(cfg.task.search_label_words, reserve_after=ctx.final_calls + 2)
+            found = st.searched_verbalizer or await scorer.search_verbalizer(cfg.task.search_label_words,
+                                                                             reserve_after=ctx.final_calls + 2)
+            st.searched_verbalizer = found
             st.verbalizer = await scorer.keep_better_words(found, reserve_after=ctx.final_calls + 1)
         if st.verbalizer is not None:
             scorer.data = data = dataclasses.replace(
@@ -498,6 +502,7 @@ class _RunLoop:
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},
             verbalizer=[list(ws) for ws in st.verbalizer] if st.verbalizer is not None else None,
+            searched_label_words=[list(ws) for ws in st.searched_verbalizer] if st.searched_verbalizer else None,
             lost_to_crashes=st.lost_to_crashes.model_dump(exclude={"wall_seconds"}),
             lost_to_interrupts=st.lost_to_interrupts.model_dump(exclude={"wall_seconds"}),
             calls_per_generation=self.tuner.popsize,

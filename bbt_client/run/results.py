@@ -80,8 +80,12 @@ class RunResult(BaseModel):
     #: Scores were read with content-free calibration (``bbt_client.tasks.calibration``); ``bbt evaluate`` does the same.
     calibrated: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
-    #: Label words per class found on the training texts (``search_label_words``); None: the task's own words.
+    #: The label words per class a ``search_label_words`` run scored: the searched ones, or the task's own when
+    #: those read dev better; None: no search.
     verbalizer: list[list[str]] | None = None
+    #: What ``search_label_words`` found on the training texts; the run used them (``verbalizer``) only if the
+    #: bare template read dev better with them than with the task's own words.
+    searched_label_words: list[list[str]] | None = None
     #: Calls/tokens/cost spent on requests whose results a crash lost (counted in the *_used figures).
     lost_to_crashes: dict[str, float] = Field(default_factory=dict)
     #: Calls/tokens/cost spent on requests an interrupt (Ctrl-C) cut off, settled at what the endpoint reported

@@ -78,15 +78,16 @@ def test_cmaes_tokens_stops_at_the_token_budget(live_server, tmp_path):
 def test_label_word_search_through_the_text_api_matches_protocol_v1(live_server, tmp_path):
     """The search scores dozens of candidate words; a text API returns 20 log-probs per token, so the openai
     backend scores them in aligned logit_bias rounds. It must choose the words protocol v1 chooses from raw logits."""
-    # the face runs processed logprobs (bias shown): told, so the calls go to the search, not to a probe; 9 calls:
-    # the search, zero-shot, one generation of 4 and its dev checks (--eval-every 1) and the test call
-    text = _tune(live_server, tmp_path / "text", "--budget-calls", "9", "--search-label-words", "2",
+    # the face runs processed logprobs (bias shown): told, so the calls go to the search, not to a probe; 10 calls:
+    # the search and its dev check, zero-shot, one generation of 4 and its dev checks (--eval-every 1), the test
+    text = _tune(live_server, tmp_path / "text", "--budget-calls", "10", "--search-label-words", "2",
                  "--backend-opt", "scoring=bias", "--backend-opt", "bias_in_logprobs=true")
     assert main(["tune", "--backend", "server", "--endpoint", live_server, "--task", "agnews", "--template", TEMPLATE,
-                 "--method", "bbt", "--shots", "2", "--seed", "42", "--test-limit", "16", "--budget-calls", "9",
+                 "--method", "bbt", "--shots", "2", "--seed", "42", "--test-limit", "16", "--budget-calls", "10",
                  "--search-label-words", "2", "--opt", "popsize=4", "--opt", "prompt_tokens=2",
                  "--opt", "intrinsic_dim=8", "--out", str(tmp_path / "v1"), "--quiet"]) == 0
     v1 = json.loads((tmp_path / "v1" / "result.json").read_text())
-    assert len(text["verbalizer"]) == 4 and all(len(ws) == 2 for ws in text["verbalizer"])
-    assert text["verbalizer"] == v1["verbalizer"]
-    assert text["api_calls_used"] <= 9 and text["endpoint_reported"]["tokens"] == text["tokens_used"]
+    found = text["searched_label_words"]
+    assert len(found) == 4 and all(len(ws) == 2 for ws in found) and found == v1["searched_label_words"]
+    assert text["verbalizer"] == v1["verbalizer"]  # the same dev check of them, too
+    assert text["api_calls_used"] <= 10 and text["endpoint_reported"]["tokens"] == text["tokens_used"]

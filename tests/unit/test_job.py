@@ -328,8 +328,9 @@ async def test_searched_label_words_replace_the_tasks_own_only_when_they_read_de
     search, check = backend.jobs[:2]  # the search on the training texts, then both word sets on dev in one call
     assert list(search.texts) == list(data.train.texts) and list(check.texts) == list(data.dev.texts)
     assert {"bad", "great"} <= set(check.label_words) and len(check.label_words) > 2
+    assert all(len(ws) == 2 for ws in result.searched_label_words)
     if searched_kept:
-        assert all(len(ws) == 2 for ws in result.verbalizer) and "the searched words are used" in caplog.text
+        assert result.verbalizer == result.searched_label_words and "the searched words are used" in caplog.text
     else:
         assert result.verbalizer == [["bad"], ["great"]] and "the task's own are kept" in caplog.text
     assert backend.calls == result.api_calls_used <= 60
