@@ -52,8 +52,8 @@ class TaskConfig(BaseModel):
     #: Evaluate on at most this many test examples (None = the whole test set).
     test_limit: int | None = Field(default=None, ge=1)
     #: Words per class to choose from the training texts before tuning, with one API call
-    #: (:mod:`bbt_client.tasks.verbalizer`), kept only if they read dev better than ``label_words`` beyond chance
-    #: (one more call); 0 = score exactly ``label_words``.
+    #: (:mod:`bbt_client.tasks.verbalizer`), kept only if they read dev better than ``label_words`` (one more
+    #: call); 0 = score exactly ``label_words``.
     search_label_words: int = Field(default=0, ge=0, le=50)
 
     @model_validator(mode="after")
