@@ -214,8 +214,8 @@ def readme_summary(results: dict[str, Any]) -> str:
         out += [f"Against a real vLLM {vllm.get('vllm_version', '')} on the same tiny Llama "
                 f"(`python benchmarks/real_vllm.py`): label scores equal to {fmt(vllm.get('score_max_abs_diff'))}, "
                 f"exact-score coverage {fmt(vllm.get('exact_label_score_coverage'))}, the bundled server at "
-                f"{fmt(vllm.get('stub_vs_vllm_seq_per_s'))}x vLLM's sequences per second, both at their defaults "
-                f"({fmt(vllm.get('stub_vs_vllm_seq_per_s_all_cores'))}x with torch threads on every core).", ""]
+                f"{fmt(vllm.get('stub_vs_vllm_seq_per_s'))}x vLLM's sequences per second "
+                f"({fmt(vllm.get('stub_vs_vllm_seq_per_s_equal_threads'))}x at equal threads).", ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 

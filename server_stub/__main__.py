@@ -56,8 +56,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerOptions, argparse.Namespace]:
     p.add_argument("--coalesce-requests", type=int, default=d.coalesce_requests,
                    help="most queued /v1/score requests (e.g. from concurrent jobs) one model pass serves together;"
                         " default 1 (off: answers reproducible bit for bit); e.g. 16 on a server shared by many jobs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: all cores but one, "
-                   "left to the HTTP loop; on GPU: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     face = p.add_argument_group("OpenAI/vLLM face", "/v1/models, /v1/completions, /v1/chat/completions, /tokenize")
     face.add_argument("--served-model-name", default=None,
                       help="the model name the face answers to (default: the model folder's name)")

@@ -15,7 +15,7 @@ from server_stub.engine.int8 import OUTLIER_CHANNELS
 from server_stub.engine.loading import default_model_dir
 from server_stub.engine.micro_batches import default_max_batch_tokens
 from server_stub.engine.model import PromptedLM
-from server_stub.engine.worker import ModelWorker, default_threads
+from server_stub.engine.worker import ModelWorker
 from server_stub.http.framing import HttpLimits, HttpServer
 from server_stub.http.routes_openai import FaceOptions, OpenAIFace
 from server_stub.http.routes_v1 import PUBLIC_PATHS, ScoringService, ServiceLimits
@@ -99,8 +99,7 @@ async def serve(
     if lm is None:
         lm = await asyncio.get_running_loop().run_in_executor(None, load_model, opts)
     max_batch_tokens = opts.max_batch_tokens or default_max_batch_tokens(lm.device.type)
-    threads = opts.threads if opts.threads is not None else default_threads(lm.device.type)
-    worker = ModelWorker(max_queue=opts.max_queue, num_threads=threads,  # torch threads are process-wide
+    worker = ModelWorker(max_queue=opts.max_queue, num_threads=opts.threads,  # torch threads are process-wide
                          before_job=opts.before_job, max_group=opts.coalesce_requests)
     limits = ServiceLimits(
         max_prompt_tokens=min(opts.max_prompt_tokens, lm.max_prompt_tokens),
@@ -126,9 +125,9 @@ async def serve(
     server = HttpServer({**v1.routes(), **face.routes()}, api_key=opts.api_key, public_paths=PUBLIC_PATHS,
                         limits=http_limits, error_format=face.error_format)
     port = await server.start(opts.host, opts.port)
-    log.info("serving %s (%s, %d layers, D=%d, %s) on http://%s:%d on %s%s%s", lm.name, lm.kind, lm.num_layers,
+    log.info("serving %s (%s, %d layers, D=%d, %s) on http://%s:%d on %s%s", lm.name, lm.kind, lm.num_layers,
              lm.hidden_size, lm.quantization or str(lm.dtype).removeprefix("torch."), opts.host, port, lm.device,
-             f" ({threads} torch threads)" if threads else "", " with API key" if opts.api_key else "")
+             " with API key" if opts.api_key else "")
     if on_ready is not None:
         on_ready(port)
     try:

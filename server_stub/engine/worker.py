@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -44,16 +43,6 @@ class _Job:
 
 
 _STOP = object()
-
-
-def default_threads(device_type: str) -> int | None:
-    """Torch threads when ``--threads`` is not given. On CPU, every core but one: the event loop that frames HTTP,
-    decodes request bodies and batches requests needs a core of its own, as vLLM's CPU backend reserves one for
-    its API server (on two cores, one thread served more sequences/s than two in every run of
-    benchmarks/real_vllm.py). Elsewhere torch's choice."""
-    if device_type != "cpu":
-        return None
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 class ModelWorker:

@@ -20,7 +20,7 @@ import pytest
 
 from bbt_client.protocol import ScoreRequest, ShallowPrompt, Tensor
 from server_stub.__main__ import parse_args
-from server_stub.engine.worker import ModelWorker, default_threads
+from server_stub.engine.worker import ModelWorker
 from server_stub.errors import Overloaded
 from server_stub.gate import RequestGate
 
@@ -282,10 +282,3 @@ def test_spawned_server_does_not_outlive_a_killed_parent(tiny_bert_dir):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
-
-
-@pytest.mark.parametrize("device, cores, threads", [("cpu", {0, 1}, 1), ("cpu", {0, 1, 2, 3}, 3), ("cpu", {5}, 1),
-                                                    ("cuda", {0, 1}, None)])
-def test_the_default_torch_threads_leave_one_core_to_the_http_loop_on_cpu(monkeypatch, device, cores, threads):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
-    assert default_threads(device) == threads
