@@ -161,7 +161,7 @@ def render_tasks(data: dict) -> list[str]:
     below = data.get("tasks_below_zero_shot")
     if below is not None:
         out += [f"Tasks where tuning ended below zero-shot: {fmt(below) if below not in ([], 0) else 'none'}.", ""]
-    if TASKS_PICTURE.exists():
+    if TASKS_PICTURE.exists() and any(isinstance(r, dict) and r.get("whitebox") is not None for r in tasks.values()):
         out += [f"![each task's tuned mean between its better zero-shot (0) and its white-box ceiling (1)]"
                 f"({TASKS_PICTURE.name})", "",
                 f"(`python benchmarks/tasks.py --out DIR --report --plot docs/{TASKS_PICTURE.name}`)", ""]
@@ -204,9 +204,12 @@ def readme_summary(results: dict[str, Any]) -> str:
             out += [f"Not tuned yet (zero-shot only, in docs/results.md): {', '.join(unmeasured)}.", ""]
         gap, below = results["tasks"].get("gap_closed"), results["tasks"].get("tasks_below_zero_shot")
         if isinstance(gap, dict) and any(v is not None for v in gap.values()):
-            out += ["Share of the way from zero-shot to the white-box ceiling: "
-                    + ", ".join(f"{fmt(v)} at {b} calls" for b, v in sorted(gap.items(), key=lambda kv: _budget_key(kv[0]))
-                                if v is not None) + ".", ""]
+            over = results["tasks"].get("gap_closed_tasks") or {}
+            out += ["Share of the way from zero-shot to the white-box ceiling, mean over the tasks measured whose "
+                    "ceiling is above zero-shot: "
+                    + ", ".join(f"{fmt(v)} at {b} calls" + (f" ({', '.join(over[b])})" if over.get(b) else "")
+                                for b, v in sorted(gap.items(), key=lambda kv: _budget_key(kv[0])) if v is not None)
+                    + ".", ""]
         if below:
             out += [f"Below the better zero-shot at 400 calls: {fmt(below)}.", ""]
     vllm = results.get("real_vllm")
