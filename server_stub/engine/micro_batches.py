@@ -35,3 +35,17 @@ def micro_batch_spans(row_len: Sequence[int], max_batch_tokens: int) -> list[tup
         spans.append((start, end))
         start = end
     return spans
+
+
+def packed_spans(row_len: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) spans of rows, each with at most ``max_batch_tokens`` rows' tokens in all (one row at least):
+    for work that pays per real token, not per padded one."""
+    spans, start = [], 0
+    while start < len(row_len):
+        end, total = start + 1, row_len[start]
+        while end < len(row_len) and total + row_len[end] <= max_batch_tokens:
+            total += row_len[end]
+            end += 1
+        spans.append((start, end))
+        start = end
+    return spans

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from server_stub.engine.loading import LoadedLM
-from server_stub.engine.micro_batches import PACKED_CPU_BATCH_TOKENS, micro_batch_spans
+from server_stub.engine.micro_batches import PACKED_CPU_BATCH_TOKENS, micro_batch_spans, packed_spans
 from server_stub.errors import InvalidInput
 
 #: vLLM reports a log-probability of -inf (a token masked out) as this number, since JSON has no -inf.
@@ -213,7 +213,7 @@ def _run(lm: LoadedLM, passes: Sequence[tuple[torch.Tensor, Sequence[int]]], max
     packed = getattr(lm, "packed_causal", None)
     if packed is not None:
         cap = PACKED_CPU_BATCH_TOKENS if lm.device.type == "cpu" else max_batch_tokens
-        spans = _packed_spans(lengths, min(max_batch_tokens, cap))
+        spans = packed_spans(lengths, min(max_batch_tokens, cap))
     else:
         spans = micro_batch_spans(lengths, max_batch_tokens)
     with torch.inference_mode():
@@ -227,19 +227,6 @@ def _run(lm: LoadedLM, passes: Sequence[tuple[torch.Tensor, Sequence[int]]], max
             tokens += sum(lengths[start:end])
             batches += 1
     return tokens, batches
-
-
-def _packed_spans(row_len: Sequence[int], max_batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) spans of rows, each with at most ``max_batch_tokens`` tokens in all (one row at least)."""
-    spans, start = [], 0
-    while start < len(row_len):
-        end, total = start + 1, row_len[start]
-        while end < len(row_len) and total + row_len[end] <= max_batch_tokens:
-            total += row_len[end]
-            end += 1
-        spans.append((start, end))
-        start = end
-    return spans
 
 
 def _padded_rows(lm: LoadedLM, passes: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> torch.Tensor:
@@ -260,20 +247,17 @@ def _head_rows(lm: LoadedLM, hidden: torch.Tensor, items: list[tuple[int, int]],
                on_rows: Callable[[int, torch.Tensor], None]) -> None:
     """The head on (P, D) ``hidden`` (``items``: (pass, its row count), in order), a chunk of whole passes at a
     time (at most :data:`_HEAD_ROWS` rows, or one pass)."""
+    counts = [n for _, n in items]
     at = 0
-    while items:
-        take, rows = 0, 0
-        while take < len(items) and (take == 0 or rows + items[take][1] <= _HEAD_ROWS):
-            rows += items[take][1]
-            take += 1
+    for start, end in packed_spans(counts, _HEAD_ROWS):
+        rows = sum(counts[start:end])
         h = hidden[at : at + rows]
         logits = (h @ lm.word_embeddings.weight.T if lm.tied_head else lm.head(h)).float().cpu()
         done = 0
-        for i, n in items[:take]:
+        for i, n in items[start:end]:
             on_rows(i, logits[done : done + n])
             done += n
         at += rows
-        items = items[take:]
 
 
 @dataclass
