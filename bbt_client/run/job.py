@@ -78,7 +78,7 @@ class _State:
     #: What the endpoint itself reported spending (calls, tokens) beside the client's own count.
     endpoint_calls: int = 0
     endpoint_tokens: int = 0
-    #: Label words per class found on the training texts (``search_label_words``), fixed for the run.
+    #: Label words per class a ``search_label_words`` run scores (the searched ones or the task's own), fixed.
     verbalizer: tuple[tuple[str, ...], ...] | None = None
     #: What the search found, used or not (the verbalizer is the task's own words when they read dev better).
     searched_verbalizer: tuple[tuple[str, ...], ...] | None = None
