@@ -55,11 +55,18 @@ class TaskConfig(BaseModel):
     #: (:mod:`bbt_client.tasks.verbalizer`), kept only if they read dev better than ``label_words`` (one more
     #: call); 0 = score exactly ``label_words``.
     search_label_words: int = Field(default=0, ge=0, le=50)
+    #: Candidate words per class to fit a verbalizer over before tuning (:mod:`bbt_client.tasks.fitted_verbalizer`;
+    #: one call on the training texts, one on dev), kept only if it reads dev better than ``label_words``;
+    #: 0 = no fit; None = 30 where the endpoint scores any words in one sequence per text (our server, vLLM's
+    #: ``logprob_token_ids``) and no label-word search is asked, else no fit.
+    fit_verbalizer: int | None = Field(default=None, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check_custom(self) -> "TaskConfig":
         if self.file is not None and (self.template is None or not self.label_words):
             raise ValueError("a task file needs --template and --label-words")
+        if self.search_label_words and self.fit_verbalizer:
+            raise ValueError("search_label_words and fit_verbalizer both replace the label words: choose one")
         return self
 
 

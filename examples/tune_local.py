@@ -99,6 +99,7 @@ def summary(result: RunResult) -> str:
         f"  zero-shot test accuracy  {pct(result.zero_shot_test_accuracy)}" + (
             f"   ({pct(result.zero_shot_calibrated_test_accuracy)} calibrated, as the tuned prompt is read)"
             if result.calibrated and result.zero_shot_calibrated_test_accuracy is not None else ""),
+        *([f"  {result.verbalizer_note()}"] if result.verbalizer_note() else []),
         f"  tuned test accuracy      {pct(result.test_accuracy)}   (best dev {pct(result.best_dev_accuracy)}, "
         f"{result.test_examples} test examples)",
         f"  API calls                {result.api_calls_used} of {result.budget_calls}  "

@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass
 #: Strategies whose label scores are exact by construction (no floor is ever needed).
 EXACT_BY_CONSTRUCTION = frozenset({"full-vocab", "logprob_token_ids", "echo", "prompt_logprobs"})
 
+#: Strategies that read any number of named words from one sequence per text: more words cost nothing more.
+WORD_COUNT_FREE = frozenset({"full-vocab", "logprob_token_ids"})
+
 
 @dataclass(frozen=True)
 class Scoring:

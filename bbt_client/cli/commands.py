@@ -154,6 +154,10 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--search-label-words", type=int, metavar="M",
                    help="before tuning, choose M label words per class from the training texts (one API call), "
                         "kept if they read dev better than yours (one more; default: 0, score --label-words as given)")
+    t.add_argument("--fit-verbalizer", type=int, metavar="M",
+                   help="before tuning, fit class weights over up to M candidate words per class on the training "
+                        "texts (one API call), kept if they read dev better than yours (one more; default: 30 "
+                        "where the endpoint scores any words in one sequence per text, else 0; 0: no fit)")
     t.add_argument("--loss", choices=["ce", "hinge"], help="training loss, cross-entropy or hinge "
                    f"(default: {_default(TuneConfig, 'loss')})")
     t.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -265,7 +269,8 @@ def _config_from_args(args: argparse.Namespace) -> TuneConfig:
             else:
                 task["name"] = args.task
         for flag, key in (("test_file", "test_file"), ("template", "template"), ("shots", "shots"),
-                          ("test_limit", "test_limit"), ("search_label_words", "search_label_words")):
+                          ("test_limit", "test_limit"), ("search_label_words", "search_label_words"),
+                          ("fit_verbalizer", "fit_verbalizer")):
             if getattr(args, flag) is not None:
                 task[key] = getattr(args, flag)
         if args.label_words is not None:
@@ -409,13 +414,19 @@ def _format_table(rows: Sequence[dict[str, Any]]) -> str:
 def _cmd_report(args: argparse.Namespace) -> int:
     from bbt_client.run.results import load_result
 
-    rows = [load_result(r).model_dump(mode="json", exclude={"config"}) for r in args.run]
+    results = [load_result(r) for r in args.run]
+    rows = [res.model_dump(mode="json", exclude={"config"}) for res in results]
+    if not args.json:
+        for row, res in zip(rows, results):
+            row["verbalizer_note"] = res.verbalizer_note()
     print(json.dumps(rows, indent=2) if args.json else _format_table(
         [{"run": str(run), **row} for run, row in zip(args.run, rows)]))
     if not args.json:
         for run, row in zip(args.run, rows):
             if row.get("prompt_text") is not None:
                 print(f"{run}: prompt_text {row['prompt_text']!r}")
+            if row.get("verbalizer_note"):
+                print(f"{run}: {row['verbalizer_note']}")
             if row.get("label_score_coverage") is not None or row.get("scoring"):
                 sc, cov = row.get("scoring") or {}, row.get("label_score_coverage")
                 print(f"{run}: label scores {sc.get('strategy', '?')}"

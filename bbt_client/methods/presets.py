@@ -43,7 +43,7 @@ from typing import Any, Mapping
 from bbt_client.errors import ConfigError
 
 #: Fields of a task config a preset or sweep variant may set (the rest are the user's: data files, shots...).
-TASK_KEYS = frozenset({"template", "label_words", "search_label_words", "test_limit", "shots"})
+TASK_KEYS = frozenset({"template", "label_words", "search_label_words", "fit_verbalizer", "test_limit", "shots"})
 #: Top-level job fields a preset or sweep variant may set.
 JOB_KEYS = frozenset({"loss", "eval_every"})
 

@@ -21,6 +21,7 @@ import numpy as np
 from bbt_client.run import checkpoint as ckpt
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import Backend, PromptBatch
+from bbt_client.backends.scoring import WORD_COUNT_FREE
 from bbt_client.run.budget import Budget, BudgetUsage
 from bbt_client.config import TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
@@ -33,6 +34,7 @@ from bbt_client.protocol import ModelInfo
 from bbt_client.run.rescore import evaluate_run, prompt_batch
 from bbt_client.run.results import CONFIG_FILE, RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
 from bbt_client.tasks.datasets import TaskData, load_task_data
+from bbt_client.tasks.fitted_verbalizer import DEFAULT_PER_CLASS, FittedVerbalizer
 
 log = logging.getLogger("bbt_client.run.job")
 
@@ -82,6 +84,9 @@ class _State:
     verbalizer: tuple[tuple[str, ...], ...] | None = None
     #: What the search found, used or not (the verbalizer is the task's own words when they read dev better).
     searched_verbalizer: tuple[tuple[str, ...], ...] | None = None
+    #: What ``fit_verbalizer`` fitted, used or not, and whether it read dev better than the task's own words.
+    fitted_verbalizer: FittedVerbalizer | None = None
+    fitted_verbalizer_used: bool = False
     #: ``calibrate="auto"``: whether the run calibrates, chosen on dev before generation 1 (None: not yet).
     calibrated: bool | None = None
     #: How label scores are read (``bbt_client.backends.scoring``), chosen before the first score, fixed for the run.
@@ -134,6 +139,7 @@ def minimum_calls(cfg: TuneConfig, method_config: Any) -> dict[str, int]:
     if popsize is None:
         return {}
     steps = {"label-word search and its dev check": 2 if cfg.task.search_label_words else 0,
+             "verbalizer fit on train and dev": 2 if fit_per_class(cfg.task, _known_strategy(cfg)) else 0,
              "zero-shot test": 1 if cfg.evaluate_zero_shot else 0,
              "bare-template dev check": 1 if getattr(method_config, "empty_prompt_baseline", False) else 0,
              "one generation": int(popsize),
@@ -141,6 +147,25 @@ def minimum_calls(cfg: TuneConfig, method_config: Any) -> dict[str, int]:
              "dev check": 2 if cfg.eval_every == 1 else 1,
              "test evaluation": 1 if cfg.evaluate_test else 0}
     return {k: v for k, v in steps.items() if v}
+
+
+def _known_strategy(cfg: TuneConfig) -> str | None:
+    """The scoring strategy before any call: the server protocol's one, or the one the user told; None: a probe
+    will choose."""
+    if cfg.endpoint.backend == "server":
+        return "full-vocab"
+    told = cfg.endpoint.options.get("scoring")
+    return None if told in (None, "auto") else str(told)
+
+
+def fit_per_class(task: Any, strategy: str | None) -> int:
+    """Candidate words per class the verbalizer fit uses (0: no fit): the task config's ``fit_verbalizer``, or
+    when unset :data:`DEFAULT_PER_CLASS` where ``strategy`` reads any number of words at no extra cost (None:
+    not yet known, counted as such) and no label-word search is asked."""
+    if task.fit_verbalizer is not None:
+        return int(task.fit_verbalizer)
+    free = strategy is None or strategy in WORD_COUNT_FREE
+    return DEFAULT_PER_CLASS if free and not task.search_label_words else 0
 
 
 def check_call_budget(cfg: TuneConfig, method_config: Any) -> None:
@@ -243,6 +268,12 @@ class TuningJob:
         if not (self.run_dir / ckpt.CHECKPOINT_FILE).exists():
             return None  # stopped before its first checkpoint: start over; the ledger keeps what was spent
         saved = ckpt.load_checkpoint(self.run_dir)
+        task = saved["fingerprint"].get("task") or {}
+        if "fit_verbalizer" not in task and self.config.task.fit_verbalizer is None:
+            # made before verbalizer fits existed: it goes on without one
+            saved["fingerprint"] = {**saved["fingerprint"], "task": {**task, "fit_verbalizer": 0}}
+            self.config = self.config.model_copy(update={"task": self.config.task.model_copy(
+                update={"fit_verbalizer": 0})})
         if not same_run(saved["fingerprint"], self.config.fingerprint()):
             raise ConfigError(
                 "the checkpoint in {} was made with a different configuration; resume with the same task, "
@@ -292,9 +323,14 @@ class TuningJob:
                                                                              reserve_after=ctx.final_calls + 2)
             st.searched_verbalizer = found
             st.verbalizer = await scorer.keep_better_words(found, reserve_after=ctx.final_calls + 1)
-        if st.verbalizer is not None:
-            scorer.data = data = dataclasses.replace(
-                data, task=dataclasses.replace(data.task, verbalizer=st.verbalizer))
+        per_class = fit_per_class(cfg.task, st.scoring["strategy"])
+        if per_class and st.fitted_verbalizer is None:
+            st.fitted_verbalizer, st.fitted_verbalizer_used = await scorer.fit_verbalizer(
+                per_class, reserve_after=ctx.final_calls + 1)
+        if st.verbalizer is not None or st.fitted_verbalizer_used:
+            scorer.data = data = dataclasses.replace(data, task=dataclasses.replace(
+                data.task, verbalizer=st.verbalizer,
+                fitted=st.fitted_verbalizer if st.fitted_verbalizer_used else None))
         await scorer.check_coverage(cfg.allow_floored_scores, reserve_after=ctx.final_calls + 1)
         ctx.tuner = tuner = make_tuner(cfg.method, info, method_config, cfg.seed, task=data.task, train=data.train)
         scorer.calibrate_option = getattr(getattr(tuner, "config", None), "calibrate", False)
@@ -503,6 +539,8 @@ class _RunLoop:
             metrics=st.history[-1].metrics if st.history else {},
             verbalizer=[list(ws) for ws in st.verbalizer] if st.verbalizer is not None else None,
             searched_label_words=[list(ws) for ws in st.searched_verbalizer] if st.searched_verbalizer else None,
+            fitted_verbalizer=st.fitted_verbalizer.as_dict() if st.fitted_verbalizer is not None else None,
+            fitted_verbalizer_used=st.fitted_verbalizer_used,
             lost_to_crashes=st.lost_to_crashes.model_dump(exclude={"wall_seconds"}),
             lost_to_interrupts=st.lost_to_interrupts.model_dump(exclude={"wall_seconds"}),
             calls_per_generation=self.tuner.popsize,

@@ -1,12 +1,13 @@
 """Re-score a finished run's tuned prompt on its test set (``bbt evaluate``), exactly as the run scored it.
 
 Kept apart from the tuning loop: no budget, no checkpoint, one request. The prompt comes from the run directory
-(``prompt.npy``, or result.json's ``prompt_text`` for text methods), scored with the run's verbalizer and, when
+(``prompt.npy``, or result.json's ``prompt_text`` for text methods), scored with the run's (searched or fitted) verbalizer and, when
 the run calibrated, with the same content-free inputs alongside.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from bbt_client.config import TuneConfig
 from bbt_client.tasks.losses import accuracy
 from bbt_client.methods.registry import make_config
 from bbt_client.tasks.datasets import load_task_data
-from bbt_client.tasks.verbalizer import class_logits, flat_words
+from bbt_client.tasks.fitted_verbalizer import FittedVerbalizer
 
 
 def prompt_batch(kind: str, prompt: np.ndarray | str | None, method_config: Any = None) -> PromptBatch:
@@ -47,7 +48,10 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
     cfg = config or TuneConfig.model_validate(result.config)
     prompt = result.prompt_text if result.prompt_kind == "text" else read_prompt(run_dir)
     data = load_task_data(cfg.task, cfg.seed)
-    sets = tuple(tuple(ws) for ws in result.verbalizer) if result.verbalizer else data.task.word_sets
+    task = dataclasses.replace(data.task, verbalizer=tuple(tuple(ws) for ws in result.verbalizer)
+                               if result.verbalizer else None,
+                               fitted=FittedVerbalizer.from_dict(result.fitted_verbalizer)
+                               if result.fitted_verbalizer_used else None)
     texts, pairs, m = list(data.test.texts), data.test.text_pairs, 0
     if result.calibrated:  # re-score as the run scored: with the content-free inputs alongside
         texts = calibration.with_content_free(data.test.texts)
@@ -58,13 +62,13 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
     if result.scoring:  # read the labels the way the run read them
         backend.apply_scoring(result.scoring.get("facts") or {})
     try:
-        job = ScoreJob(template=data.task.template, texts=texts, text_pairs=pairs, label_words=flat_words(sets),
+        job = ScoreJob(template=data.task.template, texts=texts, text_pairs=pairs, label_words=task.scored_words,
                        prompts=prompt_batch(result.prompt_kind, prompt, make_config(cfg.method, cfg.method_options)))
         scored = await backend.score(job)
     finally:
         if owns:
             await backend.aclose()
-    logits = class_logits(scored.logits, sets)
+    logits = task.class_logits(scored.logits)
     if m:
         logits = calibration.calibrate(logits, m)
     acc = float(accuracy(logits, data.test.labels)[0])

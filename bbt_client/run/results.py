@@ -86,6 +86,11 @@ class RunResult(BaseModel):
     #: What ``search_label_words`` found on the training texts; the run used them (``verbalizer``) only if the
     #: bare template read dev better with them than with the task's own words.
     searched_label_words: list[list[str]] | None = None
+    #: What ``fit_verbalizer`` fitted (``bbt_client.tasks.fitted_verbalizer.FittedVerbalizer.as_dict``: its words,
+    #: their standardisation, class weights and biases); None: no fit.
+    fitted_verbalizer: dict[str, Any] | None = None
+    #: The run read every score through ``fitted_verbalizer``: it read dev better than the task's own words.
+    fitted_verbalizer_used: bool = False
     #: Calls/tokens/cost spent on requests whose results a crash lost (counted in the *_used figures).
     lost_to_crashes: dict[str, float] = Field(default_factory=dict)
     #: Calls/tokens/cost spent on requests an interrupt (Ctrl-C) cut off, settled at what the endpoint reported
@@ -100,6 +105,17 @@ class RunResult(BaseModel):
     #: How label scores were read: strategy, whether exact, cost per candidate, the facts it rests on.
     scoring: dict[str, Any] | None = None
     config: dict[str, Any]
+
+    def verbalizer_note(self) -> str:
+        """One line on which label words the run read, or "" when it read the task's own."""
+        fit = self.fitted_verbalizer
+        if fit is not None:
+            how = "used: it read dev better than the task's own words" if self.fitted_verbalizer_used else \
+                "not used: the task's own words read dev as well or better"
+            return f"label words: a verbalizer fitted over {len(fit['words'])} candidate words, {how}"
+        if self.verbalizer is not None:
+            return f"label words: {self.verbalizer}"
+        return ""
 
 
 def write_prompt(run_dir: Path, prompt: np.ndarray) -> str:

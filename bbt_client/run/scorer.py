@@ -20,6 +20,7 @@ from bbt_client.run.metered import MeteredScorer
 from bbt_client.tasks import calibration
 from bbt_client.tasks.datasets import TaskData
 from bbt_client.tasks.losses import accuracy, cross_entropy, hinge
+from bbt_client.tasks.fitted_verbalizer import FittedVerbalizer, fit_on_dev
 from bbt_client.tasks.verbalizer import candidate_words, class_logits, flat_words, select_words
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,15 @@ class TaskScorer:
                          reserve_after: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw (C, N, K) class logits, and the calibrated ones from the same call (None when not calibrating):
         with calibration the content-free inputs ride along in each candidate's call (their tokens are counted)."""
-        split = getattr(self.data, split_name)
-        sets = self.data.task.word_sets
+        split, task = getattr(self.data, split_name), self.data.task
         texts, pairs, m = list(split.texts), split.text_pairs, 0
         if self.calibrate:
             texts = calibration.with_content_free(split.texts)
             m = len(texts) - len(split.texts)
             pairs = None if pairs is None else calibration.with_content_free(pairs)
         job = ScoreJob(template=self.data.task.template, texts=texts, text_pairs=pairs,
-                       label_words=flat_words(sets), prompts=prompts)
-        logits = class_logits(await self._score_job(split_name, job, reserve_after), sets)
+                       label_words=task.scored_words, prompts=prompts)
+        logits = task.class_logits(await self._score_job(split_name, job, reserve_after))
         if not m:
             return logits, None
         return calibration.split_content_free(logits, m), calibration.calibrate(logits, m)
@@ -154,25 +154,53 @@ class TaskScorer:
         """Choose ``per_class`` label words per class from the training texts, spending one call (see
         :mod:`bbt_client.tasks.verbalizer`); candidates that are not one token for the endpoint are dropped first."""
         task, train = self.data.task, self.data.train
-        pools = candidate_words(train.texts, train.labels, task.num_classes, task.label_words, 2 * per_class)
-        spelled = await self.backend.tokenize(words=[w for pool in pools for w in pool])  # not billed: no model work
-        ids = {t.word: t.ids for t in spelled.words}
-        words, owners, by_id = [], [], set()  # one word per token id: an uncased vocabulary merges cases
-        for k, pool in enumerate(pools):
-            for w in pool:
-                if len(ids.get(w, ())) == 1 and ids[w][0] not in by_id:
-                    by_id.add(ids[w][0])
-                    words.append(w)
-                    owners.append(k)
-        short = [task.class_names[k] for k in range(task.num_classes) if owners.count(k) < per_class]
-        if short:
-            raise ConfigError(f"fewer than {per_class} candidate label words are single tokens for this endpoint "
-                              f"for class(es) {short}; lower search_label_words")
+        words, owners = await self._single_token_candidates(2 * per_class, None, per_class, "search_label_words")
         logits = await self.score("train", PromptBatch.zero_shot(), reserve_after=reserve_after, words=words)
         found = tuple(tuple(words[v] for v in cols)
                       for cols in select_words(logits[0], train.labels, owners, task.num_classes, per_class))
         log.info("label words found on the training texts: %s", {c: list(ws) for c, ws in zip(task.class_names, found)})
         return found
+
+    async def _single_token_candidates(self, pool_size: int, limit: int | None, at_least: int,
+                                       option: str) -> tuple[list[str], list[int]]:
+        """Candidate words from the training texts (``pool_size`` per class at least, see
+        :func:`~bbt_client.tasks.verbalizer.candidate_words`) that are one token for the endpoint, one word per
+        token id (an uncased vocabulary merges cases), the task's label words first; at most ``limit`` per class;
+        and the class each serves. Fewer than ``at_least`` for a class is a :class:`ConfigError` naming
+        ``option``. Tokenizing does no model work and is not billed."""
+        task, train = self.data.task, self.data.train
+        pools = candidate_words(train.texts, train.labels, task.num_classes, task.label_words, pool_size)
+        spelled = await self.backend.tokenize(words=[w for pool in pools for w in pool])
+        ids = {t.word: t.ids for t in spelled.words}
+        words, owners, by_id = [], [], set()
+        for k, w in [(k, p[0]) for k, p in enumerate(pools)] + [(k, w) for k, p in enumerate(pools) for w in p[1:]]:
+            if len(ids.get(w, ())) == 1 and ids[w][0] not in by_id and (limit is None or owners.count(k) < limit):
+                by_id.add(ids[w][0])
+                words.append(w)
+                owners.append(k)
+        short = [task.class_names[k] for k in range(task.num_classes) if owners.count(k) < at_least]
+        if short:
+            raise ConfigError(f"fewer than {at_least} candidate label words are single tokens for this endpoint "
+                              f"for class(es) {short}; lower {option}")
+        return words, owners
+
+    async def fit_verbalizer(self, per_class: int, reserve_after: int) -> tuple[FittedVerbalizer, bool]:
+        """Fit class weights over up to ``per_class`` candidate words per class (see
+        :mod:`bbt_client.tasks.fitted_verbalizer`): one call scores them on the training texts, one on dev, both
+        with the bare template, raw. Returns the fit and whether it reads dev better than the task's own words
+        (which are among the candidates, so the same dev call reads them)."""
+        task, train, dev = self.data.task, self.data.train, self.data.dev
+        words, _ = await self._single_token_candidates(per_class, per_class, 1, "fit_verbalizer")
+        zero = PromptBatch.zero_shot()
+        on_train = await self.score("train", zero, reserve_after=reserve_after + 1, words=words)
+        on_dev = await self.score("dev", zero, reserve_after=reserve_after, words=words)
+        fitted, fitted_acc = fit_on_dev(on_train[0], train.labels, on_dev[0], dev.labels, task.num_classes, words)
+        own = on_dev[..., [words.index(w) for w in task.label_words]]
+        own_acc = float(accuracy(own, dev.labels)[0])
+        better = fitted_acc > own_acc
+        log.info("fitted verbalizer over %d words (l2 %g) on dev, bare template: %.3f, the task's own words %.3f: %s",
+                 len(words), fitted.l2, fitted_acc, own_acc, "the fit is used" if better else "the task's own are kept")
+        return fitted, better
 
     async def keep_better_words(self, found: tuple[tuple[str, ...], ...],
                                 reserve_after: int) -> tuple[tuple[str, ...], ...]:

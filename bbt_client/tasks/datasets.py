@@ -36,6 +36,8 @@ import numpy as np
 
 from bbt_client.errors import ConfigError
 from bbt_client.protocol import MASK_SLOT, TEXT_A_SLOT, TEXT_B_SLOT, TEXT_SLOT
+from bbt_client.tasks.fitted_verbalizer import FittedVerbalizer
+from bbt_client.tasks.verbalizer import class_logits, flat_words
 
 DATA_DIR = Path(__file__).parent.parent / "data"
 
@@ -60,6 +62,9 @@ class Task:
     #: Several words per class (a class's logit is the mean of its words'), e.g. found by
     #: :mod:`bbt_client.tasks.verbalizer`; None = ``label_words``, one word each.
     verbalizer: tuple[tuple[str, ...], ...] | None = None
+    #: Class logits fitted over many words' scores (:mod:`bbt_client.tasks.fitted_verbalizer`); when set, its
+    #: words are the ones scored and ``verbalizer``/``label_words`` are not read.
+    fitted: FittedVerbalizer | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_words", tuple(self.label_words))
@@ -71,6 +76,9 @@ class Task:
             if len(sets) != len(self.class_names) or not all(sets) or len(set(flat)) != len(flat):
                 raise ConfigError(f"task {self.name!r}: the verbalizer needs one non-empty set of distinct words per "
                                   f"class ({len(self.class_names)}), got {[list(ws) for ws in sets]}")
+        if self.fitted is not None and self.fitted.num_classes != len(self.class_names):
+            raise ConfigError(f"task {self.name!r}: the fitted verbalizer reads {self.fitted.num_classes} classes, "
+                              f"the task has {len(self.class_names)}")
         problems = template_problems(self.template)
         if problems:
             raise ConfigError(f"task {self.name!r}: template {self.template!r} {problems}")
@@ -95,6 +103,17 @@ class Task:
     def word_sets(self) -> tuple[tuple[str, ...], ...]:
         """The words scored for each class: the verbalizer, or one label word per class."""
         return self.verbalizer if self.verbalizer is not None else tuple((w,) for w in self.label_words)
+
+    @property
+    def scored_words(self) -> list[str]:
+        """The words a scoring request asks about, in the order :meth:`class_logits` reads them."""
+        return list(self.fitted.words) if self.fitted is not None else flat_words(self.word_sets)
+
+    def class_logits(self, word_logits: np.ndarray) -> np.ndarray:
+        """(..., V) scores of :attr:`scored_words` -> (..., K) class logits."""
+        if self.fitted is not None:
+            return self.fitted.class_logits(word_logits)
+        return class_logits(word_logits, self.word_sets)
 
     @property
     def is_pair(self) -> bool:

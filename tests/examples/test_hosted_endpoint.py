@@ -43,7 +43,7 @@ def fake_vllm(seen: list):
     """Label logprobs = log-softmax over the asked tokens (``allowed_token_ids`` or ``logprob_token_ids``) of
     (mean input row) · W: they move with the prompt. A text prompt (the probe asks the logprobs cap with one)
     reads as a zero row; a request that names no ids gets two fixed ones."""
-    W = np.random.default_rng(1).normal(size=(D, 4))
+    W = np.random.default_rng(1).normal(size=(D, 30522))  # one column per token id: any ids can be asked
 
     def handle(request):
         body = json.loads(request.content)
@@ -54,7 +54,7 @@ def fake_vllm(seen: list):
         for i, b64 in enumerate(rows):
             t = (np.zeros((1, D)) if b64 is None else
                  torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True).float().numpy())
-            s = t.mean(axis=0) @ W[:, : len(ids)]
+            s = t.mean(axis=0) @ W[:, ids]
             lp = s - np.log(np.exp(s).sum())
             top = {f"token_id:{tid}": float(v) for tid, v in zip(ids, lp)}
             choices.append({"index": i, "text": "x", "finish_reason": "length",

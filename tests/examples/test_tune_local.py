@@ -34,7 +34,7 @@ def test_make_tune_path_smoke(tmp_path):
     assert (result.method, result.task, result.model) == ("bbtv2", "agnews", "all-MiniLM-L6-v2")
     assert result.test_examples == 16 and result.generations >= 2
     assert result.api_calls_used <= 20
-    assert result.prompt_shape == [6, 5, 384]  # (L, n, D): deep prompt on the 6-layer MiniLM
+    assert result.prompt_shape == ([0] if result.bare_template else [6, 5, 384])  # (L, n, D): 6-layer MiniLM
     assert (out / "prompt.npy").exists() and len(read_history(out)) == result.generations
 
 

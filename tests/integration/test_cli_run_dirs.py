@@ -109,10 +109,10 @@ def test_python_api_and_cli_share_one_run_format(tiny_server, tmp_path):
 def test_a_budget_too_small_for_one_generation_is_refused_with_the_minimum(tiny_server, tmp_path):
     out = tmp_path / "run"
     r = cli(*_tune(tiny_server, out, "--task", "sst2", calls=1))
-    # zero-shot 1 + bare-template dev check 1 + one generation (popsize 4) + dev check 1 + test 1
+    # verbalizer fit 2 + zero-shot 1 + bare-template dev check 1 + one generation (popsize 4) + dev check 1 + test 1
     assert r.returncode == 2 and "--budget-calls 1 cannot pay for one generation" in r.stderr
-    assert "at least 8" in r.stderr and not out.exists()
-    r = cli(*_tune(tiny_server, out, "--task", "sst2", "--test-limit", "8", calls=8))
+    assert "at least 10" in r.stderr and not out.exists()
+    r = cli(*_tune(tiny_server, out, "--task", "sst2", "--test-limit", "8", calls=10))
     assert r.returncode == 0, r.stderr
     assert "one generation costs 4 calls" in r.stdout
     assert f"wrote {out}/result.json and {out}/prompt.npy" in r.stdout and (out / "prompt.npy").exists()

@@ -27,13 +27,29 @@ def _tune(url: str, out, method: str, *extra: str, calls: int = 160) -> dict:
 
 @pytest.mark.slow
 def test_bbtv2_beats_zero_shot_and_evaluate_reproduces_it(live_server, tmp_path, capsys):
-    result = _tune(live_server, tmp_path / "bbtv2", "bbtv2")
+    """The prompt search alone: the task's own label words, no fitted verbalizer."""
+    result = _tune(live_server, tmp_path / "bbtv2", "bbtv2", "--fit-verbalizer", "0")
     assert result["api_calls_used"] <= 160 and result["stop_reason"] == "calls"
     assert result["test_accuracy"] >= result["zero_shot_test_accuracy"] + MARGIN, result
     capsys.readouterr()
     assert main(["evaluate", "--run", str(tmp_path / "bbtv2")]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["test_accuracy"] == result["test_accuracy"] and again["matches"]
+
+
+@pytest.mark.slow
+def test_the_default_fitted_verbalizer_beats_the_tasks_own_words_and_evaluate_reproduces_it(live_server, tmp_path,
+                                                                                           capsys):
+    """Defaults: our server scores any words at no extra cost, so the run fits a verbalizer first (2 calls)."""
+    own = _tune(live_server, tmp_path / "own", "bbtv2", "--fit-verbalizer", "0", "--opt", "popsize=4", calls=12)
+    result = _tune(live_server, tmp_path / "fit", "bbtv2", "--opt", "popsize=4", calls=12)
+    assert result["fitted_verbalizer_used"] and len(result["fitted_verbalizer"]["words"]) > 4 * 10
+    assert result["fitted_verbalizer"]["words"][:4] == ["World", "Sports", "Business", "Tech"]
+    assert result["test_accuracy"] >= own["zero_shot_test_accuracy"] + MARGIN, (result, own)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "fit")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["matches"], again
 
 
 @pytest.mark.slow

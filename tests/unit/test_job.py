@@ -15,7 +15,7 @@ from bbt_client.run.budget import BudgetLimits
 from bbt_client.tasks.calibration import CONTENT_FREE_INPUTS
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.errors import BudgetExhausted, CheckpointError, ConfigError, UnsupportedError
-from bbt_client.run.job import TuningJob, evaluate_run, tune
+from bbt_client.run.job import TuningJob, evaluate_run, minimum_calls, tune
 from bbt_client.methods.bbt import BBTTuner
 from bbt_client.methods.registry import make_config
 from bbt_client.protocol import ModelInfo
@@ -24,10 +24,11 @@ from bbt_client.tasks.datasets import load_task_data
 from tests.unit.toy_backend import ToyBackend
 
 
-def _config(tmp_path, method="bbt", calls=200, **kw) -> TuneConfig:
+def _config(tmp_path, method="bbt", calls=200, fit=None, **kw) -> TuneConfig:
+    """``fit``: the task's ``fit_verbalizer`` (0: read the task's own two words, as calibration tests need)."""
     opts = {"prompt_tokens": 2, "intrinsic_dim": 10, "popsize": 6}
     return TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid"),
-                      task=TaskConfig(name="sst2", shots=4, test_limit=40), method=method, seed=7,
+                      task=TaskConfig(name="sst2", shots=4, test_limit=40, fit_verbalizer=fit), method=method, seed=7,
                       budget={"calls": calls}, method_options=opts, eval_every=2, out=tmp_path / "run", **kw)
 
 
@@ -147,14 +148,14 @@ async def test_what_needs_no_endpoint_is_refused_before_the_endpoint_is_asked(tm
 
 async def test_budget_too_small_for_one_generation_is_refused_before_any_call(tmp_path, labels_by_text):
     backend = ToyBackend(labels_by_text)
-    # zero-shot 1 + bare-template dev check 1 + generation 6 + dev check 1 + test 1 = 10
-    cfg = _config(tmp_path / "run", calls=9)
-    with pytest.raises(ConfigError, match=r"--budget-calls 9 cannot pay .* = 10 calls; raise --budget-calls to at "
-                                          r"least 10"):
+    # verbalizer fit 2 + zero-shot 1 + bare-template dev check 1 + generation 6 + dev check 1 + test 1 = 12
+    cfg = _config(tmp_path / "run", calls=11)
+    with pytest.raises(ConfigError, match=r"--budget-calls 11 cannot pay for one generation: verbalizer fit on train and dev 2 .* = 12 "
+                                          r"calls; raise --budget-calls to at least 12"):
         await tune(cfg, backend=backend)
     assert backend.calls == 0 and not cfg.out.exists()
-    result = await tune(cfg.model_copy(update={"budget": BudgetLimits(calls=10)}), backend=backend)
-    assert result.generations == 1 and result.api_calls_used == 10 and result.test_accuracy is not None
+    result = await tune(cfg.model_copy(update={"budget": BudgetLimits(calls=12)}), backend=backend)
+    assert result.generations == 1 and result.api_calls_used == 12 and result.test_accuracy is not None
 
 
 async def test_token_budget_is_a_hard_cap(tmp_path, labels_by_text):
@@ -202,7 +203,7 @@ async def test_calibrated_prompt_search_divides_out_a_label_prior(tmp_path, labe
         return b
 
     def config(name: str, **opts) -> TuneConfig:
-        cfg = _config(tmp_path / name, method, calls=100)
+        cfg = _config(tmp_path / name, method, calls=100, fit=0)
         return cfg.model_copy(update={"method_options": {**cfg.method_options, **opts}})
 
     biased, fair = backend(5.0), backend(0.0)
@@ -270,7 +271,7 @@ async def test_auto_calibration_is_chosen_on_the_bare_templates_dev_score(tmp_pa
                                                                         calibrates):
     backend = backend_cls(labels_by_text)
     backend.prior = prior
-    result = await tune(_config(tmp_path, "bbtv2", calls=60), backend=backend)
+    result = await tune(_config(tmp_path, "bbtv2", calls=60, fit=0), backend=backend)
     assert result.calibrated is calibrates
     assert tuple(backend.jobs[1].texts[-len(CONTENT_FREE_INPUTS):]) == tuple(CONTENT_FREE_INPUTS)  # dev baseline
     later = [j for j in backend.jobs[2:] if j.prompts.num_candidates > 1]
@@ -338,6 +339,59 @@ async def test_searched_label_words_replace_the_tasks_own_only_when_they_read_de
     assert again["matches"], again
 
 
+@pytest.mark.parametrize("backend_cls, fit_used", [(_OtherWordsKnow, True), (_SearchedWordsDoNotTransfer, False)])
+async def test_a_fitted_verbalizer_reads_every_score_only_when_it_reads_dev_better(
+        tmp_path, labels_by_text, caplog, backend_cls, fit_used):
+    caplog.set_level(logging.INFO, logger="bbt_client")
+    backend = backend_cls(labels_by_text)
+    cfg = _config(tmp_path, "bbt", calls=40)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"fit_verbalizer": 5})})
+    result = await tune(cfg, backend=backend)
+    data = load_task_data(cfg.task, cfg.seed)
+    on_train, on_dev = backend.jobs[:2]  # the candidates on the training texts, then on dev, bare template
+    assert list(on_train.texts) == list(data.train.texts) and list(on_dev.texts) == list(data.dev.texts)
+    words = result.fitted_verbalizer["words"]
+    assert list(on_train.label_words) == list(on_dev.label_words) == words
+    assert words[:2] == ["bad", "great"] and 2 < len(words) <= 10
+    assert result.fitted_verbalizer_used is fit_used
+    later = {tuple(j.label_words) for j in backend.jobs[2:]}
+    assert later == ({tuple(words)} if fit_used else {("bad", "great")})
+    assert ("the fit is used" if fit_used else "the task's own are kept") in caplog.text
+    if fit_used:
+        assert result.zero_shot_test_accuracy > 0.9  # the words it weighs carry the label; the task's own do not
+    assert backend.calls == result.api_calls_used <= 40
+    again = await evaluate_run(cfg.out, backend=backend_cls(labels_by_text))
+    assert again["matches"], again
+    resumed_backend = backend_cls(labels_by_text)
+    more = cfg.model_copy(update={"budget": BudgetLimits(calls=60)})
+    resumed = await tune(more, backend=resumed_backend, resume=True)  # the fit is not paid for again
+    assert resumed.fitted_verbalizer == result.fitted_verbalizer and resumed_backend.jobs
+    assert resumed.generations > result.generations
+    assert not any(j.prompts.full() is None and list(j.texts) == list(data.train.texts)
+                   for j in resumed_backend.jobs)
+
+
+@pytest.mark.parametrize("backend, options, task, fit_calls", [
+    ("server", {}, {}, 2),                                  # the protocol scores every word: fit by default
+    ("openai", {}, {}, 2),                                  # a probe will choose: counted, to be safe
+    ("openai", {"scoring": "echo"}, {}, 0),                 # a sequence per word: no fit unless asked
+    ("openai", {"scoring": "echo"}, {"fit_verbalizer": 5}, 2),
+    ("server", {}, {"fit_verbalizer": 0}, 0),
+    ("server", {}, {"search_label_words": 3}, 0),           # the search replaces the words instead
+])
+def test_the_minimum_call_budget_counts_the_fit_where_it_will_run(tmp_path, backend, options, task, fit_calls):
+    cfg = _config(tmp_path, "bbt").model_copy(update={
+        "endpoint": EndpointConfig(url="http://toy.invalid", backend=backend, options=options),
+        "task": TaskConfig(name="sst2", shots=4, **task)})
+    steps = minimum_calls(cfg, make_config("bbt", cfg.method_options))
+    assert steps.get("verbalizer fit on train and dev", 0) == fit_calls
+
+
+def test_a_fitted_verbalizer_and_a_label_word_search_are_refused_together():
+    with pytest.raises(ValueError, match="choose one"):
+        TaskConfig(name="sst2", search_label_words=2, fit_verbalizer=5)
+
+
 async def test_a_label_word_search_with_too_few_single_token_words_for_a_class_fails_before_any_call(
         tmp_path, labels_by_text):
     class MultiTokenToy(ToyBackend):  # every candidate but the task's label words spans two tokens
@@ -402,7 +456,7 @@ async def test_gdfo_job_sends_every_prompt_in_its_mode_and_calibrates_when_asked
             return (await super().model_info()).model_copy(update={"prompt_modes": ["replace", "add"]})
 
     backend = AddingToy(labels_by_text)
-    cfg = _config(tmp_path, "gdfo", calls=30)
+    cfg = _config(tmp_path, "gdfo", calls=30, fit=0)
     cfg = cfg.model_copy(update={"method_options": {**cfg.method_options, "popsize": 4, "student_layers": 1,
                                                     "prompt_mode": "add", "slot_token_ids": (10, 11),
                                                     "calibrate": True}})

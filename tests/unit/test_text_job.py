@@ -91,7 +91,8 @@ def labels_by_text():
 
 def _config(tmp_path, method="bdpl", calls=40, **opts) -> TuneConfig:
     return TuneConfig(endpoint=EndpointConfig(url="http://toy.invalid", backend="openai"),
-                      task=TaskConfig(name="sst2", shots=4, test_limit=40), method=method, seed=7,
+                      # this toy reads two words whatever it is asked: the task's own, no fitted verbalizer
+                      task=TaskConfig(name="sst2", shots=4, test_limit=40, fit_verbalizer=0), method=method, seed=7,
                       budget={"calls": calls, "tokens": 100_000},
                       method_options={"prompt_tokens": 2, "popsize": 4, "vocab_size": 8, **opts},
                       eval_every=2, out=tmp_path / "run")

@@ -79,8 +79,8 @@ class DiscretePromptTuner(Tuner):
         if vocabulary is None:
             if train is None:
                 raise ConfigError(f"method {self.method!r} builds its vocabulary from the training texts: pass train=")
-            # the task's own label words stay out even when a label-word search replaced them for scoring
-            words = [w for ws in (task.word_sets if task is not None else ()) for w in ws]
+            # the task's own label words stay out even when a searched or fitted verbalizer replaced them for scoring
+            words = list(task.scored_words) if task is not None else []
             words += list(task.label_words) if task is not None else []
             try:
                 vocabulary = build_vocabulary(train.texts, config.vocab_size, max_ngram=config.max_ngram,
