@@ -134,7 +134,8 @@ def render_tasks(data: dict) -> list[str]:
     present = [(k, t) for k, t in baseline_keys if any(isinstance(v, dict) and k in v for v in tasks.values())]
     if present:
         out += [("Test accuracy without black-box tuning: the template alone, read raw and calibrated; white-box "
-                "prompt tuning with full gradients (a ceiling no black-box method has the information to pass); a "
+                "prompt tuning with full gradients, read through the task's own label words (a ceiling for a "
+                "prompt read that way; a fitted verbalizer reads more of the answer slot and can pass it); a "
                 "logistic-regression probe on the answer slot's hidden states."), ""]
         out += [table(["task"] + [t for _, t in present], [[name] + [row.get(k) for k, _ in present]
                                                           for name, row in tasks.items() if isinstance(row, dict)]),

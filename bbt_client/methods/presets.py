@@ -60,8 +60,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
         },
         "method_task": {("bbtv2", "agnews"): {"sigma0": 0.2, "alpha": 0.2}},
         "tasks": {
-            "sst2": {"template": ". {text} . It was {mask} ."},
-            "agnews": {"template": ". {mask} News: {text}"},
+            # the papers read one word per class: no fitted verbalizer
+            "sst2": {"template": ". {text} . It was {mask} .", "fit_verbalizer": 0},
+            "agnews": {"template": ". {mask} News: {text}", "fit_verbalizer": 0},
         },
         "job": {"loss": "ce"},
     },

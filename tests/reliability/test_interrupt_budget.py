@@ -42,8 +42,9 @@ def test_ctrl_c_mid_request_is_settled_by_what_the_server_served(tiny_bert_dir, 
 
     def on_job(k: int) -> None:
         try:  # an error here must not stop the gate releasing later jobs: it is reported below instead
-            # the zero-shot and bare-template calls (1 candidate each) are done: this job is generation 1's first half
-            if interrupted.is_set() or server.usage()["candidates"] != 2:
+            # the verbalizer fit (2), zero-shot and bare-template calls (1 candidate each) are done: this job is
+            # generation 1's first half
+            if interrupted.is_set() or server.usage()["candidates"] != 4:
                 return
             _until(lambda: server.usage()["queue_depth"] >= 1, "the second half never queued")
             client[0].send_signal(signal.SIGINT)
@@ -62,7 +63,7 @@ def test_ctrl_c_mid_request_is_settled_by_what_the_server_served(tiny_bert_dir, 
         _, stderr = client[0].communicate(timeout=300)
         assert interrupted.wait(120) and client[0].returncode == 130, (errors, stderr)
         assert f"continue with bbt tune --resume {out}" in stderr
-        _until(lambda: server.usage()["candidates"] == 4, "the held half was not served")  # 1 + 1 + 2
+        _until(lambda: server.usage()["candidates"] == 6, "the held half was not served")  # 2 + 1 + 1 + 2
         ops = [json.loads(line)["op"] for line in (out / "budget.wal").read_text().splitlines()]
         assert "interrupt" in ops
 

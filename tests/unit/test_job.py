@@ -317,15 +317,19 @@ class _SearchedWordsDoNotTransfer(_OtherWordsKnow):
     misleads = frozenset(load_task_data(TaskConfig(name="sst2", shots=4, test_limit=40), 7).dev.texts)
 
 
+async def _bbt_run(tmp_path, backend, calls: int, **task):
+    """A bbt run on ``backend`` with these task fields: its config, result and data."""
+    cfg = _config(tmp_path, "bbt", calls=calls)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update=task)})
+    return cfg, await tune(cfg, backend=backend), load_task_data(cfg.task, cfg.seed)
+
+
 @pytest.mark.parametrize("backend_cls, searched_kept", [(_OtherWordsKnow, True), (_SearchedWordsDoNotTransfer, False)])
 async def test_searched_label_words_replace_the_tasks_own_only_when_they_read_dev_better(
         tmp_path, labels_by_text, caplog, backend_cls, searched_kept):
     caplog.set_level(logging.INFO, logger="bbt_client")
     backend = backend_cls(labels_by_text)
-    cfg = _config(tmp_path, "bbt", calls=60)
-    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"search_label_words": 2})})
-    result = await tune(cfg, backend=backend)
-    data = load_task_data(cfg.task, cfg.seed)
+    cfg, result, data = await _bbt_run(tmp_path, backend, 60, search_label_words=2)
     search, check = backend.jobs[:2]  # the search on the training texts, then both word sets on dev in one call
     assert list(search.texts) == list(data.train.texts) and list(check.texts) == list(data.dev.texts)
     assert {"bad", "great"} <= set(check.label_words) and len(check.label_words) > 2
@@ -344,10 +348,7 @@ async def test_a_fitted_verbalizer_reads_every_score_only_when_it_reads_dev_bett
         tmp_path, labels_by_text, caplog, backend_cls, fit_used):
     caplog.set_level(logging.INFO, logger="bbt_client")
     backend = backend_cls(labels_by_text)
-    cfg = _config(tmp_path, "bbt", calls=40)
-    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"fit_verbalizer": 5})})
-    result = await tune(cfg, backend=backend)
-    data = load_task_data(cfg.task, cfg.seed)
+    cfg, result, data = await _bbt_run(tmp_path, backend, 40, fit_verbalizer=5)
     on_train, on_dev = backend.jobs[:2]  # the candidates on the training texts, then on dev, bare template
     assert list(on_train.texts) == list(data.train.texts) and list(on_dev.texts) == list(data.dev.texts)
     words = result.fitted_verbalizer["words"]
