@@ -211,8 +211,8 @@ def readme_summary(results: dict[str, Any]) -> str:
                     + ", ".join(f"{fmt(v)} at {b} calls" + (f" ({', '.join(over[b])})" if over.get(b) else "")
                                 for b, v in sorted(gap.items(), key=lambda kv: _budget_key(kv[0])) if v is not None)
                     + ".", ""]
-        if below:
-            out += [f"Below the better zero-shot at 400 calls: {fmt(below)}.", ""]
+        if below is not None:
+            out += [f"Below the better zero-shot at 400 calls: {fmt(below) if below else 'no task'}.", ""]
     vllm = results.get("real_vllm")
     if isinstance(vllm, dict):
         out += [f"Against a real vLLM {vllm.get('vllm_version', '')} on the same tiny Llama "
