@@ -1,8 +1,8 @@
 """Re-score a finished run's tuned prompt on its test set (``bbt evaluate``), exactly as the run scored it.
 
 Kept apart from the tuning loop: no budget, no checkpoint, one request. The prompt comes from the run directory
-(``prompt.npy``, or result.json's ``prompt_text`` for text methods), scored with the run's (searched or fitted) verbalizer and, when
-the run calibrated, with the same content-free inputs alongside.
+(``prompt.npy``, or result.json's ``prompt_text`` for text methods), scored with the run's (searched or fitted)
+verbalizer and, when the run calibrated, with the same content-free inputs alongside.
 """
 
 from __future__ import annotations

@@ -150,8 +150,8 @@ async def test_budget_too_small_for_one_generation_is_refused_before_any_call(tm
     backend = ToyBackend(labels_by_text)
     # verbalizer fit 2 + zero-shot 1 + bare-template dev check 1 + generation 6 + dev check 1 + test 1 = 12
     cfg = _config(tmp_path / "run", calls=11)
-    with pytest.raises(ConfigError, match=r"--budget-calls 11 cannot pay for one generation: verbalizer fit on train and dev 2 .* = 12 "
-                                          r"calls; raise --budget-calls to at least 12"):
+    with pytest.raises(ConfigError, match=r"--budget-calls 11 cannot pay for one generation: verbalizer fit on "
+                                          r"train and dev 2 .* = 12 calls; raise --budget-calls to at least 12"):
         await tune(cfg, backend=backend)
     assert backend.calls == 0 and not cfg.out.exists()
     result = await tune(cfg.model_copy(update={"budget": BudgetLimits(calls=12)}), backend=backend)
