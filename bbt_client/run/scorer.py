@@ -75,8 +75,8 @@ class TaskScorer:
             texts = calibration.with_content_free(split.texts)
             m = len(texts) - len(split.texts)
             pairs = None if pairs is None else calibration.with_content_free(pairs)
-        job = ScoreJob(template=self.data.task.template, texts=texts, text_pairs=pairs,
-                       label_words=task.scored_words, prompts=prompts)
+        job = ScoreJob(template=task.template, texts=texts, text_pairs=pairs, label_words=task.scored_words,
+                       prompts=prompts)
         logits = task.class_logits(await self._score_job(split_name, job, reserve_after))
         if not m:
             return logits, None
@@ -195,8 +195,7 @@ class TaskScorer:
         on_train = await self.score("train", zero, reserve_after=reserve_after + 1, words=words)
         on_dev = await self.score("dev", zero, reserve_after=reserve_after, words=words)
         fitted, fitted_acc = fit_on_dev(on_train[0], train.labels, on_dev[0], dev.labels, task.num_classes, words)
-        own = on_dev[..., [words.index(w) for w in task.label_words]]
-        own_acc = float(accuracy(own, dev.labels)[0])
+        own_acc = self._dev_accuracy(on_dev, words, task.word_sets)
         better = fitted_acc > own_acc
         log.info("fitted verbalizer over %d words (l2 %g) on dev, bare template: %.3f, the task's own words %.3f: %s",
                  len(words), fitted.l2, fitted_acc, own_acc, "the fit is used" if better else "the task's own are kept")
@@ -210,12 +209,16 @@ class TaskScorer:
         own = self.data.task.word_sets
         words = list(dict.fromkeys(flat_words(own) + flat_words(found)))
         logits = await self.score("dev", PromptBatch.zero_shot(), reserve_after=reserve_after, words=words)
-        acc = [float(accuracy(class_logits(logits[..., [words.index(w) for w in flat_words(sets)]], sets),
-                              self.data.dev.labels)[0]) for sets in (found, own)]
+        acc = [self._dev_accuracy(logits, words, sets) for sets in (found, own)]
         keep = acc[0] > acc[1]
         log.info("label words on dev, bare template: searched %.3f, the task's own %.3f: %s", *acc,
                  "the searched words are used" if keep else "the task's own are kept")
         return found if keep else own
+
+    def _dev_accuracy(self, logits: np.ndarray, words: Sequence[str], sets: Sequence[Sequence[str]]) -> float:
+        """Dev accuracy of the word sets ``sets``, read from (1, N, V) dev scores of ``words`` (which hold them)."""
+        cols = [words.index(w) for w in flat_words(sets)]
+        return float(accuracy(class_logits(logits[..., cols], sets), self.data.dev.labels)[0])
 
     async def _score_job(self, split_name: str, job: ScoreJob, reserve_after: int) -> np.ndarray:
         result = await self.metered.score(split_name, job, reserve_after)
