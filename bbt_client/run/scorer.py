@@ -77,7 +77,8 @@ class TaskScorer:
             pairs = None if pairs is None else calibration.with_content_free(pairs)
         job = ScoreJob(template=task.template, texts=texts, text_pairs=pairs, label_words=task.scored_words,
                        prompts=prompts)
-        logits = task.class_logits(await self._score_job(split_name, job, reserve_after))
+        scores = await self._score_job(split_name, job, reserve_after)
+        logits = task.class_logits(scores, training=split_name == "train")
         if not m:
             return logits, None
         return calibration.split_content_free(logits, m), calibration.calibrate(logits, m)

@@ -109,10 +109,12 @@ class Task:
         """The words a scoring request asks about, in the order :meth:`class_logits` reads them."""
         return list(self.fitted.words) if self.fitted is not None else flat_words(self.word_sets)
 
-    def class_logits(self, word_logits: np.ndarray) -> np.ndarray:
-        """(..., V) scores of :attr:`scored_words` -> (..., K) class logits."""
+    def class_logits(self, word_logits: np.ndarray, training: bool = False) -> np.ndarray:
+        """(..., V) scores of :attr:`scored_words` -> (..., K) class logits. ``training``: (..., N, V) scores of
+        the training texts, in order, which a fitted verbalizer reads through its cross-fit."""
         if self.fitted is not None:
-            return self.fitted.class_logits(word_logits)
+            return self.fitted.training_class_logits(word_logits) if training else \
+                self.fitted.class_logits(word_logits)
         return class_logits(word_logits, self.word_sets)
 
     @property

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bbt_client.tasks.fitted_verbalizer import L2_GRID, FittedVerbalizer, fit, fit_on_dev
+from bbt_client.tasks.fitted_verbalizer import L2_GRID, FittedVerbalizer, cross_fit, fit, fit_on_dev
 
 
 def _scores(rng, n, labels, words=12, signal=1.0):
@@ -70,3 +70,36 @@ def test_mismatched_shapes_are_refused():
     fv = fit(np.eye(4)[:, :2] + 0.0, np.array([0, 1, 0, 1]), 2, ["a", "b"], l2=0.1)
     with pytest.raises(ValueError, match="word logits"):
         fv.class_logits(np.zeros((3, 5)))
+
+
+def test_the_search_reads_each_training_text_through_a_fold_fitted_without_it():
+    """On pure noise the fit reads its own training texts almost perfectly; the cross-fit reads them at chance,
+    as it reads new texts: a search scored through it cannot gain by fitting the read-out's noise."""
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 8)
+    z = rng.normal(size=(24, 40))
+    words = [f"w{i}" for i in range(40)]
+    fv = cross_fit(fit(z, y, 3, words, l2=0.03), z, y)
+    assert len(fv.folds) == 4 and sorted(np.bincount(fv.fold_of)) == [6, 6, 6, 6]
+    assert (fv.class_logits(z).argmax(-1) == y).mean() > 0.95
+    assert (fv.training_class_logits(z).argmax(-1) == y).mean() < 0.6
+    held = np.array(fv.fold_of) == 0
+    np.testing.assert_allclose(fv.training_class_logits(z)[held], fv.folds[0].class_logits(z[held]))
+    moved = z.copy()
+    moved[held] += rng.normal(scale=3.0, size=moved[held].shape)  # fold 0's own texts do not shape its read-out
+    again = cross_fit(fit(moved, y, 3, words, l2=0.03), moved, y)
+    np.testing.assert_allclose(again.folds[0].weights, fv.folds[0].weights)
+    assert not np.allclose(again.folds[1].weights, fv.folds[1].weights)
+    extra = np.vstack([z, rng.normal(size=(2, 40))])  # calibration's content-free inputs follow the texts
+    np.testing.assert_allclose(fv.training_class_logits(extra)[24:], fv.class_logits(extra[24:]))
+    back = FittedVerbalizer.from_dict(json.loads(json.dumps(fv.as_dict())))
+    np.testing.assert_array_equal(back.training_class_logits(z), fv.training_class_logits(z))
+
+
+def test_a_class_with_one_training_text_leaves_nothing_to_cross_fit():
+    rng = np.random.default_rng(5)
+    y = np.array([0, 0, 0, 1])
+    z = rng.normal(size=(4, 6))
+    fv = fit(z, y, 2, [f"w{i}" for i in range(6)], l2=0.1)
+    assert cross_fit(fv, z, y) is fv and fv.folds == ()
+    np.testing.assert_array_equal(fv.training_class_logits(z), fv.class_logits(z))

@@ -20,6 +20,7 @@ from bbt_client.methods.bbt import BBTTuner
 from bbt_client.methods.registry import make_config
 from bbt_client.protocol import ModelInfo
 from bbt_client.run.results import load_result, read_history, read_prompt
+from bbt_client.tasks.fitted_verbalizer import FittedVerbalizer
 from bbt_client.tasks.datasets import load_task_data
 from tests.unit.toy_backend import ToyBackend
 
@@ -345,9 +346,12 @@ async def test_searched_label_words_replace_the_tasks_own_only_when_they_read_de
 
 @pytest.mark.parametrize("backend_cls, fit_used", [(_OtherWordsKnow, True), (_SearchedWordsDoNotTransfer, False)])
 async def test_a_fitted_verbalizer_reads_every_score_only_when_it_reads_dev_better(
-        tmp_path, labels_by_text, caplog, backend_cls, fit_used):
+        tmp_path, labels_by_text, caplog, monkeypatch, backend_cls, fit_used):
     caplog.set_level(logging.INFO, logger="bbt_client")
     backend = backend_cls(labels_by_text)
+    cross_fitted = []  # the rows of every score read through the cross-fit
+    monkeypatch.setattr(FittedVerbalizer, "training_class_logits", lambda self, z: (
+        cross_fitted.append(np.shape(z)[-2]), FittedVerbalizer.class_logits(self, z))[1])
     cfg, result, data = await _bbt_run(tmp_path, backend, 40, fit_verbalizer=5)
     on_train, on_dev = backend.jobs[:2]  # the candidates on the training texts, then on dev, bare template
     assert list(on_train.texts) == list(data.train.texts) and list(on_dev.texts) == list(data.dev.texts)
@@ -360,6 +364,11 @@ async def test_a_fitted_verbalizer_reads_every_score_only_when_it_reads_dev_bett
     assert ("the fit is used" if fit_used else "the task's own are kept") in caplog.text
     if fit_used:
         assert result.zero_shot_test_accuracy > 0.9  # the words it weighs carry the label; the task's own do not
+    assert len(result.fitted_verbalizer["fold_of"]) == len(data.train.texts)  # the search's cross-fit, saved
+    # the search's training scores (every generation's, calibration's content-free inputs after them), never
+    # dev's or test's
+    rows = len(data.train.texts) + (len(CONTENT_FREE_INPUTS) if result.calibrated else 0)
+    assert cross_fitted == ([rows] * result.generations if fit_used else [])
     assert backend.calls == result.api_calls_used <= 40
     again = await evaluate_run(cfg.out, backend=backend_cls(labels_by_text))
     assert again["matches"], again
