@@ -9,6 +9,7 @@ benchmarks/results/README.md for which script writes which file). Known files ge
 - ``tasks.json`` (benchmarks/tasks.py): per task zero-shot (raw, calibrated), white-box ceiling, probe, and
   every method's ``{"mean", "std"}`` test accuracy per call budget; ``gap_closed``, ``tasks_below_zero_shot``;
 - ``real_vllm.json`` (benchmarks/real_vllm.py): backend x method rows against a real vLLM server;
+- ``tasks_text.json`` (benchmarks/tasks.py --method bdpl): the same for a text method through an OpenAI face;
 - ``text_api.json`` (benchmarks/tune_text_api.py): text-only methods through an OpenAI-compatible API;
 - ``server_throughput.json`` (benchmarks/server_throughput.py): the local server's scoring speed.
 
@@ -123,8 +124,9 @@ def row_table(rows: list[tuple[str, dict]], preferred: list[tuple[str, str]], fi
 
 # ---------------------------------------------------------------------------------------------------- sections
 
-def render_tasks(data: dict) -> list[str]:
-    out = ["## Tasks: every method on every task (`benchmarks/tasks.py`)", ""]
+def render_tasks(data: dict, heading: str = "## Tasks: every method on every task (`benchmarks/tasks.py`)",
+                 note: str = "") -> list[str]:
+    out = [heading, ""] + ([note, ""] if note else [])
     tasks = data.get("tasks") or {}
     settings = _scalars(data, skip={"tasks", "gap_closed", "tasks_below_zero_shot"})
     if settings:
@@ -213,6 +215,12 @@ def readme_summary(results: dict[str, Any]) -> str:
                     + ".", ""]
         if below is not None:
             out += [f"Below the better zero-shot at 400 calls: {fmt(below) if below else 'no task'}.", ""]
+    text = results.get("tasks_text")
+    if isinstance(text, dict) and text.get("tasks_below_zero_shot") is not None:
+        below, measured = text["tasks_below_zero_shot"], [t for t, row in (text.get("tasks") or {}).items()
+                                                          if "400" in _methods_of(row).get(text.get("method"), {})]
+        out += [f"Through a text-only API ({text.get('method')} with its defaults, 400 calls, {len(measured)} tasks): "
+                f"below the better zero-shot on {fmt(below) if below else 'no task'} (docs/results.md).", ""]
     vllm = results.get("real_vllm")
     if isinstance(vllm, dict):
         out += [f"Against a real vLLM {vllm.get('vllm_version', '')} on the same tiny Llama "
@@ -335,8 +343,17 @@ def render_other(name: str, data: Any) -> list[str]:
     return out
 
 
+def render_tasks_text(data: dict) -> list[str]:
+    return render_tasks(data, "## Tasks through a text-only API (`benchmarks/tasks.py --method bdpl`)", (
+        "The text method at its defaults through the bundled server's OpenAI face set as vLLM answers (log-probs "
+        "before `logit_bias`, at most 20 per token; the run's probe picks `logprob_token_ids`). SST-2 and AG News "
+        "use templates that end with the answer slot (`{text} . It was {mask}`, `{text} Topic: {mask}`), and their "
+        "zero-shot is measured with them."))
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
-    "tasks": render_tasks, "real_vllm": render_real_vllm, "text_api": render_text_api,
+    "tasks": render_tasks, "tasks_text": render_tasks_text, "real_vllm": render_real_vllm,
+    "text_api": render_text_api,
     "server_throughput": render_server_throughput,
 }
 

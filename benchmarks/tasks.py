@@ -5,7 +5,8 @@
     python benchmarks/tasks.py --out DIR --report                          # the JSON line from what exists
 
 Per bundled task: zero-shot test accuracy read raw and with content-free calibration (one call), the method's
-defaults (``--method``, n = 5 prompt tokens as every benchmark here) at ``--budgets`` over seeds 13/42/100 (one
+defaults (``--method``; n = 5 prompt tokens as every benchmark here, except that a text method such as ``bdpl``
+runs at its own defaults through the server's OpenAI face set like vLLM) at ``--budgets`` over seeds 13/42/100 (one
 ``bbt sweep`` directory per task under ``--out``), the same sweep continued to 2,000 calls for ``--long-tasks``,
 and the white-box ceiling (Adam on a free prompt of the same length through the same model until the training
 loss stops falling; seed 42) with a linear probe on the mask-slot state (``benchmarks/whitebox_ceiling.py``).
@@ -36,6 +37,7 @@ from bbt_client.cli import commands as cli
 from bbt_client.cli.sweep import load_summary
 from bbt_client.config import EndpointConfig, TaskConfig
 from bbt_client.errors import CheckpointError
+from bbt_client.methods.registry import tuner_class
 from bbt_client.tasks import calibration
 from bbt_client.tasks.datasets import load_task_data, task_names
 from bbt_client.tasks.losses import accuracy
@@ -44,6 +46,13 @@ from bbt_client.tasks.verbalizer import class_logits, flat_words
 #: Cheapest first (training texts per call x text length), so an interrupted run has covered the most tasks.
 TASK_ORDER = ("sst2", "mr", "cr", "agnews", "yahoo", "sst5", "yelp2", "yelp5", "dbpedia")
 SEEDS = "13,42,100"
+#: The name the server's OpenAI face gives the default model.
+SERVED_MODEL = "all-MiniLM-L6-v2"
+#: Templates of a text method's runs where the task's own does not end with the answer slot (a next-token endpoint
+#: reads the word after the whole input): SST-2's BBT prompt with its final ' .' dropped, as for the fixed-split
+#: tasks (bbt_client/data/README.md); AG News as in benchmarks/tune_text_api.py. Their zero-shot is measured with
+#: the same template.
+TEXT_TEMPLATES = {"sst2": "{text} . It was {mask}", "agnews": "{text} Topic: {mask}"}
 
 
 def _tasks(arg: str | None) -> list[str]:
@@ -62,9 +71,9 @@ def _save(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-async def zero_shot(url: str, task: str, test_limit: int | None) -> dict:
+async def zero_shot(url: str, task: str, test_limit: int | None, template: str | None = None) -> dict:
     """Raw and calibrated zero-shot test accuracy of the bare template, from one call."""
-    data = load_task_data(TaskConfig(name=task, test_limit=test_limit), seed=42)
+    data = load_task_data(TaskConfig(name=task, test_limit=test_limit, template=template), seed=42)
     texts = calibration.with_content_free(data.test.texts)
     m = len(texts) - len(data.test.texts)
     sets = data.task.word_sets
@@ -80,10 +89,21 @@ async def zero_shot(url: str, task: str, test_limit: int | None) -> dict:
     return {"zero_shot_raw": round(raw, 4), "zero_shot_calibrated": round(cal, 4), "test_examples": len(data.test)}
 
 
+def is_text(method: str) -> bool:
+    """Whether ``method`` sends text prompts (bdpl, cmaes-tokens): it is run as on a text-only API."""
+    return tuner_class(method).prompt_kind == "text"
+
+
 def sweep(url: str, out: Path, task: str, method: str, budgets: str, test_limit: int | None, jobs: int) -> int:
+    """A text method runs through the server's OpenAI face at its own defaults; the others through the
+    protocol with n = 5 prompt tokens."""
     argv = ["sweep", "--out", str(out), "--endpoint", url, "--tasks", task, "--methods", method, "--seeds", SEEDS,
-            "--budgets", budgets, "--shots", "16", "--jobs", str(jobs), "--per-endpoint", str(jobs),
-            "--opt", "prompt_tokens=5"]
+            "--budgets", budgets, "--shots", "16", "--jobs", str(jobs), "--per-endpoint", str(jobs)]
+    if is_text(method):
+        argv += ["--backend", "openai", "--backend-opt", f"model={SERVED_MODEL}"]
+        argv += ["--variant", f"default:template={TEXT_TEMPLATES[task]}"] if task in TEXT_TEMPLATES else []
+    else:
+        argv += ["--opt", "prompt_tokens=5"]
     return cli.main(argv + (["--test-limit", str(test_limit)] if test_limit else []))
 
 
@@ -192,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     zs = _load(args.out / "zero_shot.json")
                     for t in tasks:
                         if t not in zs:
-                            zs[t] = asyncio.run(zero_shot(url, t, args.test_limit))
+                            template = TEXT_TEMPLATES.get(t) if is_text(args.method) else None
+                            zs[t] = asyncio.run(zero_shot(url, t, args.test_limit, template))
                             _save(args.out / "zero_shot.json", zs)
                             print(f"{t}: zero-shot {zs[t]}", file=sys.stderr, flush=True)
                     partial()
@@ -211,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             from server_stub.testing import spawn_server
 
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-            with spawn_server("default") as url:
+            # a text method's endpoint answers as vLLM does: log-probs before logit_bias, at most 20 per token
+            face = ("--logprobs-mode", "raw_logprobs", "--max-logprobs", "20") if is_text(args.method) else ()
+            with spawn_server("default", *face) as url:
                 run(url)
     out = report(args.out, tasks, args.method)
     _save(args.out / "partial.json", out)

@@ -215,6 +215,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", action="append", required=True, metavar="URL",
                    help="endpoint base URL (repeatable: jobs spread over the endpoints)")
     s.add_argument("--backend", choices=["server", "vllm", "openai"], default="server")
+    s.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option for every job, as for bbt tune (e.g. model=NAME)")
     s.add_argument("--per-endpoint", type=int, default=4, metavar="K", help="jobs at once per endpoint (default 4)")
     s.add_argument("--jobs", type=int, default=4, metavar="N", help="jobs at once in all (default 4)")
     s.add_argument("--tasks", default="agnews", help="comma-separated built-in tasks (default agnews)")
@@ -484,7 +486,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         spec = SweepSpec(
-            out=args.out, endpoints=args.endpoint, backend=args.backend, per_endpoint=args.per_endpoint,
+            out=args.out, endpoints=args.endpoint, backend=args.backend,
+            backend_options=dict(_parse_option(o) for o in args.backend_opt), per_endpoint=args.per_endpoint,
             jobs=args.jobs, tasks=_csv(args.tasks), methods=_csv(args.methods),
             variants=[parse_variant(v) for v in args.variant] or [Variant(name="default")],
             seeds=_csv(args.seeds, int), budgets=_csv(args.budgets, int), shots=args.shots,

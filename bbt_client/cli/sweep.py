@@ -125,6 +125,8 @@ class SweepSpec(BaseModel):
     budgets: list[int] = Field(min_length=1)
     endpoints: list[str] = Field(min_length=1)
     backend: BackendKind = "server"
+    #: Backend options for every job (``bbt tune --backend-opt``), e.g. the model an OpenAI endpoint serves.
+    backend_options: dict[str, Any] = Field(default_factory=dict)
     #: Jobs at once against one endpoint (each job has one request in flight at a time).
     per_endpoint: int = Field(default=4, ge=1)
     #: Jobs at once in all.
@@ -191,7 +193,8 @@ def _zero_shot_key(cfg: TuneConfig) -> str:
 def _job_config(spec: SweepSpec, task: str, method: str, variant: Variant, seed: int, run_dir: Path) -> TuneConfig:
     v_method, v_task, v_job = split_overrides(variant.overrides)
     data: dict[str, Any] = {
-        "endpoint": {"url": spec.endpoints[0], "backend": spec.backend, "timeout_s": spec.timeout_s},
+        "endpoint": {"url": spec.endpoints[0], "backend": spec.backend, "timeout_s": spec.timeout_s,
+                     "options": spec.backend_options},
         "task": {"name": task, "shots": spec.shots, "test_limit": spec.test_limit, **v_task},
         "method": method, "seed": seed, "budget": {"calls": spec.budgets[0]},
         "method_options": {**spec.method_options, **v_method},

@@ -255,6 +255,10 @@ def test_cli_sweep_parses_the_grid(tmp_path, monkeypatch):
     assert not any(j.config.allow_floored_scores for j in seen["jobs"])
     assert cli.main([*argv, "--allow-floored-scores"]) == 0
     assert all(j.config.allow_floored_scores for j in seen["jobs"])  # as bbt tune's flag, for every job
+    assert all(j.config.endpoint.options == {} for j in seen["jobs"])
+    assert cli.main([*argv, "--backend", "openai", "--backend-opt", "model=served-name"]) == 0
+    assert all(j.config.endpoint.backend == "openai" and j.config.endpoint.options == {"model": "served-name"}
+               for j in seen["jobs"])  # an OpenAI endpoint is asked for the model it serves, in every job
 
 
 def test_cli_sweep_bad_variant_exits_2(tmp_path, capsys):
