@@ -125,6 +125,17 @@ def test_readme_block_is_filled_from_the_same_files(report, tmp_path):
     assert "0.37x vLLM's sequences per second" in text
     assert "| cr | bbtv2 | 0.499 ± 0.017 |" in (tmp_path / "results.md").read_text()
     assert report.main(args + ["--check"]) == 0
+    # a text method's run of the same benchmark: its own section, one README line
+    _write(results, "tasks_text", {"method": "bdpl", "tasks": {
+        "cr": {"zero_shot_raw": 0.509, "zero_shot_calibrated": 0.497, "bdpl": {"400": {"mean": 0.55, "std": 0.01}}},
+        "mr": {"zero_shot_raw": 0.512, "zero_shot_calibrated": 0.517, "bdpl": {"400": {"mean": 0.5, "std": 0.02}}}},
+        "gap_closed": {"400": None}, "tasks_below_zero_shot": ["mr"]})
+    assert report.main(args) == 0
+    page = (tmp_path / "results.md").read_text()
+    assert page.index("## Tasks: every") < page.index("## Tasks through a text-only API") < page.index("## A real")
+    assert "| mr | bdpl | 0.5 ± 0.02 |" in page and "ended below zero-shot: mr" in page
+    assert "Through a text-only API (bdpl with its defaults, 400 calls, 2 tasks): below the better zero-shot on mr" \
+        in readme.read_text(encoding="utf-8")
 
 
 def test_committed_page_is_current(report):
