@@ -154,7 +154,7 @@ def render_tasks(data: dict, heading: str = "## Tasks: every method on every tas
         out += [table(["task", "method"] + [f"{b} calls" for b in cols],
                       [[t, m] + [by.get(b) for b in cols] for t, m, by in method_rows]), ""]
     gap = data.get("gap_closed")
-    if isinstance(gap, dict) and gap:
+    if isinstance(gap, dict) and any(v is not None for v in gap.values()):
         cols = sorted(gap, key=_budget_key)
         out += [("`gap_closed` by call budget (the share of the way from zero-shot to the white-box ceiling, as "
                 "benchmarks/tasks.py computes it):"), "",
@@ -219,7 +219,7 @@ def readme_summary(results: dict[str, Any]) -> str:
     if isinstance(text, dict) and text.get("tasks_below_zero_shot") is not None:
         below, measured = text["tasks_below_zero_shot"], [t for t, row in (text.get("tasks") or {}).items()
                                                           if "400" in _methods_of(row).get(text.get("method"), {})]
-        out += [f"Through a text-only API ({text.get('method')} with its defaults, 400 calls, {len(measured)} tasks): "
+        out += [f"Through a text-only API ({text.get('method')} with its defaults, 400 calls; {', '.join(measured)}): "
                 f"below the better zero-shot on {fmt(below) if below else 'no task'} (docs/results.md).", ""]
     vllm = results.get("real_vllm")
     if isinstance(vllm, dict):

@@ -15,7 +15,7 @@ task; the last stdout line is one JSON object: per task ``zero_shot_raw``, ``zer
 ``whitebox``, ``probe`` and the method's ``{budget: {mean, std, runs}}``; ``gap_closed`` = mean over tasks of
 (tuned - best zero-shot) / (ceiling - best zero-shot) per budget (tasks whose ceiling is not above the best
 zero-shot are left out and named); ``tasks_below_zero_shot`` (mean at 400 calls under the better zero-shot);
-``missing``: the cells not run.
+``missing``: the cells not run (of the budgets measured on any task).
 """
 
 from __future__ import annotations
@@ -121,10 +121,14 @@ def report(out: Path, tasks: list[str], method: str) -> dict:
             groups = []
         row[method] = {b: {k: s[k] for k in ("mean", "std", "runs")}
                        for g in groups if g["method"] == method for b, s in g["budgets"].items() if s["runs"]}
-        missing += [f"{t}/{k}" for k in ("zero_shot_raw", "whitebox") if row[k] is None]
-        missing += [f"{t}/{method}@{b}" + (f" ({row[method][b]['runs']} of 3 seeds)" if b in row[method] else "")
-                    for b in ("100", "400", "2000") if row[method].get(b, {}).get("runs", 0) < 3]
         rows[t] = row
+    # the ceiling tunes a continuous prompt: it bounds a text method on neither its prompts nor its templates
+    expected = ("zero_shot_raw",) if is_text(method) else ("zero_shot_raw", "whitebox")
+    budgets = sorted({b for row in rows.values() for b in row[method]}, key=int) or ["100", "400", "2000"]
+    for t, row in rows.items():
+        missing += [f"{t}/{k}" for k in expected if row[k] is None]
+        missing += [f"{t}/{method}@{b}" + (f" ({row[method][b]['runs']} of 3 seeds)" if b in row[method] else "")
+                    for b in budgets if row[method].get(b, {}).get("runs", 0) < 3]
     gap, used, below = {}, {}, []
     for b in ("100", "400", "2000"):
         vals = []

@@ -134,7 +134,7 @@ def test_readme_block_is_filled_from_the_same_files(report, tmp_path):
     page = (tmp_path / "results.md").read_text()
     assert page.index("## Tasks: every") < page.index("## Tasks through a text-only API") < page.index("## A real")
     assert "| mr | bdpl | 0.5 ± 0.02 |" in page and "ended below zero-shot: mr" in page
-    assert "Through a text-only API (bdpl with its defaults, 400 calls, 2 tasks): below the better zero-shot on mr" \
+    assert "Through a text-only API (bdpl with its defaults, 400 calls; cr, mr): below the better zero-shot on mr" \
         in readme.read_text(encoding="utf-8")
 
 
