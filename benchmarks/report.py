@@ -11,6 +11,7 @@ benchmarks/results/README.md for which script writes which file). Known files ge
 - ``real_vllm.json`` (benchmarks/real_vllm.py): backend x method rows against a real vLLM server;
 - ``tasks_text.json`` (benchmarks/tasks.py --method bdpl): the same for a text method through an OpenAI face;
 - ``text_api.json`` (benchmarks/tune_text_api.py): text-only methods through an OpenAI-compatible API;
+- ``surrogate_rank.json`` (benchmarks/surrogate_rank.py): how well surrogates rank BBTv2's candidates;
 - ``server_throughput.json`` (benchmarks/server_throughput.py): the local server's scoring speed.
 
 Any other file is shown as a table of its top-level values. The renderers are tolerant: they show what a file
@@ -344,16 +345,36 @@ def render_other(name: str, data: Any) -> list[str]:
 
 
 def render_tasks_text(data: dict) -> list[str]:
+    own = data.get("templates", {})
+    templates = (f" {', '.join(own)} use templates that end with the answer slot ("
+                 + ", ".join(f"`{v}`" for v in own.values()) + "), and their zero-shot is measured with them.") if own else ""
     return render_tasks(data, "## Tasks through a text-only API (`benchmarks/tasks.py --method bdpl`)", (
         "The text method at its defaults through the bundled server's OpenAI face set as vLLM answers (log-probs "
-        "before `logit_bias`, at most 20 per token; the run's probe picks `logprob_token_ids`). SST-2 and AG News "
-        "use templates that end with the answer slot (`{text} . It was {mask}`, `{text} Topic: {mask}`), and their "
-        "zero-shot is measured with them."))
+        "before `logit_bias`, at most 20 per token; the run's probe picks `logprob_token_ids`)." + templates))
+
+
+def render_surrogate_rank(data: dict) -> list[str]:
+    trust = data.get("trust_tau", 0.85)
+    out = ["## Surrogates for BBTv2's search (`benchmarks/surrogate_rank.py`)", "",
+           (f"How well a surrogate, fitted on the points a layer's CMA-ES had already paid for, ranks the next "
+            f"generation it asks (Kendall τ against the true losses), over BBTv2 runs at its defaults "
+            f"({fmt(data.get('calls'))} calls). lq-CMA-ES stands a model in for real calls only once τ reaches "
+            f"{fmt(trust)}; `ellipsoid` is a noiseless ellipsoid searched the same way, a surrogate's best case at "
+            "these dimensions and archive sizes."), ""]
+    rows = [{**{"task": t}, **m} for t, m in [*data.get("tasks", {}).items(), ("all", data.get("all", {})),
+                                               ("ellipsoid", data.get("ellipsoid", {}))]]
+    body = [[r["task"], model, st.get("generations"), st.get("mean_tau"), st.get("mean_tau_larger_archives"),
+             st.get("max_tau"), st.get("share_trusted"), st.get("archive_max")]
+            for r in rows for model, st in r.items() if isinstance(st, dict)]
+    if body:
+        out += [table(["task", "model", "generations", "mean τ", "mean τ, larger archives", "max τ",
+                       f"share τ ≥ {fmt(trust)}", "largest archive"], body), ""]
+    return out
 
 
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "tasks": render_tasks, "tasks_text": render_tasks_text, "real_vllm": render_real_vllm,
-    "text_api": render_text_api,
+    "text_api": render_text_api, "surrogate_rank": render_surrogate_rank,
     "server_throughput": render_server_throughput,
 }
 

@@ -39,20 +39,13 @@ from bbt_client.config import EndpointConfig, TaskConfig
 from bbt_client.errors import CheckpointError
 from bbt_client.methods.registry import tuner_class
 from bbt_client.tasks import calibration
-from bbt_client.tasks.datasets import load_task_data, task_names
+from bbt_client.tasks.datasets import for_next_token, get_task, load_task_data, task_names
 from bbt_client.tasks.losses import accuracy
 from bbt_client.tasks.verbalizer import class_logits, flat_words
 
 #: Cheapest first (training texts per call x text length), so an interrupted run has covered the most tasks.
 TASK_ORDER = ("sst2", "mr", "cr", "agnews", "yahoo", "sst5", "yelp2", "yelp5", "dbpedia")
 SEEDS = "13,42,100"
-#: The name the server's OpenAI face gives the default model.
-SERVED_MODEL = "all-MiniLM-L6-v2"
-#: Templates of a text method's runs where the task's own does not end with the answer slot (a next-token endpoint
-#: reads the word after the whole input): SST-2's BBT prompt with its final ' .' dropped, as for the fixed-split
-#: tasks (bbt_client/data/README.md); AG News as in benchmarks/tune_text_api.py. Their zero-shot is measured with
-#: the same template.
-TEXT_TEMPLATES = {"sst2": "{text} . It was {mask}", "agnews": "{text} Topic: {mask}"}
 
 
 def _tasks(arg: str | None) -> list[str]:
@@ -89,6 +82,13 @@ async def zero_shot(url: str, task: str, test_limit: int | None, template: str |
     return {"zero_shot_raw": round(raw, 4), "zero_shot_calibrated": round(cal, 4), "test_examples": len(data.test)}
 
 
+def next_token_template(task: str) -> str:
+    """The template a text method's runs read ``task`` through: the OpenAI face is a next-token endpoint, so a
+    built-in task whose own template does not end with the answer slot is read through its ``causal_template``
+    (by the runs themselves; its zero-shot is measured with the same template)."""
+    return for_next_token(get_task(task)).template
+
+
 def is_text(method: str) -> bool:
     """Whether ``method`` sends text prompts (bdpl, cmaes-tokens): it is run as on a text-only API."""
     return tuner_class(method).prompt_kind == "text"
@@ -100,8 +100,9 @@ def sweep(url: str, out: Path, task: str, method: str, budgets: str, test_limit:
     argv = ["sweep", "--out", str(out), "--endpoint", url, "--tasks", task, "--methods", method, "--seeds", SEEDS,
             "--budgets", budgets, "--shots", "16", "--jobs", str(jobs), "--per-endpoint", str(jobs)]
     if is_text(method):
-        argv += ["--backend", "openai", "--backend-opt", f"model={SERVED_MODEL}"]
-        argv += ["--variant", f"default:template={TEXT_TEMPLATES[task]}"] if task in TEXT_TEMPLATES else []
+        from server_stub.app import DEFAULT_MODEL_NAME
+
+        argv += ["--backend", "openai", "--backend-opt", f"model={DEFAULT_MODEL_NAME}"]
     else:
         argv += ["--opt", "prompt_tokens=5"]
     return cli.main(argv + (["--test-limit", str(test_limit)] if test_limit else []))
@@ -147,8 +148,10 @@ def report(out: Path, tasks: list[str], method: str) -> dict:
         tuned = row[method].get("400", {}).get("mean")
         if t not in below and zero is not None and tuned is not None and tuned < zero:
             below.append(t)
+    templates = {t: next_token_template(t) for t in tasks if get_task(t).causal_template} if is_text(method) else {}
     return {"method": method, "seeds": [int(s) for s in SEEDS.split(",")], "tasks": rows, "gap_closed": gap,
-            "gap_closed_tasks": used, "tasks_below_zero_shot": below, "missing": missing}
+            "gap_closed_tasks": used, "tasks_below_zero_shot": below, "missing": missing,
+            **({"templates": templates} if templates else {})}
 
 
 def plot(rep: dict, path: Path) -> None:
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     zs = _load(args.out / "zero_shot.json")
                     for t in tasks:
                         if t not in zs:
-                            template = TEXT_TEMPLATES.get(t) if is_text(args.method) else None
+                            template = next_token_template(t) if is_text(args.method) else None
                             zs[t] = asyncio.run(zero_shot(url, t, args.test_limit, template))
                             _save(args.out / "zero_shot.json", zs)
                             print(f"{t}: zero-shot {zs[t]}", file=sys.stderr, flush=True)

@@ -37,10 +37,11 @@ from pathlib import Path
 
 from bbt_client.config import EndpointConfig, TaskConfig, TuneConfig
 from bbt_client.run.job import tune
+from bbt_client.tasks.datasets import get_task
+from server_stub.app import DEFAULT_MODEL_NAME as MODEL  # the name the face serves --model default under
 from server_stub.testing import spawn_server
 
-MODEL = "all-MiniLM-L6-v2"  # the name the face serves for --model default
-TEMPLATE = "{text} Topic: {mask}"
+TEMPLATE = get_task("agnews").causal_template  # every run reads this one, the masked BBT run too
 
 #: (backend, method, method options, task overrides); BBT sized as in benchmarks/tune_sst2.py, text methods at
 #: their defaults (which fit a verbalizer over the candidate words where the endpoint reads any words in one

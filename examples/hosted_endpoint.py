@@ -21,7 +21,8 @@ Configured through environment variables, so no secret lands in a shell history 
 
 vLLM gets BBT (shallow prompt, what ``prompt_embeds`` can carry); BBTv2's deep prompts need our server.
 A text API gets ``bdpl`` or ``cmaes-tokens`` (``--method``); the tuned prompt is printed as text.
-A causal LM scores the *next* token, so the template must end with ``{mask}``.
+A causal LM scores the *next* token, so the template must end with ``{mask}``; a built-in task is read through
+its next-token template unless ``--template`` gives one.
 """
 
 from __future__ import annotations
@@ -38,11 +39,7 @@ from bbt_client.config import EndpointConfig, TuneConfig, parse_config
 from bbt_client.errors import BBTError, ConfigError
 from bbt_client.run.job import tune
 from bbt_client.methods.registry import make_config
-from bbt_client.tasks.datasets import load_task_data
-
-#: SST-2 as a next-token question for a causal LM (the built-in template ends with " ." instead).
-CAUSAL_TEMPLATE = "{text} It was {mask}"
-
+from bbt_client.tasks.datasets import for_next_token, load_task_data
 
 def endpoint_from_env(env: os._Environ | dict[str, str] = os.environ) -> EndpointConfig:
     """The endpoint the environment describes; a ConfigError naming the missing variable otherwise."""
@@ -70,7 +67,7 @@ def endpoint_from_env(env: os._Environ | dict[str, str] = os.environ) -> Endpoin
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="sst2", choices=["sst2", "agnews"])
-    ap.add_argument("--template", default=CAUSAL_TEMPLATE, help="must end with {mask} for a causal LM")
+    ap.add_argument("--template", help="must end with {mask} for a causal LM (default: the task's next-token one)")
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--budget-calls", type=int, default=400)
@@ -91,6 +88,7 @@ async def dry_run(cfg: TuneConfig) -> dict:
     backend = make_backend(cfg.endpoint)
     try:
         info = await backend.model_info()
+        task = for_next_token(data.task) if info.kind == "causal" and not cfg.task.template else data.task
         kinds = sorted(backend.supported_prompts)
         plan = {"backend": cfg.endpoint.backend, "model": info.name, "hidden_size": info.hidden_size,
                 "supported_prompts": kinds, "train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
@@ -100,7 +98,7 @@ async def dry_run(cfg: TuneConfig) -> dict:
             method_cfg = make_config(cfg.method, cfg.method_options)
             n, popsize = method_cfg.prompt_tokens, method_cfg.popsize
             prompts = PromptBatch(kind="shallow", candidates=np.zeros((popsize, n, info.hidden_size), np.float32))
-            job = ScoreJob(template=data.task.template, texts=data.train.texts, label_words=data.task.label_words,
+            job = ScoreJob(template=task.template, texts=data.train.texts, label_words=task.label_words,
                            prompts=prompts)
             counts = (await backend.tokenize(texts=list(data.train.texts))).text_token_counts
             plan["tokens_per_generation"] = backend.estimate_tokens(job, counts)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 
 from bbt_client.errors import ConfigError
-from bbt_client.protocol import MASK_SLOT, TEXT_A_SLOT, TEXT_B_SLOT, TEXT_SLOT
+from bbt_client.protocol import MASK_SLOT, TEXT_A_SLOT, TEXT_B_SLOT, TEXT_SLOT, ends_with_mask
 
 _SLOTS = re.compile("|".join(re.escape(s) for s in (TEXT_SLOT, TEXT_A_SLOT, TEXT_B_SLOT)))
 
 
 def check_causal_template(template: str) -> None:
-    if template.count(MASK_SLOT) != 1 or not template.rstrip().endswith(MASK_SLOT):
+    if not ends_with_mask(template):
         raise ConfigError(
             f"template {template!r} does not end with {MASK_SLOT}: a causal (next-token) endpoint can only score "
             "the word that follows the text; move {mask} to the end, e.g. '{text} It was {mask}'")

@@ -361,10 +361,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     print(_format_table([{"run": str(cfg.out), **summary}]))
     for line in _calls_note(summary):
         print(line)
+    template = f" {summary['template']!r}" if summary.get("template") else ""
     if summary.get("prompt_text"):
-        print(f"\nprompt_text (put it, then one space, before each rendered text): {summary['prompt_text']!r}")
+        print(f"\nprompt_text (put it, then one space, before each text rendered in the template{template}): "
+              f"{summary['prompt_text']!r}")
     elif summary.get("prompt_text") is not None or summary.get("bare_template"):
-        print("\nno tuned prompt beat the bare template on dev; send the template as it is (no prompt)")
+        print(f"\nno tuned prompt beat the bare template on dev; send the template{template} as it is (no prompt)")
     written = [f for f in ("result.json", "prompt.npy") if (cfg.out / f).exists()]
     print(f"\nwrote {' and '.join(f'{cfg.out}/{f}' for f in written)}")
     return 0

@@ -21,6 +21,7 @@ import numpy as np
 from bbt_client.run import checkpoint as ckpt
 from bbt_client.backends import make_backend
 from bbt_client.backends.base import Backend, PromptBatch
+from bbt_client.backends.causal_template import check_causal_template
 from bbt_client.backends.scoring import WORD_COUNT_FREE
 from bbt_client.run.budget import Budget, BudgetUsage
 from bbt_client.config import TuneConfig
@@ -33,7 +34,7 @@ from bbt_client.methods.registry import make_config, make_tuner, tuner_class
 from bbt_client.protocol import ModelInfo
 from bbt_client.run.rescore import evaluate_run, prompt_batch
 from bbt_client.run.results import CONFIG_FILE, RESULT_FILE, GenerationRecord, RunResult, write_history, write_prompt
-from bbt_client.tasks.datasets import TaskData, load_task_data
+from bbt_client.tasks.datasets import TaskData, for_next_token, load_task_data
 from bbt_client.tasks.fitted_verbalizer import DEFAULT_PER_CLASS, FittedVerbalizer
 
 log = logging.getLogger("bbt_client.run.job")
@@ -189,6 +190,18 @@ async def check_label_words(backend: Backend, task: Any) -> None:
                           "choose other words with --label-words")
 
 
+def for_causal_endpoint(data: TaskData, own_template: bool) -> TaskData:
+    """The task as a next-token endpoint must read it, checked before any call: a built-in task's own template
+    (``own_template`` False) becomes its ``causal_template`` where it needs one; a template that still does not
+    end with ``{mask}`` is refused here rather than after the label-score probe has spent calls."""
+    task = data.task if own_template else for_next_token(data.task)
+    if task is not data.task:
+        log.info("a next-token endpoint reads the answer after the whole input: task %s uses its template %r",
+                 task.name, task.template)
+    check_causal_template(task.template)
+    return dataclasses.replace(data, task=task)
+
+
 async def _measured_model_info(backend: Backend, info: ModelInfo, method_config: Any, data: TaskData) -> ModelInfo:
     """``info`` with ``hidden_std`` measured on the job's own training texts when the method asks for it
     (``hidden_std_source="train"``, the reference BBTv2 code's statistics); deterministic, so resumes agree."""
@@ -298,6 +311,8 @@ class TuningJob:
                         "one to server_stub's per-token form with float32 outlier channels, 0.485 and 0.496 in two "
                         "three-seed runs against float32's 0.494); if scores look noisy, tune against a float "
                         "endpoint")
+        if info.kind == "causal":
+            data = for_causal_endpoint(data, own_template=cfg.task.template is not None)
         await check_label_words(backend, data.task)
         info = await _measured_model_info(backend, info, method_config, data)
         st = _State()
@@ -534,7 +549,8 @@ class _RunLoop:
             test_accuracy=test_acc, zero_shot_test_accuracy=st.zero_shot_test_accuracy,
             zero_shot_calibrated_test_accuracy=st.zero_shot_calibrated_test_accuracy,
             prompt_text=text, calibrated=self.scorer.calibrate, bare_template=bare,
-            test_examples=len(self.data.test.labels), wall_seconds=round(self.elapsed(), 3),
+            template=self.data.task.template, test_examples=len(self.data.test.labels),
+            wall_seconds=round(self.elapsed(), 3),
             prompt_shape=list(prompt.shape) if prompt is not None else None,
             metrics=st.history[-1].metrics if st.history else {},
             verbalizer=[list(ws) for ws in st.verbalizer] if st.verbalizer is not None else None,

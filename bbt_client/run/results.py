@@ -77,6 +77,9 @@ class RunResult(BaseModel):
     #: No tuned prompt beat the bare template on dev, so the result is the template alone (text methods: an empty
     #: ``prompt_text``; continuous ones: a prompt.npy of no tokens, which the scorers send as no prompt).
     bare_template: bool = False
+    #: The template the run read every text through (a next-token endpoint reads a built-in task's
+    #: ``causal_template``); None in results written before it was recorded: the task's own.
+    template: str | None = None
     #: Scores were read with content-free calibration (``bbt_client.tasks.calibration``); ``bbt evaluate`` does the same.
     calibrated: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)

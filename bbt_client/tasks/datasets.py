@@ -10,6 +10,10 @@ Built-ins (data bundled gzip-compressed under ``bbt_client/data``; see its READM
   reference code (both are single WordPiece tokens in the uncased MiniLM/BERT vocabulary).
 - ``agnews``: ``"{mask} News: {text}"`` with ``World``/``Sports``/``Business``/``Tech`` (reference
   code); class order World, Sports, Business, Sci/Tech as in the HF ``ag_news`` dataset.
+- Neither template ends with ``{mask}``, which a next-token endpoint needs, so each also has a
+  ``causal_template`` that such an endpoint reads instead (:func:`for_next_token`): ``"{text} . It was {mask}"``
+  (the final `` .`` dropped, as for the fixed-split tasks) and ``"{text} Topic: {mask}"`` (the label after
+  the text).
 - ``mr``, ``cr``, ``sst5``, ``yelp2``, ``yelp5``, ``dbpedia``, ``yahoo``: RLPrompt's 16-shot splits (LM-BFF
   protocol), fixed per seed (:data:`FIXED_SPLIT_SEEDS`). Templates and words were taken once, before any
   run, from the papers that used them (:data:`TEMPLATE_SOURCES`); every such template ends with ``{mask}`` so
@@ -26,6 +30,7 @@ Only the loaders here read files; everything else is pure.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from bbt_client.errors import ConfigError
-from bbt_client.protocol import MASK_SLOT, TEXT_A_SLOT, TEXT_B_SLOT, TEXT_SLOT
+from bbt_client.protocol import MASK_SLOT, TEXT_A_SLOT, TEXT_B_SLOT, TEXT_SLOT, ends_with_mask
 from bbt_client.tasks.fitted_verbalizer import FittedVerbalizer
 from bbt_client.tasks.verbalizer import class_logits, flat_words
 
@@ -65,6 +70,9 @@ class Task:
     #: Class logits fitted over many words' scores (:mod:`bbt_client.tasks.fitted_verbalizer`); when set, its
     #: words are the ones scored and ``verbalizer``/``label_words`` are not read.
     fitted: FittedVerbalizer | None = None
+    #: What a next-token (causal) endpoint reads instead of ``template`` when that does not end with ``{mask}``
+    #: (such a model scores only the word after the whole input): :func:`for_next_token`. None: none needed.
+    causal_template: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label_words", tuple(self.label_words))
@@ -79,9 +87,12 @@ class Task:
         if self.fitted is not None and self.fitted.num_classes != len(self.class_names):
             raise ConfigError(f"task {self.name!r}: the fitted verbalizer reads {self.fitted.num_classes} classes, "
                               f"the task has {len(self.class_names)}")
-        problems = template_problems(self.template)
-        if problems:
-            raise ConfigError(f"task {self.name!r}: template {self.template!r} {problems}")
+        for template in filter(None, (self.template, self.causal_template)):
+            problems = template_problems(template)
+            if problems:
+                raise ConfigError(f"task {self.name!r}: template {template!r} {problems}")
+        if self.causal_template is not None and not ends_with_mask(self.causal_template):
+            raise ConfigError(f"task {self.name!r}: causal_template {self.causal_template!r} must end with {MASK_SLOT}")
         if len(self.label_words) < 2:
             raise ConfigError(f"task {self.name!r}: needs at least 2 classes, got {len(self.label_words)} label words")
         if len(self.label_words) != len(self.class_names):
@@ -191,6 +202,14 @@ def template_problems(template: str) -> str:
     return ""
 
 
+def for_next_token(task: Task) -> Task:
+    """The task as a causal endpoint reads it: its ``causal_template`` where its own template does not end with
+    ``{mask}``; otherwise unchanged (a template no causal endpoint can read is refused by the backend)."""
+    if task.causal_template is None or ends_with_mask(task.template):
+        return task
+    return dataclasses.replace(task, template=task.causal_template)
+
+
 # ---------------------------------------------------------------- built-ins
 
 _BUILTIN: dict[str, Task] = {
@@ -200,6 +219,7 @@ _BUILTIN: dict[str, Task] = {
         label_words=("bad", "great"),
         class_names=("0", "1"),
         description="SST-2 binary sentiment (GLUE); test = GLUE dev set (872 sentences)",
+        causal_template="{text} . It was {mask}",
     ),
     "agnews": Task(
         name="agnews",
@@ -207,6 +227,7 @@ _BUILTIN: dict[str, Task] = {
         label_words=("World", "Sports", "Business", "Tech"),
         class_names=("World", "Sports", "Business", "Sci/Tech"),
         description="AG News 4-way topic classification (subset bundled: 10,000 train, 7,600 test)",
+        causal_template="{text} Topic: {mask}",
     ),
 }
 

@@ -1,5 +1,6 @@
 """The bundled fixed-split (RLPrompt 16-shot) tasks: files load, shapes and labels, seeds, words, disjointness."""
 
+import dataclasses
 import gzip
 import importlib.util
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 
 from bbt_client.config import TaskConfig
 from bbt_client.errors import ConfigError
-from bbt_client.tasks.datasets import (DATA_DIR, FIXED_SPLIT_SEEDS, TEMPLATE_SOURCES, few_shot, get_task,
-                                       load_split, load_task_data, task_names)
+from bbt_client.tasks.datasets import (DATA_DIR, FIXED_SPLIT_SEEDS, TEMPLATE_SOURCES, few_shot, for_next_token,
+                                       get_task, load_split, load_task_data, task_names)
 
 FIXED = sorted(FIXED_SPLIT_SEEDS)
 TEST_ROWS = {"mr": 2000, "cr": 2000, "sst5": 2000, "yahoo": 2000, "yelp2": 128, "yelp5": 318, "dbpedia": 868}
@@ -24,6 +25,17 @@ def test_at_least_six_new_tasks_registered_with_sources():
 @pytest.mark.parametrize("name", FIXED)
 def test_template_ends_with_mask(name):
     assert get_task(name).template.endswith("{mask}")
+
+
+def test_every_built_in_task_has_a_template_a_next_token_endpoint_reads():
+    for name in task_names():
+        task = for_next_token(get_task(name))
+        assert task.template.endswith("{mask}") and task.label_words == get_task(name).label_words
+    assert for_next_token(get_task("agnews")).template == "{text} Topic: {mask}"
+    mr, spare = get_task("mr"), dataclasses.replace(get_task("mr"), causal_template="{text} x {mask}")
+    assert for_next_token(mr) is mr and for_next_token(spare) is spare  # its own template ends with {mask}
+    with pytest.raises(ConfigError, match="causal_template '{mask} {text}' must end with {mask}"):
+        dataclasses.replace(mr, causal_template="{mask} {text}")
 
 
 @pytest.mark.parametrize("name", FIXED)

@@ -432,6 +432,33 @@ async def test_an_int8_endpoint_is_warned_about_before_tuning(tmp_path, labels_b
     assert not any("int8" in r.getMessage() for r in caplog.records)
 
 
+class _NextTokenToy(ToyBackend):
+    """A causal endpoint (vLLM, OpenAI): it scores only the word after the whole input."""
+
+    async def model_info(self) -> ModelInfo:
+        return (await super().model_info()).model_copy(update={"kind": "causal"})
+
+
+async def test_a_causal_endpoint_reads_a_built_in_tasks_next_token_template(tmp_path, labels_by_text):
+    backend = _NextTokenToy(labels_by_text)
+    result = await tune(_config(tmp_path, calls=20), backend=backend)
+    assert {job.template for job in backend.jobs} == {"{text} . It was {mask}"} == {result.template}
+    again = _NextTokenToy(labels_by_text)
+    assert (await evaluate_run(tmp_path / "run", backend=again))["matches"]
+    assert again.jobs[-1].template == "{text} . It was {mask}"  # as recorded, not re-derived
+    masked = await tune(_config(tmp_path / "masked", calls=20), backend=ToyBackend(labels_by_text))
+    assert masked.template == "{text} . It was {mask} ."  # a masked model reads the task's own
+
+
+async def test_a_template_a_causal_endpoint_cannot_read_is_refused_before_any_call(tmp_path, labels_by_text):
+    backend = _NextTokenToy(labels_by_text)
+    cfg = _config(tmp_path, calls=20)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"template": "{mask} News: {text}"})})
+    with pytest.raises(ConfigError, match="does not end with {mask}: a causal"):
+        await tune(cfg, backend=backend)
+    assert backend.requests == 0 and backend.calls == 0  # no probe, no score
+
+
 async def test_ask_and_tell_leave_the_event_loop_free(tmp_path, labels_by_text, monkeypatch):
     """GDFO's student spends seconds of torch in ask/tell; on the event loop that would stall every other job
     of a sweep. Each patched call below needs the loop to run a coroutine before it returns, which can only

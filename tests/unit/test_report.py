@@ -85,6 +85,17 @@ def test_tables_are_generated_from_the_json(report, tmp_path):
     assert page.index("## Tasks") < page.index("## A real vLLM") < page.index("## Text-only") < page.index("## Server")
 
 
+def test_surrogate_study_table(report, tmp_path):
+    stats = {"generations": 40, "mean_tau": 0.05, "mean_tau_larger_archives": 0.07, "max_tau": 0.4,
+             "share_trusted": 0.0, "archive_median": 60, "archive_max": 140}
+    _write(tmp_path, "surrogate_rank", {"trust_tau": 0.85, "calls": 1000, "tasks": {"cr": {"lq": stats}},
+                                        "all": {"lq": stats, "gp": {"generations": 0}}, "ellipsoid": {}})
+    page = report.render(report.load_results(tmp_path))
+    assert "(1,000 calls). lq-CMA-ES stands a model in for real calls only once τ reaches 0.85" in page
+    assert "| cr | lq | 40 | 0.05 | 0.07 | 0.4 | 0 | 140 |" in page and "| all | lq | 40 |" in page
+    assert "| all | gp | 0 |  |" in page and "| ellipsoid |" not in page
+
+
 def test_missing_keys_are_skipped(report, tmp_path):
     _write(tmp_path, "tasks", {"tasks": {"agnews": {"methods": {}}}})
     _write(tmp_path, "server_throughput", {"server_seq_per_s": 50.0})
@@ -129,11 +140,12 @@ def test_readme_block_is_filled_from_the_same_files(report, tmp_path):
     _write(results, "tasks_text", {"method": "bdpl", "tasks": {
         "cr": {"zero_shot_raw": 0.509, "zero_shot_calibrated": 0.497, "bdpl": {"400": {"mean": 0.55, "std": 0.01}}},
         "mr": {"zero_shot_raw": 0.512, "zero_shot_calibrated": 0.517, "bdpl": {"400": {"mean": 0.5, "std": 0.02}}}},
-        "gap_closed": {"400": None}, "tasks_below_zero_shot": ["mr"]})
+        "gap_closed": {"400": None}, "tasks_below_zero_shot": ["mr"], "templates": {"cr": "{text} It was {mask}"}})
     assert report.main(args) == 0
     page = (tmp_path / "results.md").read_text()
     assert page.index("## Tasks: every") < page.index("## Tasks through a text-only API") < page.index("## A real")
     assert "| mr | bdpl | 0.5 ± 0.02 |" in page and "ended below zero-shot: mr" in page
+    assert "cr use templates that end with the answer slot (`{text} It was {mask}`)" in page
     assert "Through a text-only API (bdpl with its defaults, 400 calls; cr, mr): below the better zero-shot on mr" \
         in readme.read_text(encoding="utf-8")
 
