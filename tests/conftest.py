@@ -11,9 +11,23 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script (``examples/``, ``benchmarks/``: not packages) as a module, so tests call its functions."""
+    spec = importlib.util.spec_from_file_location(f"bbt_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses/pydantic look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_LABEL_WORDS = ["great", "bad", "good", "terrible"]
 

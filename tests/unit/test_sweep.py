@@ -269,13 +269,9 @@ def test_cli_sweep_bad_variant_exits_2(tmp_path, capsys):
 
 
 def test_benchmark_json_line_has_the_issue_shape(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from tests.conftest import REPO, load_script
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep.py"
-    spec = importlib.util.spec_from_file_location("bench_sweep", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(REPO / "benchmarks" / "sweep.py")
     stats = {"mean": 0.5, "std": 0.1, "runs": 3, "api_calls_used": 98.0, "seeds": [13, 42, 100]}
     summary = {"budgets": [100], "missing": [], "failed": [],
                "groups": [{"task": "agnews", "method": "bbt", "variant": "default", "budgets": {"100": stats}},
