@@ -39,6 +39,7 @@ def ends_with_mask(template: str) -> bool:
     """Whether a next-token (causal) model can read the template: its one ``{mask}`` ends it."""
     return template.count(MASK_SLOT) == 1 and template.rstrip().endswith(MASK_SLOT)
 
+
 DType = Literal["float32", "float16"]
 _NP_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 

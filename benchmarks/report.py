@@ -346,8 +346,9 @@ def render_other(name: str, data: Any) -> list[str]:
 
 def render_tasks_text(data: dict) -> list[str]:
     own = data.get("templates", {})
-    templates = (f" {', '.join(own)} use templates that end with the answer slot ("
-                 + ", ".join(f"`{v}`" for v in own.values()) + "), and their zero-shot is measured with them.") if own else ""
+    templates = "" if not own else (f" {', '.join(own)} use templates that end with the answer slot ("
+                                    + ", ".join(f"`{v}`" for v in own.values())
+                                    + "), and their zero-shot is measured with them.")
     return render_tasks(data, "## Tasks through a text-only API (`benchmarks/tasks.py --method bdpl`)", (
         "The text method at its defaults through the bundled server's OpenAI face set as vLLM answers (log-probs "
         "before `logit_bias`, at most 20 per token; the run's probe picks `logprob_token_ids`)." + templates))

@@ -62,7 +62,8 @@ async def evaluate_run(run_dir: Path, *, backend: Backend | None = None, config:
     if result.scoring:  # read the labels the way the run read them
         backend.apply_scoring(result.scoring.get("facts") or {})
     try:
-        job = ScoreJob(template=result.template or data.task.template, texts=texts, text_pairs=pairs, label_words=task.scored_words,
+        job = ScoreJob(template=result.template or data.task.template, texts=texts, text_pairs=pairs,
+                       label_words=task.scored_words,
                        prompts=prompt_batch(result.prompt_kind, prompt, make_config(cfg.method, cfg.method_options)))
         scored = await backend.score(job)
     finally:
