@@ -129,7 +129,7 @@ def render_tasks(data: dict, heading: str = "## Tasks: every method on every tas
                  note: str = "") -> list[str]:
     out = [heading, ""] + ([note, ""] if note else [])
     tasks = data.get("tasks") or {}
-    settings = _scalars(data, skip={"tasks", "gap_closed", "tasks_below_zero_shot"})
+    settings = _scalars(data, skip={"tasks", "gap_closed", "tasks_below_zero_shot", "templates"})
     if settings:
         out += [key_value_table(settings), ""]
     baseline_keys = [("zero_shot_raw", "zero-shot"), ("zero_shot_calibrated", "zero-shot, calibrated"),
@@ -160,7 +160,7 @@ def render_tasks(data: dict, heading: str = "## Tasks: every method on every tas
         out += [("`gap_closed` by call budget (the share of the way from zero-shot to the white-box ceiling, as "
                 "benchmarks/tasks.py computes it):"), "",
                 table([f"{b} calls" for b in cols], [[gap[b] for b in cols]]), ""]
-    elif gap is not None:
+    elif gap is not None and not isinstance(gap, dict):
         out += [f"Gap closed: {fmt(gap)}", ""]
     below = data.get("tasks_below_zero_shot")
     if below is not None:
