@@ -41,6 +41,7 @@ from bbt_client.run.job import tune
 from bbt_client.methods.registry import make_config
 from bbt_client.tasks.datasets import for_next_token, load_task_data
 
+
 def endpoint_from_env(env: os._Environ | dict[str, str] = os.environ) -> EndpointConfig:
     """The endpoint the environment describes; a ConfigError naming the missing variable otherwise."""
     url = env.get("BBT_ENDPOINT")
