@@ -362,11 +362,10 @@ def render_surrogate_rank(data: dict) -> list[str]:
             f"({fmt(data.get('calls'))} calls). lq-CMA-ES stands a model in for real calls only once τ reaches "
             f"{fmt(trust)}; `ellipsoid` is a noiseless ellipsoid searched the same way, a surrogate's best case at "
             "these dimensions and archive sizes."), ""]
-    rows = [{**{"task": t}, **m} for t, m in [*data.get("tasks", {}).items(), ("all", data.get("all", {})),
-                                               ("ellipsoid", data.get("ellipsoid", {}))]]
-    body = [[r["task"], model, st.get("generations"), st.get("mean_tau"), st.get("mean_tau_larger_archives"),
+    groups = [*data.get("tasks", {}).items(), ("all", data.get("all", {})), ("ellipsoid", data.get("ellipsoid", {}))]
+    body = [[name, model, st.get("generations"), st.get("mean_tau"), st.get("mean_tau_larger_archives"),
              st.get("max_tau"), st.get("share_trusted"), st.get("archive_max")]
-            for r in rows for model, st in r.items() if isinstance(st, dict)]
+            for name, models in groups for model, st in models.items() if isinstance(st, dict)]
     if body:
         out += [table(["task", "model", "generations", "mean τ", "mean τ, larger archives", "max τ",
                        f"share τ ≥ {fmt(trust)}", "largest archive"], body), ""]

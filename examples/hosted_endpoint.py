@@ -37,9 +37,9 @@ from bbt_client.backends import make_backend
 from bbt_client.backends.base import PromptBatch, ScoreJob
 from bbt_client.config import EndpointConfig, TuneConfig, parse_config
 from bbt_client.errors import BBTError, ConfigError
-from bbt_client.run.job import tune
+from bbt_client.run.job import for_causal_endpoint, tune
 from bbt_client.methods.registry import make_config
-from bbt_client.tasks.datasets import for_next_token, load_task_data
+from bbt_client.tasks.datasets import load_task_data
 
 
 def endpoint_from_env(env: os._Environ | dict[str, str] = os.environ) -> EndpointConfig:
@@ -89,7 +89,7 @@ async def dry_run(cfg: TuneConfig) -> dict:
     backend = make_backend(cfg.endpoint)
     try:
         info = await backend.model_info()
-        task = for_next_token(data.task) if info.kind == "causal" and not cfg.task.template else data.task
+        task = for_causal_endpoint(data, cfg.task.template is not None).task if info.kind == "causal" else data.task
         kinds = sorted(backend.supported_prompts)
         plan = {"backend": cfg.endpoint.backend, "model": info.name, "hidden_size": info.hidden_size,
                 "supported_prompts": kinds, "train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
